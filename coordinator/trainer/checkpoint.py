@@ -1,0 +1,186 @@
+"""Crash-safe trainer checkpoints: the exported policy plus everything needed to resume exactly (B.8).
+
+Layout of `<dir>/step_<00000012>/`:
+- `policy/`: `model.safetensors` (bf16, metadata {"format": "pt"}), `config.json`, generation and
+  tokenizer files when known; loadable with `from_pretrained` and ready to be sharded and published.
+- `weights.safetensors`: the parameters at training precision (bf16 export alone would not resume
+  bit-exactly).
+- `trainer_state.pt`: step, optimizer, scheduler, torch/numpy/python RNG states, caller's extra dict.
+A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so a crash leaves either
+the whole folder or a temp folder that `load_latest` ignores. Single-process: under FSDP the caller
+must hand over a model whose state dict is gathered. Knows nothing about shards or manifests.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import random
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+POLICY_DIR = "policy"
+WEIGHTS_FILE = "weights.safetensors"
+STATE_FILE = "trainer_state.pt"
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+@dataclass
+class LoadedCheckpoint:
+    path: Path
+    step: int
+    extra: dict[str, Any]
+
+
+def save_checkpoint(
+    directory: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint `step` atomically, keep only the newest `keep`; returns its folder."""
+    from safetensors.torch import save_model
+
+    if keep < 1:
+        raise ValueError("keep must be >= 1")
+    root = Path(directory)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
+    try:
+        export_policy(tmp / POLICY_DIR, model, tokenizer)
+        save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied weights
+        state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "extra": extra or {},
+        }
+        torch.save(state, tmp / STATE_FILE)
+        _fsync_tree(tmp)
+        _replace_dir(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _prune(root, keep)
+    return final
+
+
+def export_policy(directory: Path, model: torch.nn.Module, tokenizer: Any = None) -> None:
+    """The policy as a bf16 `from_pretrained` folder."""
+    from safetensors.torch import save_file
+
+    directory.mkdir(parents=True)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        # Tied weights share storage; keep the first name (the input embedding in HF causal LMs),
+        # from_pretrained re-ties the LM head to it as the config's tie_word_embeddings says.
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    config = copy.deepcopy(model.config)
+    config.dtype = torch.bfloat16
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+
+
+def load_latest(
+    directory: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+) -> LoadedCheckpoint | None:
+    """Restore the newest complete checkpoint (temp folders ignored); None if there is none."""
+    from safetensors.torch import load_model
+
+    steps = complete_checkpoints(directory)
+    if not steps:
+        return None
+    path = steps[-1]
+    device = next(model.parameters()).device
+    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
+    # weights_only=False: the file holds numpy RNG state; it is our own local file, never wire input.
+    state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return LoadedCheckpoint(path, int(state["step"]), dict(state["extra"]))
+
+
+def complete_checkpoints(directory: str | Path) -> list[Path]:
+    """Finished checkpoint folders under `directory`, oldest first."""
+    root = Path(directory)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Rename `tmp` to `final` atomically; an existing `final` (same step saved again) is swapped out."""
+    old = None
+    if final.exists():
+        old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
+        os.rename(final, old)
+    os.rename(tmp, final)
+    _fsync_dir(final.parent)
+    if old is not None:
+        shutil.rmtree(old)
+
+
+def _prune(root: Path, keep: int) -> None:
+    for path in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(path)
+    for path in root.glob(".tmp-*"):  # leftovers of a crashed save (this process is the only writer)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        _fsync_dir(Path(folder))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"].cpu())
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])

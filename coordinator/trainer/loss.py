@@ -1,0 +1,130 @@
+"""GRPO policy losses, token aggregation and the per-token log-prob/entropy they read (spec B.9).
+
+One function per loss type (`grpo_two_sided_loss`, `grpo_clip_loss`), picked by `LossConfig.type`.
+Aggregation is expressed as per-token weights computed once for a whole optimizer batch
+(`aggregation_weights`), so a loss summed over micro-batches does not depend on how the batch was
+split or packed. This module sees tensors only: no model, no packing, no optimizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from intellect.coordinator.trainer.config import LossConfig
+
+
+@dataclass
+class TokenLoss:
+    """Per-token policy-gradient loss and whether the clipped branch was taken."""
+
+    loss: Tensor  # [R, S] float
+    clipped: Tensor  # [R, S] bool: -rho_bar*A < -c*A (B.9 clip_ratio)
+
+
+@dataclass
+class LossOutput:
+    """Micro-batch loss (already weighted, sum over micro-batches = step loss) and metric sums."""
+
+    loss: Tensor  # [] float, differentiable
+    num_clipped: Tensor  # [] masked tokens on the clipped branch
+    entropy_sum: Tensor  # [] sum of H_t over masked tokens
+    kl_sum: Tensor  # [] sum of the KL estimate over masked tokens (0 without a reference)
+    num_tokens: Tensor  # [] masked (completion) tokens
+
+
+def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Log-prob of each token given its prefix, and the entropy of that prediction, at logits / tau.
+
+    logits: [R, S, V], input_ids: [R, S] -> (logprobs [R, S], entropy [R, S]). Column 0 has no prefix
+    and is 0 in both (the shift drops a row's first token; it is always a prompt token, mask 0).
+    """
+    z = logits[:, :-1].float() / temperature  # [R, S-1, V] predicts input_ids[:, 1:]
+    logp_all = torch.log_softmax(z, dim=-1)
+    logprobs = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    # H = logsumexp(z) - sum softmax(z) z  ==  -sum p log p
+    entropy = -(logp_all.exp() * logp_all).sum(-1)
+    zero = logprobs.new_zeros(logprobs.shape[0], 1)
+    return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
+
+
+def grpo_two_sided_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig) -> TokenLoss:
+    """INTELLECT-2 loss: l = max(-rho_bar A, -c A), rho_bar = clamp(rho, 0, delta), c = clip(rho_bar).
+
+    All inputs [R, S]. The cap delta bounds the objective for negative advantages at delta*A and
+    gives no gradient where rho > delta.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    capped = torch.clamp(ratio, 0.0, cfg.delta)
+    clipped_ratio = torch.clamp(capped, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    unclipped_loss, clipped_loss = -capped * advantages, -clipped_ratio * advantages
+    return TokenLoss(torch.maximum(unclipped_loss, clipped_loss), unclipped_loss < clipped_loss)
+
+
+def grpo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig) -> TokenLoss:
+    """Standard PPO/GRPO clip: l = max(-rho A, -clip(rho, 1-eps_low, 1+eps_high) A); no cap."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    clipped_ratio = torch.clamp(ratio, 1 - cfg.eps_low, 1 + cfg.eps_high)
+    unclipped_loss, clipped_loss = -ratio * advantages, -clipped_ratio * advantages
+    return TokenLoss(torch.maximum(unclipped_loss, clipped_loss), unclipped_loss < clipped_loss)
+
+
+LOSS_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor, LossConfig], TokenLoss]] = {
+    "grpo_two_sided": grpo_two_sided_loss,
+    "grpo_clip": grpo_clip_loss,
+}
+
+
+def aggregation_weights(loss_mask: Tensor, sample_ids: Tensor, aggregation: str, seq_len: int) -> Tensor:
+    """Weight of each token in the loss of a whole optimizer batch: [R, S] -> [R, S] float.
+
+    constant: m / (seq_len * R), INTELLECT-2's sum / N per row averaged over micro_bs=1 micro-batches;
+    token_mean: m / sum(m); sequence_mean: m / (|o_i| * G) with G the samples that have completion
+    tokens. sample_ids: [R, S] long, index of the sample each token belongs to, -1 on padding.
+    """
+    mask = loss_mask.float()
+    if aggregation == "constant":
+        return mask / (seq_len * mask.shape[0])
+    if aggregation == "token_mean":
+        return mask / mask.sum().clamp(min=1)
+    if aggregation == "sequence_mean":
+        ids = sample_ids.clamp(min=0).flatten()
+        lengths = torch.zeros(int(ids.max()) + 1).index_add_(0, ids, mask.flatten())  # [num_samples]
+        num_groups = (lengths > 0).sum().clamp(min=1)
+        return mask / (lengths[ids].view_as(mask).clamp(min=1) * num_groups)
+    raise ValueError(f"unknown aggregation {aggregation!r}")
+
+
+def policy_loss(
+    logprobs: Tensor,
+    entropy: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    cfg: LossConfig,
+    ref_logprobs: Tensor | None = None,
+) -> LossOutput:
+    """Weighted micro-batch loss: sum_t w_t (l_t - entropy_coef H_t + kl_coef KL_t); all inputs [R, S].
+
+    weights come from `aggregation_weights` and are zero off the completion tokens.
+    """
+    token = LOSS_FUNCTIONS[cfg.type](logprobs, old_logprobs, advantages, cfg)
+    per_token = token.loss - cfg.entropy_coef * entropy
+    mask = weights > 0
+    kl = torch.zeros_like(logprobs)
+    if cfg.kl_coef > 0:
+        if ref_logprobs is None:
+            raise ValueError("kl_coef > 0 needs reference log-probs")
+        log_ratio = ref_logprobs - logprobs
+        kl = torch.exp(log_ratio) - log_ratio - 1  # k3 estimator: unbiased, always >= 0
+        per_token = per_token + cfg.kl_coef * kl
+    return LossOutput(
+        loss=(weights * per_token).sum(),
+        num_clipped=(token.clipped & mask).sum().detach(),
+        entropy_sum=(entropy * mask).sum().detach(),
+        kl_sum=(kl * mask).sum().detach(),
+        num_tokens=mask.sum(),
+    )

@@ -1,0 +1,121 @@
+"""The inference-engine interface every backend implements, and the types it speaks.
+
+An engine knows token ids only (no chat templates, no tasks, no rewards): it turns prompts into
+sampled completions, each with the sampling log-probs and the TOPLOC proofs over its decode
+hidden states (spec A.2), and swaps in a new policy's weights in place.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+FinishReason = Literal["stop", "length"]
+
+
+class SamplingParams(BaseModel):
+    """How to sample. INTELLECT-2 used temperature 0.6, top_p 1 (spec B.4)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    temperature: float = Field(1.0, ge=0.0, description="0 means greedy.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass kept before sampling.")
+    max_tokens: int = Field(256, ge=1, description="Most output tokens per completion.")
+    stop_token_ids: tuple[int, ...] = Field((), description="Extra stop ids besides the model's EOS ids.")
+    proofs: bool = Field(True, description="Capture hidden states and build TOPLOC proofs.")
+
+
+@dataclass
+class Completion:
+    """One sampled completion.
+
+    `output_logprobs[i]` is log p(output_tokens[i]) under the distribution actually sampled from:
+    softmax(logits / temperature), renormalised over the top-p nucleus (vLLM's
+    `logprobs_mode="processed_logprobs"`); with top_p = 1 that is log_softmax(logits / T).
+    `proofs` is the concatenation of 258-byte TOPLOC proofs over the n_out - 1 decode rows,
+    b"" when n_out <= 1 or when proofs were off.
+    """
+
+    output_tokens: list[int]
+    output_logprobs: list[float]
+    finish_reason: FinishReason
+    proofs: bytes = b""
+
+
+@dataclass
+class EngineStats:
+    """Running totals, so a status screen can show throughput."""
+
+    num_output_tokens: int = 0
+    seconds: float = 0.0
+    num_calls: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.num_output_tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class Engine(ABC):
+    """A generation backend. Subclasses fill `name` and `device` and implement the two methods."""
+
+    name: str
+    device: str
+
+    def __init__(self) -> None:
+        self.stats = EngineStats()
+
+    @abstractmethod
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  seeds: list[int]) -> list[Completion]: ...
+
+    @abstractmethod
+    def load_weights(self, checkpoint_dir: str | Path) -> None:
+        """Replace the policy's weights in place with those in `checkpoint_dir` (same architecture)."""
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams,
+                 seeds: list[int]) -> list[Completion]:
+        """Sample one completion per prompt; `seeds[i]` fixes prompt i's sampling randomness."""
+        if len(prompts) != len(seeds):
+            raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
+        if any(len(p) == 0 for p in prompts):
+            raise ValueError("empty prompt")
+        start = time.perf_counter()
+        out = self._generate(prompts, params, seeds) if prompts else []
+        self.stats.seconds += time.perf_counter() - start
+        self.stats.num_output_tokens += sum(len(c.output_tokens) for c in out)
+        self.stats.num_calls += 1
+        return out
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.stats.tokens_per_s
+
+    def close(self) -> None:
+        """Free what the engine holds (processes, memory). Safe to call twice."""
+
+
+# End-of-turn markers of common chat templates: a chat model ends its answer with these even when
+# the tokenizer's `eos_token` is the document end (e.g. `<|endoftext|>`).
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def eos_token_ids(tokenizer, model_dir: str | Path | None = None) -> frozenset[int]:
+    """Token ids that end a completion: the tokenizer's EOS, generation_config.json's
+    `eos_token_id` (int or list) and any chat end-of-turn token the vocabulary has."""
+    import json
+
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return frozenset(ids)

@@ -1,0 +1,216 @@
+"""The reference engine: a transformers causal LM driven by our own batched sampling loop.
+
+One prefill over the left-padded batch, then one decode forward per step through the KV cache
+(`DynamicCache`). The LM head runs on the last position only; rows that finished are dropped
+from the batch and the cache, so they cost nothing afterwards. The final-norm output of every
+decode step (the LM-head input, spec A.2) is kept in bf16 and turned into TOPLOC proofs 32 rows
+at a time on a background thread while generation goes on.
+
+Randomness: every sequence has its own `torch.Generator` seeded from `seeds[i]`, consumed the same
+way at every step whatever the batch holds. So the same (prompt, seed) run in a batch of the same
+composition gives identical tokens; in a different batch the random stream is the same and only
+the numerics of batched kernels (padding, matmul blocking) differ, which rarely flips a sample.
+
+It does not know chat templates, tasks or rewards: token ids in, completions out.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+from intellect.node.engine.base import Completion, Engine, SamplingParams, eos_token_ids
+
+CHUNK = 32  # decode rows per TOPLOC proof (spec A.1)
+TOPK = 128
+
+
+def _pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
+                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row; row r uses only `generators[r]`.
+
+    logits: [b, V] float32. Returns tokens [b] and their log-probs [b] under the distribution
+    sampled from (temperature, then top-p renormalisation; raw softmax when greedy), which is what
+    vLLM returns with `logprobs_mode="processed_logprobs"`.
+    """
+    if temperature == 0.0:
+        logp = logits.log_softmax(-1)
+        tok = logp.argmax(-1)
+        return tok, logp.gather(1, tok[:, None])[:, 0]
+    logits = logits / temperature
+    if top_p < 1.0:
+        logits = _mask_top_p(logits, top_p)
+    logp = logits.log_softmax(-1)  # [b, V]
+    # Exponential race (= Gumbel-max): argmax p / E with E ~ Exp(1) samples from p, and lets each
+    # row draw its noise from its own generator in one call.
+    noise = torch.empty_like(logp)
+    for r, gen in enumerate(generators):
+        noise[r].exponential_(generator=gen)
+    tok = logp.exp().div_(noise).argmax(-1)
+    return tok, logp.gather(1, tok[:, None])[:, 0]
+
+
+def _mask_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Set logits outside the smallest set of mass >= top_p to -inf (vLLM's rule). [b, V]."""
+    sorted_logits, order = logits.sort(dim=-1)  # ascending
+    cum = sorted_logits.softmax(-1).cumsum(-1)
+    drop = cum <= 1.0 - top_p
+    drop[:, -1] = False  # always keep the most likely token
+    sorted_logits.masked_fill_(drop, float("-inf"))
+    return sorted_logits.scatter(-1, order, sorted_logits)
+
+
+class TorchEngine(Engine):
+    """Batched generation with per-sequence seeds and streamed TOPLOC proofs."""
+
+    name = "torch"
+
+    def __init__(self, config, model_dir: str | Path) -> None:
+        super().__init__()
+        from intellect.protocol.model import load_model
+
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.config = config
+        self.device = str(_pick_device(config.device))
+        self.dtype = getattr(torch, config.dtype)
+        self.model, self.tokenizer = load_model(Path(model_dir), self.dtype, self.device)
+        self.model.eval()
+        self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = int(pad if pad is not None else min(self.eos_ids))
+        self._prover = ThreadPoolExecutor(1, thread_name_prefix="toploc")
+
+    def load_weights(self, checkpoint_dir: str | Path) -> None:
+        """Copy the safetensors weights of `checkpoint_dir` into the live model."""
+        from safetensors.torch import load_file
+
+        files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+        if not files:
+            raise ValueError(f"no *.safetensors in {checkpoint_dir}")
+        state: dict[str, torch.Tensor] = {}
+        for f in files:
+            state.update(load_file(f))
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
+        missing = [k for k in missing if k not in tied]
+        if missing or unexpected:
+            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        if getattr(self.model.config, "tie_word_embeddings", False):
+            self.model.tie_weights()
+
+    def close(self) -> None:
+        self._prover.shutdown(wait=True)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  seeds: list[int]) -> list[Completion]:
+        bs = self.config.max_batch_size
+        out: list[Completion] = []
+        for i in range(0, len(prompts), bs):
+            out += self._generate_batch(prompts[i:i + bs], params, seeds[i:i + bs])
+        return out
+
+    @torch.inference_mode()
+    def _generate_batch(self, prompts: list[list[int]], params: SamplingParams,
+                        seeds: list[int]) -> list[Completion]:
+        dev, num = torch.device(self.device), len(prompts)
+        limits = [min(params.max_tokens, self.config.max_model_len - len(p)) for p in prompts]
+        if min(limits) < 1:
+            raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room "
+                             f"under max_model_len={self.config.max_model_len}")
+        stop = self.eos_ids | set(params.stop_token_ids)
+        gens = [torch.Generator(dev).manual_seed(int(s)) for s in seeds]
+
+        input_ids, mask = self._left_pad(prompts)  # [B, L], [B, L]
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, L]
+        cache = self._new_cache()
+        body = self.model.model
+        hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [B, H]
+        next_pos = positions[:, -1] + 1  # [B]
+
+        rows = _RowBuffer(num, max(limits), hidden.shape[-1], dev) if params.proofs else None
+        proofs: list[list[tuple[Future, int]]] = [[] for _ in range(num)]  # (build, index in it)
+        tokens: list[list[int]] = [[] for _ in range(num)]
+        logps: list[list[float]] = [[] for _ in range(num)]
+        reasons: list[str] = ["length"] * num
+        active = list(range(num))  # original index of each live batch row
+        for step in range(max(limits)):
+            if step > 0 and rows is not None:  # the prefill row (step 0) is not proved (A.2)
+                rows.put(active, step - 1, hidden)
+                if step % CHUNK == 0:  # every live sequence just filled a chunk: one batched build
+                    fut = self._prove([rows.chunk(i, step - CHUNK, step) for i in active])
+                    for pos, i in enumerate(active):
+                        proofs[i].append((fut, pos))
+            logits = self.model.lm_head(hidden).float()  # [b, V]
+            tok, lp = sample_tokens(logits, params.temperature, params.top_p, [gens[i] for i in active])
+            keep = []
+            for row, (i, t, p) in enumerate(zip(active, tok.tolist(), lp.tolist())):
+                tokens[i].append(t)
+                logps[i].append(p)
+                if t in stop or len(tokens[i]) >= limits[i]:
+                    reasons[i] = "stop" if t in stop else "length"
+                    if rows is not None and (n_rows := len(tokens[i]) - 1) % CHUNK:
+                        fut = self._prove([rows.chunk(i, n_rows - n_rows % CHUNK, n_rows)])
+                        proofs[i].append((fut, 0))
+                else:
+                    keep.append(row)
+            if not keep:
+                break
+            if len(keep) < len(active):  # drop finished rows from the batch and the cache
+                sel = torch.tensor(keep, device=dev)
+                cache.batch_select_indices(sel)
+                mask, tok, next_pos = mask[sel], tok[sel], next_pos[sel]
+                active = [active[r] for r in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
+            hidden = body(input_ids=tok[:, None], attention_mask=mask, position_ids=next_pos[:, None],
+                          past_key_values=cache, use_cache=True).last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+        return [Completion(tokens[i], logps[i], reasons[i],  # type: ignore[arg-type]
+                           b"".join(f.result()[pos] for f, pos in proofs[i]))
+                for i in range(num)]
+
+    def _prove(self, chunks: list[torch.Tensor]) -> Future:
+        """Build one proof per chunk ([rows <= 32, H] bf16 each) off the generation thread, so
+        top-k and interpolation overlap the next forward passes."""
+        from intellect.protocol.toploc import build_chunk_proofs
+
+        return self._prover.submit(build_chunk_proofs, chunks, TOPK)
+
+    def _left_pad(self, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        length = max(map(len, prompts))
+        ids = torch.full((len(prompts), length), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for r, p in enumerate(prompts):
+            ids[r, length - len(p):] = torch.tensor(p, dtype=torch.long)
+            mask[r, length - len(p):] = 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def _new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.model.config)
+
+
+class _RowBuffer:
+    """bf16 store of each sequence's decode hidden states: [num_seqs, max_rows, H]."""
+
+    def __init__(self, num: int, max_rows: int, hidden: int, device: torch.device) -> None:
+        self.data = torch.empty((num, max(max_rows - 1, 1), hidden), dtype=torch.bfloat16, device=device)
+
+    def put(self, seq_ids: list[int], row: int, hidden: torch.Tensor) -> None:
+        """hidden: [len(seq_ids), H], row `row` of each listed sequence."""
+        self.data[seq_ids, row] = hidden.to(torch.bfloat16)
+
+    def chunk(self, seq: int, start: int, end: int) -> torch.Tensor:
+        """Rows [start, end) of one sequence, copied to CPU for the prover: [end - start, H]."""
+        return self.data[seq, start:end].to("cpu", copy=True)

@@ -1,0 +1,227 @@
+"""Checkpoint shards: split a checkpoint folder into content-addressed shards, describe them in a
+manifest the coordinator signs, and reassemble the folder from shards found anywhere.
+
+A shard is named by the sha256 of its bytes, so any peer may serve it and the receiver checks it
+against the signed manifest before use. Everything streams: no function holds a whole file in memory.
+
+What this module does not know: where shards come from (the swarm, a cache, a test) or how a
+checkpoint is trained or loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from intellect.protocol.identity import Identity
+from intellect.protocol.messages import FileEntry, PolicyManifest, ShardEntry, decode_body, encode_body
+from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, seal
+
+DEFAULT_SHARD_SIZE = 50_000_000  # SHARDCAST's default, decimal
+MAX_MANIFEST_BYTES = 4 * 1024 * 1024
+_READ = 1 << 20
+# Files that make up a loadable checkpoint folder; anything else in the folder is not published.
+CHECKPOINT_SUFFIXES = (".safetensors", ".json", ".jinja", ".txt", ".model")
+
+
+class ShardRejected(WireRejected):
+    """Shard bytes that do not match what the manifest promises."""
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_READ):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def checkpoint_files(src: Path) -> list[Path]:
+    src = Path(src)
+    if src.is_file():
+        return [src]
+    files = sorted(p for p in src.iterdir() if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES))
+    if not any(p.name.endswith(".safetensors") for p in files):
+        raise ValueError(f"{src} holds no .safetensors file: not a checkpoint folder")
+    return files
+
+
+def _fsync_write(path: Path, chunks: Iterable[bytes]) -> None:
+    """Write atomically: temp file in the same folder, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for chunk in chunks:
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class ShardStore:
+    """A folder of verified shards named by their sha256. Writes are atomic, so a shard file that
+    exists is whole; `put` refuses bytes whose hash is not the name."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).exists()
+
+    def put(self, entry: ShardEntry, data: bytes) -> Path:
+        check_shard(entry, data)
+        path = self.path(entry.sha256)
+        if not path.exists():
+            _fsync_write(path, [data])
+        return path
+
+    def get(self, sha256: str) -> bytes | None:
+        try:
+            return self.path(sha256).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def remove(self, sha256: str) -> None:
+        self.path(sha256).unlink(missing_ok=True)
+
+    def held(self) -> set[str]:
+        return {p.name for p in self.root.iterdir() if len(p.name) == 64}
+
+    def size_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.root.iterdir() if p.is_file())
+
+
+def check_shard(entry: ShardEntry, data: bytes) -> None:
+    if len(data) != entry.size:
+        raise ShardRejected(f"shard {entry.sha256[:12]} has {len(data)} bytes, manifest says {entry.size}")
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise ShardRejected(f"shard {entry.sha256[:12]} bytes do not match its hash")
+
+
+def shard_checkpoint(src: Path, store: ShardStore, *, run_id: str, policy_step: int, model_config_hash: str,
+                     shard_size: int = DEFAULT_SHARD_SIZE) -> PolicyManifest:
+    """Split every file of a checkpoint (file or folder) into shards in `store`; return the manifest."""
+    files = []
+    for path in checkpoint_files(src):
+        whole = hashlib.sha256()
+        shards = []
+        with open(path, "rb") as f:
+            while data := f.read(shard_size):
+                whole.update(data)
+                entry = ShardEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+                store.put(entry, data)
+                shards.append(entry)
+        files.append(FileEntry(name=path.name, size=path.stat().st_size, sha256=whole.hexdigest(), shards=shards))
+    return PolicyManifest(run_id=run_id, policy_step=policy_step, model_config_hash=model_config_hash,
+                          shard_size=shard_size, files=files, created_at=time.time())
+
+
+def sign_manifest(identity: Identity, manifest: PolicyManifest) -> bytes:
+    return seal(identity, MessageKind.POLICY_MANIFEST, manifest.run_id, encode_body(manifest))
+
+
+def open_manifest(data: bytes, *, run_id: str, coordinator_key: bytes) -> PolicyManifest:
+    """Accept a signed manifest only from the run's coordinator, for this run. Raises WireRejected."""
+    envelope = open_envelope(data, run_id=run_id, kinds={MessageKind.POLICY_MANIFEST},
+                             max_bytes=MAX_MANIFEST_BYTES, expected_sender=coordinator_key, max_age_s=None)
+    manifest = decode_body(PolicyManifest, envelope.body, max_bytes=MAX_MANIFEST_BYTES)
+    if manifest.run_id != run_id:
+        raise WireRejected(f"manifest body names run {manifest.run_id!r}, envelope {run_id!r}")
+    for f in manifest.files:
+        if sum(s.size for s in f.shards) != f.size:
+            raise WireRejected(f"manifest file {f.name}: shard sizes do not add up to {f.size}")
+        if any(s.size > manifest.shard_size for s in f.shards):
+            raise WireRejected(f"manifest file {f.name}: a shard is larger than shard_size")
+    if len({f.name for f in manifest.files}) != len(manifest.files):
+        raise WireRejected("manifest lists a file twice")
+    return manifest
+
+
+def manifest_digest(signed_manifest: bytes) -> str:
+    return hashlib.sha256(signed_manifest).hexdigest()
+
+
+def missing_shards(manifest: PolicyManifest, store: ShardStore) -> list[ShardEntry]:
+    seen: set[str] = set()
+    missing = []
+    for s in manifest.shards:
+        if s.sha256 not in seen and not store.has(s.sha256):
+            missing.append(s)
+        seen.add(s.sha256)
+    return missing
+
+
+def assemble(manifest: PolicyManifest, shard_path: Callable[[str], Path | None], out_dir: Path) -> Path:
+    """Rebuild the checkpoint folder. Every shard is re-hashed as it is copied and each whole file is
+    checked at the end; the folder appears (atomic rename) only when everything matched."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and verify_folder(manifest, out_dir):
+        return out_dir
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
+    try:
+        for f in manifest.files:
+            _fsync_write(tmp / f.name, _verified_chunks(f, shard_path))
+        _fsync_dir(tmp)
+        if out_dir.exists():
+            _remove_tree(out_dir)
+        os.replace(tmp, out_dir)
+        _fsync_dir(out_dir.parent)
+    except BaseException:
+        _remove_tree(tmp)
+        raise
+    return out_dir
+
+
+def _verified_chunks(f: FileEntry, shard_path: Callable[[str], Path | None]) -> Iterable[bytes]:
+    whole = hashlib.sha256()
+    for s in f.shards:
+        path = shard_path(s.sha256)
+        if path is None:
+            raise ShardRejected(f"shard {s.sha256[:12]} of {f.name} is not available")
+        h = hashlib.sha256()
+        size = 0
+        with open(path, "rb") as src:
+            while chunk := src.read(_READ):
+                h.update(chunk)
+                whole.update(chunk)
+                size += len(chunk)
+                yield chunk
+        if size != s.size or h.hexdigest() != s.sha256:
+            raise ShardRejected(f"shard {s.sha256[:12]} of {f.name} is corrupted on disk")
+    if whole.hexdigest() != f.sha256:
+        raise ShardRejected(f"{f.name}: whole-file hash does not match the manifest")
+
+
+def verify_folder(manifest: PolicyManifest, folder: Path) -> bool:
+    """True when every manifest file exists in `folder` with the right size and hash."""
+    for f in manifest.files:
+        p = Path(folder) / f.name
+        if not p.is_file() or p.stat().st_size != f.size or sha256_file(p) != f.sha256:
+            return False
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

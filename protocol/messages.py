@@ -1,0 +1,162 @@
+"""Message bodies: strict pydantic models, one per message kind, msgpack on the wire.
+
+Every model forbids extra fields and bounds every string, list and number, so a decoded body can be
+used without further checks. `encode_body` / `decode_body` are the only way bodies cross the wire;
+decoding failures raise `WireRejected` with the field that was wrong.
+
+What this module does not know: signatures and run ids (that is `wire`), or what the coordinator
+does with a body.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, TypeVar
+
+import msgpack
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from intellect.protocol.wire import MessageKind, WireRejected
+
+MAX_BODY_BYTES = 1024 * 1024  # every body but a submission's payload is small
+
+Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 digests, public keys
+Name = Annotated[str, Field(min_length=1, max_length=128)]
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Step = Annotated[int, Field(ge=0, le=10**9)]
+Multiaddr = Annotated[str, Field(min_length=1, max_length=256)]
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Heartbeat(Body):
+    """A node tells the swarm it is alive and what it is doing."""
+
+    peer_id: Name
+    policy_step: Step | None
+    engine: Literal["torch", "vllm"]
+    device: Annotated[str, Field(max_length=64)]
+    tokens_per_s: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
+    paused: bool
+    addrs: Annotated[list[Multiaddr], Field(max_length=16)] = []
+
+
+class ShardEntry(Body):
+    sha256: Hex32
+    size: Annotated[int, Field(ge=1, le=2**40)]
+
+
+class FileEntry(Body):
+    """One file of a checkpoint folder, split into consecutive shards."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.-]+$")]
+    size: Annotated[int, Field(ge=0, le=2**44)]
+    sha256: Hex32
+    shards: Annotated[list[ShardEntry], Field(max_length=100_000)]
+
+
+class PolicyManifest(Body):
+    """What the coordinator signs for each policy step: every file and shard of the checkpoint."""
+
+    run_id: Name
+    policy_step: Step
+    model_config_hash: Hex32
+    shard_size: Annotated[int, Field(ge=1024, le=2**32)]
+    files: Annotated[list[FileEntry], Field(min_length=1, max_length=64)]
+    created_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+    @property
+    def total_size(self) -> int:
+        return sum(f.size for f in self.files)
+
+    @property
+    def shards(self) -> list[ShardEntry]:
+        return [s for f in self.files for s in f.shards]
+
+
+class ShardAnnounce(Body):
+    """A peer says which verified shards of a policy step it holds and serves."""
+
+    policy_step: Step
+    manifest_sha256: Hex32
+    shard_sha256s: Annotated[list[Hex32], Field(max_length=100_000)]
+    complete: bool
+
+
+class RunInfo(Body):
+    """Signed by the coordinator, published at the run's root key: how to take part."""
+
+    run_id: Name
+    run_name: Name
+    coordinator_peer_id: Name
+    coordinator_addrs: Annotated[list[Multiaddr], Field(max_length=16)]
+    task: Name
+    current_step: Step
+    async_level: Annotated[int, Field(ge=0, le=64)]
+    batch_size: Annotated[int, Field(ge=1, le=4096)]
+    completions_per_prompt: Annotated[int, Field(ge=1, le=256)]
+    max_new_tokens: Annotated[int, Field(ge=1, le=131072)]
+    temperature: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+
+
+class SubmissionHeader(Body):
+    """Describes the rollout file that follows it in a submission."""
+
+    policy_step: Step
+    batch_counter: Annotated[int, Field(ge=1, le=10**9)]
+    num_completions: Annotated[int, Field(ge=1, le=65536)]
+    num_tokens: Count
+    file_sha256: Hex32
+    file_size: Annotated[int, Field(ge=1, le=2**31)]
+
+
+class Verdict(Body):
+    """The coordinator's answer to one submission."""
+
+    file_sha256: Hex32
+    accepted: bool
+    reason: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]
+    detail: Annotated[str, Field(max_length=1024)] = ""
+    train_step: Step | None = None
+    credit_tokens: Count = 0
+
+
+BODY_TYPES: dict[MessageKind, type[Body]] = {
+    MessageKind.HEARTBEAT: Heartbeat,
+    MessageKind.POLICY_MANIFEST: PolicyManifest,
+    MessageKind.SHARD_ANNOUNCE: ShardAnnounce,
+    MessageKind.RUN_INFO: RunInfo,
+    MessageKind.SUBMISSION: SubmissionHeader,
+    MessageKind.VERDICT: Verdict,
+}
+
+
+def encode_body(body: Body) -> bytes:
+    return msgpack.packb(body.model_dump(mode="python"), use_bin_type=True)
+
+
+B = TypeVar("B", bound=Body)
+
+
+def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES) -> B:
+    """Parse and validate one body. Any problem raises WireRejected naming the field."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise WireRejected(f"{body_type.__name__} body must be bytes")
+    if len(data) > max_bytes:
+        raise WireRejected(f"{body_type.__name__} body of {len(data)} bytes exceeds {max_bytes}")
+    try:
+        raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_str_len=65536,
+                              max_bin_len=0, max_ext_len=0, max_array_len=200_000, max_map_len=64)
+    except Exception as e:  # garbage bytes raise many msgpack error types; all mean "not a body"
+        raise WireRejected(f"{body_type.__name__} body is not valid msgpack: {type(e).__name__}") from None
+    if type(raw) is not dict:
+        raise WireRejected(f"{body_type.__name__} body must be a map")
+    try:
+        return body_type.model_validate(raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "body"
+        raise WireRejected(f"{body_type.__name__}: {where}: {first['msg']}") from None
+    except (TypeError, ValueError, RecursionError) as e:
+        raise WireRejected(f"{body_type.__name__}: {e}") from None

@@ -1,0 +1,95 @@
+"""The peer-to-peer plane behind one small interface: signed DHT records, request/response calls and
+binary streams between peers named by their Ed25519 public keys.
+
+A peer's transport identity is derived from its node key, so the peer that answers a call is the key
+the caller named, and a handler learns the caller's key from the authenticated connection.
+
+What this module does not know: manifests, shards or the coordinator's logic; `setup_swarm` picks a
+backend (only hivemind today; a py-libp2p one would be a second module beside it).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+
+from intellect.protocol.identity import Identity
+from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.wire import Envelope
+
+PeerKey = bytes  # 32-byte Ed25519 public key
+RequestHandler = Callable[[PeerKey, bytes], bytes]  # sync; runs in a worker thread
+StreamHandler = Callable[[PeerKey, bytes], AsyncIterator[bytes]]  # async generator on the swarm's loop
+
+
+class SwarmError(Exception):
+    """A peer could not be reached or broke the stream protocol (retry elsewhere)."""
+
+
+class SwarmJoinError(SwarmError):
+    """No bootstrap peer answered, or the transport daemon did not start; the message says which."""
+
+
+class RemoteError(SwarmError):
+    """The peer answered with a refusal: `code` is short (busy, not_found, bad_request, internal)."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(f"{code}: {detail}" if detail else code)
+        self.code, self.detail = code, detail
+
+
+class RequestRefused(Exception):
+    """Raised by a handler to answer with a RemoteError(code, detail) on the caller's side."""
+
+    def __init__(self, code: str, detail: str = "") -> None:
+        super().__init__(code, detail)
+        self.code, self.detail = code, detail
+
+
+class Swarm(abc.ABC):
+    identity: Identity
+    run_id: str
+    stats: Counter  # records_ok, rejected_<reason>, requests_served, handler_errors, ...
+
+    @abc.abstractmethod
+    def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
+        """Store our signed envelope under `key` (a name from `keys`), subkey = our public key."""
+
+    @abc.abstractmethod
+    def read(self, key: str) -> list[Envelope]:
+        """Verified envelopes under `key`; anything else is dropped and counted in `stats`."""
+
+    @abc.abstractmethod
+    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536) -> None: ...
+
+    @abc.abstractmethod
+    def register_stream_handler(self, name: str, fn: StreamHandler, max_request_bytes: int = 4096) -> None: ...
+
+    @abc.abstractmethod
+    def call(self, peer: PeerKey, name: str, request: bytes, timeout: float, max_bytes: int = 1 << 20) -> bytes: ...
+
+    @abc.abstractmethod
+    def stream(self, peer: PeerKey, name: str, request: bytes, timeout: float, max_bytes: int) -> bytes:
+        """Send `request`, collect the streamed answer (at most `max_bytes`) before `timeout`."""
+
+    @abc.abstractmethod
+    def peers(self) -> list[PeerKey]:
+        """Peers we are connected to now (those speaking with node keys)."""
+
+    @abc.abstractmethod
+    def visible_addrs(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+
+def setup_swarm(config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes) -> Swarm:
+    """Start and join a swarm (raises SwarmJoinError naming the bootstrap peers tried)."""
+    from intellect.protocol.swarm.hivemind_backend import HivemindSwarm
+
+    return HivemindSwarm.start(config, identity, run_id, coordinator_key)
+
+
+__all__ = ["PeerKey", "RemoteError", "RequestRefused", "Swarm", "SwarmConfig", "SwarmError", "SwarmJoinError",
+           "setup_swarm"]

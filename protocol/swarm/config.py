@@ -1,0 +1,55 @@
+"""Settings of the peer-to-peer plane, one pydantic model shared by the node and the coordinator.
+
+What this module does not know: which backend runs the swarm or how the values are collected (TOML,
+environment, CLI flags); the app's settings tree embeds `SwarmConfig` and validates it once.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+Multiaddr = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/")]
+
+
+class SwarmConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    host: str = Field("0.0.0.0", description="IP address to listen on ('0.0.0.0' = all interfaces).")
+    port: int = Field(0, ge=0, le=65535,
+                      description="TCP port to listen on; 0 picks a free one. Fix it to forward it in a router.")
+    bootstrap: list[Multiaddr] = Field(
+        default_factory=list, max_length=64,
+        description="Multiaddrs (/ip4/../tcp/../p2p/..) of peers to join through; empty starts a new swarm.")
+    client_mode: bool = Field(False, description="Only dial out: download, never serve or store DHT records. "
+                                                 "Use this behind a NAT you cannot open.")
+    startup_timeout_s: float = Field(30.0, gt=0, le=600,
+                                     description="How long the libp2p daemon may take to start.")
+    join_timeout_s: float = Field(60.0, gt=0, le=3600,
+                                  description="Give up joining when no bootstrap peer answered within this.")
+    use_relay: bool = Field(True, description="Allow connections through libp2p circuit relays.")
+    use_auto_relay: bool = Field(False, description="Look for a relay to be reachable from behind a NAT.")
+    announce_addrs: list[Multiaddr] = Field(default_factory=list, max_length=16,
+                                            description="Public multiaddrs to announce (port forwarding).")
+    max_upload_mbit: float | None = Field(None, gt=0, le=1e6,
+                                          description="Upload cap for serving shards, Mbit/s; None = unlimited.")
+    cache_steps: int = Field(3, ge=1, le=1000, description="Policy steps kept in the shard cache.")
+    max_cache_bytes: int = Field(50 * 2**30, ge=1, description="Disk cap for the shard cache, bytes.")
+    record_ttl_s: float = Field(300.0, ge=5, le=86400,
+                                description="Lifetime of our DHT records; they are refreshed at a third of it.")
+
+    @field_validator("host")
+    @classmethod
+    def _host_is_ip(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            raise ValueError(f"host must be an IP address, got {value!r}") from None
+        return value
+
+    @property
+    def upload_bytes_per_s(self) -> float | None:
+        return None if self.max_upload_mbit is None else self.max_upload_mbit * 1e6 / 8

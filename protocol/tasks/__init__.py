@@ -1,0 +1,32 @@
+"""Task environments: numbered problems with verifiers, seeded prompt choice, prompt rendering,
+length-target rewards and GRPO advantages (spec B.3, B.5, B.6).
+
+Imports numpy and pydantic only; sympy is imported when a math answer is first graded.
+"""
+
+from .arithmetic import Arithmetic
+from .base import Problem, Task, ThinkingFormat
+from .config import TaskConfig, completion_reward, setup_task
+from .math_jsonl import MathJsonl, TaskDataError
+from .rewards import group_advantages, length_reward
+from .sampling import SampledPrompt, node_seed_int, prompt_token_ids, render_prompt, sample_batch, user_message
+
+__all__ = [
+    "Arithmetic",
+    "MathJsonl",
+    "Problem",
+    "SampledPrompt",
+    "Task",
+    "TaskConfig",
+    "TaskDataError",
+    "ThinkingFormat",
+    "completion_reward",
+    "group_advantages",
+    "length_reward",
+    "node_seed_int",
+    "prompt_token_ids",
+    "render_prompt",
+    "sample_batch",
+    "setup_task",
+    "user_message",
+]

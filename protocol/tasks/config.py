@@ -1,0 +1,66 @@
+"""Task configuration and the `setup_task` factory: configs select a task by name.
+
+Names: "arithmetic" (generated; see `Arithmetic`) or "jsonl:PATH" (math problems from a file).
+The same `TaskConfig` is given to node and coordinator, so both sample, render and reward the
+same way; it is part of what a run announces.
+"""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .arithmetic import Arithmetic
+from .base import Problem, Task, ThinkingFormat
+from .math_jsonl import MathJsonl
+from .rewards import LengthMode, length_reward
+
+
+class TaskConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field("arithmetic", description='"arithmetic" or "jsonl:PATH"')
+    length_targets: tuple[int, ...] = Field(
+        (), description="'Think for N tokens' targets drawn per prompt; empty turns length rewards off"
+    )
+    alpha: float = Field(0.0003, ge=0.0, le=1.0, description="length penalty per token of |L_t - n_out|")
+    length_mode: LengthMode = Field("exact", description="exact | max | clip (spec B.5)")
+    thinking: bool = Field(False, description="open the answer with <think>; reward 0 without </think>")
+    max_operand: int = Field(20, ge=1, le=10**6, description="arithmetic: operands in 0..max_operand")
+    operators: str = Field("+", description="arithmetic: operator characters drawn from '+-*'")
+
+    @field_validator("length_targets")
+    @classmethod
+    def _targets_positive(cls, v: tuple[int, ...]) -> tuple[int, ...]:
+        if any(t <= 0 or t > 1_000_000 for t in v):
+            raise ValueError(f"length targets must be in 1..1000000, got {list(v)}")
+        return v
+
+    @field_validator("name")
+    @classmethod
+    def _known_name(cls, v: str) -> str:
+        if v != "arithmetic" and not (v.startswith("jsonl:") and len(v) > len("jsonl:")):
+            raise ValueError(f'unknown task {v!r}: use "arithmetic" or "jsonl:PATH"')
+        return v
+
+
+def setup_task(config: TaskConfig) -> Task:
+    if config.name == "arithmetic":
+        task: Task = Arithmetic(config.max_operand, config.operators)
+    else:
+        task = MathJsonl(config.name.removeprefix("jsonl:"))
+    return ThinkingFormat(task) if config.thinking else task
+
+
+def completion_reward(
+    task: Task,
+    config: TaskConfig,
+    problem: Problem,
+    completion_text: str,
+    target_length: int,
+    num_output_tokens: int,
+) -> tuple[float, float, float]:
+    """(reward, task_reward, length_penalty) of one completion, as a node claims and the
+    coordinator recomputes it."""
+    task_reward = task.score(problem, completion_text)
+    reward, penalty = length_reward(task_reward, target_length, num_output_tokens, config.alpha, config.length_mode)
+    return reward, task_reward, penalty

@@ -1,0 +1,160 @@
+"""Ledger: real SQLite files; bans, credit, replays, dashboard views, and SIGKILL safety."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from intellect.coordinator.ledger import (
+    ACCEPTED,
+    DuplicateSubmission,
+    Ledger,
+    LedgerError,
+    Submission,
+    Verdict,
+)
+
+A, B = "aa" * 32, "bb" * 32
+OK = Verdict(True, ACCEPTED)
+
+
+def sub(h: str, node: str = A, train_step: int = 5, tokens: int = 100) -> Submission:
+    return Submission(h, node, policy_step=3, train_step=train_step, num_completions=4, num_tokens=tokens,
+                      stored_path=f"step_{train_step}/{h}.parquet")
+
+
+def test_wal_mode_and_schema_version(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    Ledger(path).close()
+    db = sqlite3.connect(path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    db.execute("PRAGMA user_version=99")
+    db.close()
+    with pytest.raises(LedgerError, match="schema version 99"):
+        Ledger(path)
+    (tmp_path / "junk.sqlite").write_bytes(b"not a database" * 100)
+    with pytest.raises(LedgerError, match="cannot open"):
+        Ledger(tmp_path / "junk.sqlite")
+
+
+def test_credit_and_accepted_listing(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        ledger.node_seen(A, "in-a", at=1.0)
+        ledger.record_submission(sub("h1", tokens=100), OK, at=2.0)
+        ledger.record_submission(sub("h2", tokens=50, train_step=6), OK, at=3.0)
+        ledger.record_submission(sub("h3", tokens=70), Verdict(False, "proof_mismatch", "chunk 3"), at=4.0)
+        assert ledger.credit_of(A) == 150
+        assert ledger.credit_of(B) == 0
+        assert [s.content_hash for s in ledger.accepted_for_train_step(5)] == ["h1"]
+        assert ledger.accepted_for_train_step(5)[0].stored_path == "step_5/h1.parquet"
+        assert [s.content_hash for s in ledger.accepted_for_train_step(6)] == ["h2"]
+        assert ledger.counts_by_reason() == {ACCEPTED: 2, "proof_mismatch": 1}
+        (row,) = ledger.node_table()
+        assert (row.peer_id, row.accepted, row.rejected, row.tokens, row.last_seen, row.banned) == (
+            "in-a", 2, 1, 150, 4.0, False)
+        recent = ledger.recent_verdicts(limit=2)
+        assert [(v.content_hash, v.reason, v.detail) for v in recent] == [
+            ("h3", "proof_mismatch", "chunk 3"), ("h2", ACCEPTED, "")]
+
+
+def test_replay_detected_and_nothing_recorded(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        ledger.record_submission(sub("h1"), OK)
+        assert ledger.is_duplicate("h1") and not ledger.is_duplicate("h2")
+        with pytest.raises(DuplicateSubmission):
+            ledger.record_submission(sub("h1", node=B), OK)  # B replays A's file
+        assert ledger.credit_of(B) == 0 and ledger.credit_of(A) == 100
+        assert ledger.counts_by_reason() == {ACCEPTED: 1}
+        ledger.record_rejection(B, "replay", "h1")
+        assert ledger.counts_by_reason() == {ACCEPTED: 1, "replay": 1}
+        assert ledger.recent_verdicts(1)[0].content_hash is None
+
+
+def test_automatic_ban_after_max_failures_and_unban(tmp_path):
+    with Ledger(tmp_path / "l.sqlite", max_failures=3) as ledger:
+        ledger.record_submission(sub("h1"), Verdict(False, "bad_reward"))
+        ledger.record_rejection(A, "replay")
+        ledger.record_submission(sub("h2"), OK)  # accepted work does not erase strikes
+        assert not ledger.is_banned(A)
+        ledger.record_submission(sub("h3"), Verdict(False, "proof_mismatch"))
+        assert ledger.is_banned(A)
+        assert "3 failed submissions" in ledger.ban_reason(A)
+        assert not ledger.is_banned(B)
+        ledger.unban(A)
+        assert not ledger.is_banned(A)
+        ledger.record_rejection(A, "replay")  # strikes start over after an unban
+        assert not ledger.is_banned(A)
+        ledger.ban(B, "manual: spam")
+        assert ledger.is_banned(B) and ledger.ban_reason(B) == "manual: spam"
+        assert {r.public_key: r.banned for r in ledger.node_table()} == {A: False, B: True}
+
+
+def test_contradictory_verdict_rolls_back(tmp_path):
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(ValueError, match="contradicts"):
+            ledger.record_submission(sub("h1"), Verdict(True, "proof_mismatch"))
+        assert not ledger.is_duplicate("h1")  # the whole transaction rolled back
+        ledger.record_submission(sub("h1"), OK)
+        assert ledger.credit_of(A) == 100
+
+
+def test_persists_across_reopen(tmp_path):
+    path = tmp_path / "l.sqlite"
+    with Ledger(path) as ledger:
+        ledger.record_submission(sub("h1"), OK)
+        ledger.ban(B, "manual")
+    with Ledger(path) as ledger:
+        assert ledger.credit_of(A) == 100 and ledger.is_banned(B) and ledger.is_duplicate("h1")
+
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    from intellect.coordinator.ledger import ACCEPTED, Ledger, Submission, Verdict
+    ledger = Ledger(sys.argv[1], max_failures=10**9)
+    i = 0
+    while True:
+        verdict = Verdict(True, ACCEPTED) if i % 3 else Verdict(False, "bad_reward", "x" * 500)
+        ledger.record_submission(Submission(f"h{i}", f"{i % 7:064x}", 1, 2, 4, 10), verdict)
+        print(i, flush=True)  # printed only after COMMIT returned
+        i += 1
+    """
+)
+
+
+def test_sigkill_during_writes_loses_nothing_committed(tmp_path):
+    path = tmp_path / "l.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE, text=True)
+    try:
+        last = -1
+        for line in proc.stdout:
+            last = int(line)
+            if last >= 150:
+                break
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert last >= 150
+    with Ledger(path) as ledger:
+        assert ledger.integrity_ok()
+        db = sqlite3.connect(path)
+        num_subs = db.execute("SELECT COUNT(*) FROM submissions").fetchone()[0]
+        # every acknowledged write is there (the writer may have committed more before the kill)
+        assert num_subs >= last + 1
+        assert all(ledger.is_duplicate(f"h{i}") for i in range(num_subs))
+        orphans = db.execute(
+            "SELECT COUNT(*) FROM submissions s LEFT JOIN verdicts v ON v.submission = s.id WHERE v.id IS NULL"
+        ).fetchone()[0]
+        assert orphans == 0
+        accepted = db.execute("SELECT COUNT(*) FROM verdicts WHERE accepted = 1").fetchone()[0]
+        credited = db.execute("SELECT SUM(accepted_completions) FROM credit").fetchone()[0]
+        assert credited == 4 * accepted
+        db.close()
