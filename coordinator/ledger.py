@@ -5,15 +5,18 @@ moment (and a power cut), and readers (dashboard) never block the writer. A subm
 verdict, the node's strike count, credit and any automatic ban are written in ONE transaction,
 so a crash can never leave a verdict without its credit or a strike without its ban. The ledger
 does not decide anything: intake hands it verdicts; it only records, counts and bans after
-`max_failures` rejected submissions. One `Ledger` per thread (sqlite3 connections are not shared).
+`max_failures` rejected submissions. Safe to share between threads: one connection behind a lock
+(intake handlers and the trainer loop record from different threads).
 """
 
 from __future__ import annotations
 
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 SCHEMA_VERSION = 1
 
@@ -34,7 +37,8 @@ CREATE TABLE submissions (
     num_completions INTEGER NOT NULL,
     num_tokens INTEGER NOT NULL,
     received_at REAL NOT NULL,
-    stored_path TEXT
+    stored_path TEXT,
+    batch_key TEXT UNIQUE                       -- node:policy_step:batch_counter, one file per seed
 );
 CREATE INDEX submissions_train_step ON submissions(train_step);
 CREATE TABLE verdicts (
@@ -80,6 +84,7 @@ class Submission:
     num_completions: int
     num_tokens: int
     stored_path: str | None = None
+    batch_key: str | None = None  # node:policy_step:batch_counter; a seed's prompts are answered once
 
 
 @dataclass(frozen=True)
@@ -131,7 +136,8 @@ class Ledger:
         self.max_failures = max_failures
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE) below
-            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0)
+            self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
+            self._lock = threading.RLock()
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
@@ -147,15 +153,21 @@ class Ledger:
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
-                raise LedgerError(f"{self.path} has schema version {version}, this code knows {SCHEMA_VERSION}")
+                raise LedgerError(
+                    f"{self.path} has schema version {version}, this code knows {SCHEMA_VERSION}"
+                )
 
     def _transaction(self):
-        return _Transaction(self._db)
+        return _Transaction(self._db, self._lock)
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
 
     def close(self) -> None:
         self._db.close()
 
-    def __enter__(self) -> Ledger:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -187,8 +199,16 @@ class Ledger:
                 cur = self._db.execute(
                     "INSERT INTO submissions(content_hash, node, policy_step, train_step, num_completions,"
                     " num_tokens, received_at, stored_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                    (s.content_hash, s.node, s.policy_step, s.train_step, s.num_completions, s.num_tokens,
-                     at, s.stored_path),
+                    (
+                        s.content_hash,
+                        s.node,
+                        s.policy_step,
+                        s.train_step,
+                        s.num_completions,
+                        s.num_tokens,
+                        at,
+                        s.stored_path,
+                    ),
                 )
             except sqlite3.IntegrityError as e:
                 raise DuplicateSubmission(f"submission {s.content_hash} is already recorded") from e
@@ -202,21 +222,31 @@ class Ledger:
                 )
             return cur.lastrowid
 
-    def record_rejection(self, node: str, reason: str, detail: str = "", at: float | None = None) -> None:
-        """A rejection with no stored submission (a replay, an unreadable file); it counts as a strike."""
+    def record_rejection(self, node: str, reason: str, detail: str = "", at: float | None = None,
+                         strike: bool = True) -> None:
+        """A rejection with no stored submission (a replay, an unreadable file). It counts as a strike
+        unless `strike` is False (failures that do not prove the key's owner misbehaved)."""
         at = time.time() if at is None else at
         with self._transaction():
             self._touch(node, None, at)
-            self._verdict(node, None, Verdict(False, reason, detail), at)
+            self._verdict(node, None, Verdict(False, reason, detail), at, strike=strike)
 
-    def _verdict(self, node: str, submission_id: int | None, verdict: Verdict, at: float) -> None:
+    def _verdict(self, node: str, submission_id: int | None, verdict: Verdict, at: float,
+                 strike: bool = True) -> None:
         if verdict.accepted != (verdict.reason == ACCEPTED):
             raise ValueError(f"verdict reason {verdict.reason!r} contradicts accepted={verdict.accepted}")
         self._db.execute(
             "INSERT INTO verdicts(submission, node, accepted, reason, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
-            (submission_id, node, int(verdict.accepted), verdict.reason, verdict.detail[:MAX_DETAIL_CHARS], at),
+            (
+                submission_id,
+                node,
+                int(verdict.accepted),
+                verdict.reason,
+                verdict.detail[:MAX_DETAIL_CHARS],
+                at,
+            ),
         )
-        if verdict.accepted:
+        if verdict.accepted or not strike:
             return
         strikes = self._db.execute(
             "UPDATE nodes SET strikes = strikes + 1 WHERE public_key = ? RETURNING strikes", (node,)
@@ -231,7 +261,9 @@ class Ledger:
         at = time.time() if at is None else at
         with self._transaction():
             self._touch(node, None, at)
-            self._db.execute("INSERT OR REPLACE INTO bans(node, reason, at) VALUES (?, ?, ?)", (node, reason, at))
+            self._db.execute(
+                "INSERT OR REPLACE INTO bans(node, reason, at) VALUES (?, ?, ?)", (node, reason, at)
+            )
 
     def unban(self, node: str) -> None:
         """Lift a ban and forgive past strikes (the node starts over with max_failures)."""
@@ -242,25 +274,29 @@ class Ledger:
     # ------------------------------------------------------------ reads
 
     def is_banned(self, node: str) -> bool:
-        return self._db.execute("SELECT 1 FROM bans WHERE node = ?", (node,)).fetchone() is not None
+        return bool(self._read("SELECT 1 FROM bans WHERE node = ?", (node,)))
 
     def ban_reason(self, node: str) -> str | None:
-        row = self._db.execute("SELECT reason FROM bans WHERE node = ?", (node,)).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT reason FROM bans WHERE node = ?", (node,))
+        return rows[0][0] if rows else None
 
     def is_duplicate(self, content_hash: str) -> bool:
-        return self._db.execute("SELECT 1 FROM submissions WHERE content_hash = ?", (content_hash,)).fetchone() is not None
+        return bool(self._read("SELECT 1 FROM submissions WHERE content_hash = ?", (content_hash,)))
+
+    def batch_seen(self, batch_key: str) -> bool:
+        """A file for this node:policy_step:batch_counter was already stored (accepted or not)."""
+        return bool(self._read("SELECT 1 FROM submissions WHERE batch_key = ?", (batch_key,)))
 
     def credit_of(self, node: str) -> int:
         """Accepted completion tokens of a node."""
-        row = self._db.execute("SELECT accepted_tokens FROM credit WHERE node = ?", (node,)).fetchone()
-        return row[0] if row else 0
+        rows = self._read("SELECT accepted_tokens FROM credit WHERE node = ?", (node,))
+        return rows[0][0] if rows else 0
 
     def counts_by_reason(self) -> dict[str, int]:
-        return dict(self._db.execute("SELECT reason, COUNT(*) FROM verdicts GROUP BY reason ORDER BY reason"))
+        return dict(self._read("SELECT reason, COUNT(*) FROM verdicts GROUP BY reason ORDER BY reason"))
 
     def node_table(self) -> list[NodeRow]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT n.public_key, n.peer_id,"
             " (SELECT COUNT(*) FROM verdicts v WHERE v.node = n.public_key AND v.accepted = 1),"
             " (SELECT COUNT(*) FROM verdicts v WHERE v.node = n.public_key AND v.accepted = 0),"
@@ -268,19 +304,24 @@ class Ledger:
             " FROM nodes n LEFT JOIN credit c ON c.node = n.public_key LEFT JOIN bans b ON b.node = n.public_key"
             " ORDER BY n.last_seen DESC"
         )
-        return [NodeRow(pk, pid, acc, rej, tok, seen, bool(banned)) for pk, pid, acc, rej, tok, seen, banned in rows]
+        return [
+            NodeRow(pk, pid, acc, rej, tok, seen, bool(banned))
+            for pk, pid, acc, rej, tok, seen, banned in rows
+        ]
 
     def recent_verdicts(self, limit: int = 20) -> list[VerdictRow]:
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT v.node, s.content_hash, v.accepted, v.reason, v.detail, v.at FROM verdicts v"
             " LEFT JOIN submissions s ON s.id = v.submission ORDER BY v.id DESC LIMIT ?",
             (limit,),
         )
-        return [VerdictRow(node, h, bool(acc), reason, detail, at) for node, h, acc, reason, detail, at in rows]
+        return [
+            VerdictRow(node, h, bool(acc), reason, detail, at) for node, h, acc, reason, detail, at in rows
+        ]
 
     def accepted_for_train_step(self, train_step: int) -> list[SubmissionRow]:
         """Accepted submissions queued for a train step, oldest first (the trainer's input)."""
-        rows = self._db.execute(
+        rows = self._read(
             "SELECT s.id, s.content_hash, s.node, s.policy_step, s.train_step, s.num_completions, s.num_tokens,"
             " s.received_at, s.stored_path FROM submissions s JOIN verdicts v ON v.submission = s.id"
             " WHERE s.train_step = ? AND v.accepted = 1 ORDER BY s.id",
@@ -289,17 +330,26 @@ class Ledger:
         return [SubmissionRow(*row) for row in rows]
 
     def integrity_ok(self) -> bool:
-        return self._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        return self._read("PRAGMA integrity_check")[0][0] == "ok"
 
 
 class _Transaction:
     """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (the exception propagates)."""
 
-    def __init__(self, db: sqlite3.Connection):
+    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
         self.db = db
+        self.lock = lock
 
     def __enter__(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.lock.acquire()
+        try:
+            self.db.execute("BEGIN IMMEDIATE")
+        except BaseException:
+            self.lock.release()
+            raise
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        try:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        finally:
+            self.lock.release()

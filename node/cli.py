@@ -112,10 +112,162 @@ def keys_new(
     console.print(f"new key: peer id {identity.peer_id}")
 
 
+def _logging(headless: bool, state_dir: Path | None = None) -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handlers: list[logging.Handler] = [RichHandler(console=Console(stderr=True), show_path=False)] if headless else []
+    if state_dir is not None:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(state_dir / "log.txt"))
+    logging.basicConfig(level=logging.INFO, handlers=handlers or [logging.NullHandler()], force=True,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    for noisy in ("hivemind", "httpx", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
 @app.command()
-def demo() -> None:
-    """Run a coordinator and two nodes on this machine (not there yet)."""
-    _fail("`demo` is not there yet: it arrives with the product issue (coordinator + nodes).")
+def join(
+    bootstrap: list[str] = typer.Option(None, "--bootstrap", help="Multiaddr of a peer in the run (repeatable)."),
+    run: str = typer.Option(None, "--run", help="Run id (printed by the coordinator)."),
+    coordinator: str = typer.Option(None, "--coordinator", help="Coordinator public key (hex)."),
+    run_file: Path = typer.Option(None, "--run-file", help="TOML with run_id, coordinator_key, bootstrap "
+                                                           "(the coordinator writes one: STATE/run.toml)."),
+    config: Path = typer.Option(None, "--config", help="Node settings TOML (flags override it)."),
+    state_dir: Path | None = StateDir,
+    host: str = typer.Option(None, "--host", help="IP to listen on."),
+    port: int = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)."),
+    engine: str = typer.Option(None, "--engine", help="torch | vllm | auto"),
+    gpu_memory: float = typer.Option(None, "--gpu-memory", help="Share of GPU memory vLLM may use (0-1)."),
+    max_disk: float = typer.Option(None, "--max-disk", help="Disk cap for the shard cache, GB."),
+    max_upload_mbit: float = typer.Option(None, "--max-upload-mbit", help="Upload cap for serving shards."),
+    client_mode: bool = typer.Option(None, "--client-mode/--no-client-mode", help="Only dial out (behind NAT)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads for generation."),
+    max_batches: int = typer.Option(None, "--max-batches", help="Stop after this many batches."),
+    headless: bool = typer.Option(False, "--headless", help="Log lines instead of the status screen."),
+) -> None:
+    """Join a run as a volunteer node: fetch the policy, generate proved rollouts, submit them."""
+    from intellect.node.config import NodeConfig
+    from intellect.protocol.settings import ConfigError, load_settings
+
+    flags = {"run_id": run, "coordinator_key": coordinator, "state_dir": state_dir, "swarm.host": host,
+             "swarm.port": port, "swarm.bootstrap": bootstrap or None, "swarm.client_mode": client_mode,
+             "swarm.max_upload_mbit": max_upload_mbit, "engine.type": engine, "engine.threads": threads,
+             "engine.gpu_memory_fraction": gpu_memory, "max_batches": max_batches,
+             "swarm.max_cache_bytes": int(max_disk * 1e9) if max_disk else None}
+    if run_file is not None:
+        flags = _run_file_flags(run_file) | {k: v for k, v in flags.items() if v is not None}
+    try:
+        cfg = load_settings(NodeConfig, config, flags)
+    except ConfigError as e:
+        _fail(f"{e}\n(join needs --run and --coordinator, or --run-file; see `intellect-node join --help`)")
+    _logging(headless, cfg.state_dir)
+    _run_node(cfg, headless)
+
+
+def _run_file_flags(path: Path) -> dict:
+    import tomllib
+
+    try:
+        data = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        _fail(f"cannot read run file {path}: {e}")
+    return {"run_id": data.get("run_id"), "coordinator_key": data.get("coordinator_key"),
+            "swarm.bootstrap": data.get("bootstrap")}
+
+
+def _run_node(cfg, headless: bool) -> None:
+    import signal
+    import threading
+
+    from intellect.node.app import NodeApp
+    from intellect.protocol.swarm import SwarmJoinError
+
+    node = NodeApp(cfg)
+    console.print(f"node {node.identity.peer_id}  key {cfg.state_dir}/node_key.pem  run {cfg.run_id}")
+    try:
+        node.start()
+    except SwarmJoinError as e:
+        node.close()
+        _fail(f"could not join the swarm: {e}\nCheck that the coordinator is running and the --bootstrap "
+              "addresses are right (copy the join line it prints).")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    try:
+        if headless:
+            _headless_node(node, done)
+        else:
+            from intellect.node.tui import run_tui
+
+            run_tui(node.status, node.pause, lambda: done.is_set() or node.wait(0))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        node.close()
+    console.print(f"stopped: submitted {node.status.submitted}, accepted {node.status.accepted}, "
+                  f"rejected {node.status.rejected}, credit {node.status.credit} tokens")
+
+
+def _headless_node(node, done) -> None:
+    import json
+    from dataclasses import asdict
+
+    last = None
+    while not done.is_set() and not node.wait(1.0):
+        line = {k: v for k, v in asdict(node.status).items() if k in (
+            "state", "policy_step", "train_step", "submitted", "accepted", "rejected", "last_reward", "error")}
+        if line != last:
+            print(json.dumps(line), flush=True)
+            last = line
+
+
+@app.command("coordinator")
+def coordinator_cmd(
+    config: Path = typer.Option(None, "--config", help="Run settings TOML (flags override it)."),
+    state_dir: Path = typer.Option(None, "--state-dir", help="Coordinator state (key, ledger, checkpoints)."),
+    run_name: str = typer.Option(None, "--run-name", help="Name of the run."),
+    model: str = typer.Option(None, "--model", help="smollm2 | tiny | PATH to a checkpoint folder."),
+    host: str = typer.Option(None, "--host", help="IP to listen on."),
+    port: int = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)."),
+    bootstrap: list[str] = typer.Option(None, "--bootstrap", help="Join an existing swarm through this peer."),
+    max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many train steps."),
+    metrics_port: int = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
+    max_upload_mbit: float = typer.Option(None, "--max-upload-mbit", help="Upload cap for serving shards."),
+    threads: int = typer.Option(None, "--threads", help="torch threads for training and validation."),
+    headless: bool = typer.Option(False, "--headless", help="JSON lines instead of the dashboard."),
+) -> None:
+    """Host a run: validate submissions, train with GRPO, publish each new policy through the swarm."""
+    from intellect.coordinator.config import CoordinatorConfig
+    from intellect.protocol.settings import ConfigError, load_settings
+
+    flags = {"state_dir": state_dir, "run_name": run_name, "model": model, "swarm.host": host, "swarm.port": port,
+             "swarm.bootstrap": bootstrap or None, "max_steps": max_steps, "metrics_port": metrics_port,
+             "swarm.max_upload_mbit": max_upload_mbit, "threads": threads}
+    try:
+        cfg = load_settings(CoordinatorConfig, config, flags)
+    except ConfigError as e:
+        _fail(str(e))
+    _logging(headless, cfg.state_dir)
+    from intellect.coordinator.runner import run_coordinator
+
+    run_coordinator(cfg, headless=headless, console=console)
+
+
+@app.command()
+def demo(
+    headless: bool = typer.Option(False, "--headless", help="JSON lines per step instead of the screen."),
+    steps: int = typer.Option(30, "--steps", help="Train steps to run."),
+    nodes: int = typer.Option(2, "--nodes", help="Node processes to start."),
+    model: str = typer.Option("smollm2", "--model", help="smollm2 (default) or tiny (a quick smoke run)."),
+    state_dir: Path = typer.Option(None, "--state-dir", help="Where the demo keeps its state (default: a fresh "
+                                                             "folder under ~/.intellect-node/demo)."),
+) -> None:
+    """A coordinator and N nodes on this machine (127.0.0.1) learning arithmetic with SmolLM2-135M."""
+    from intellect.node.demo import run_demo
+
+    raise typer.Exit(run_demo(steps=steps, num_nodes=nodes, model=model, headless=headless, state_dir=state_dir,
+                              console=console))
 
 
 def main() -> None:

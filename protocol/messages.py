@@ -15,6 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intellect.protocol.tasks.config import TaskConfig
 from intellect.protocol.wire import MessageKind, WireRejected
 
 MAX_BODY_BYTES = 1024 * 1024  # every body but a submission's payload is small
@@ -85,19 +86,22 @@ class ShardAnnounce(Body):
 
 
 class RunInfo(Body):
-    """Signed by the coordinator, published at the run's root key: how to take part."""
+    """Signed by the coordinator, published at the run's root key: how to take part, and where the
+    run is now (nodes poll it before every batch, like INTELLECT-2's step endpoint)."""
 
     run_id: Name
     run_name: Name
     coordinator_peer_id: Name
     coordinator_addrs: Annotated[list[Multiaddr], Field(max_length=16)]
-    task: Name
-    current_step: Step
+    task: TaskConfig
+    train_step: Step  # the step whose rollouts the coordinator is collecting
+    latest_policy_step: Step
     async_level: Annotated[int, Field(ge=0, le=64)]
-    batch_size: Annotated[int, Field(ge=1, le=4096)]
-    completions_per_prompt: Annotated[int, Field(ge=1, le=256)]
+    prompts_per_batch: Annotated[int, Field(ge=1, le=4096)]
+    completions_per_prompt: Annotated[int, Field(ge=2, le=256)]
     max_new_tokens: Annotated[int, Field(ge=1, le=131072)]
     temperature: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
+    model_config_hash: Hex32
 
 
 class SubmissionHeader(Body):
@@ -160,3 +164,33 @@ def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES
         raise WireRejected(f"{body_type.__name__}: {where}: {first['msg']}") from None
     except (TypeError, ValueError, RecursionError) as e:
         raise WireRejected(f"{body_type.__name__}: {e}") from None
+
+
+MAX_SUBMISSION_FILE_BYTES = 64 * 1024 * 1024
+
+
+def encode_submission(header: SubmissionHeader, rollout_file: bytes) -> bytes:
+    """A submission's envelope body: the header and the rollout parquet bytes it describes."""
+    return msgpack.packb([encode_body(header), rollout_file], use_bin_type=True)
+
+
+def decode_submission(data: bytes, max_file_bytes: int = MAX_SUBMISSION_FILE_BYTES) -> tuple[SubmissionHeader, bytes]:
+    """Split and check a submission body: the file must be exactly what the header says."""
+    import hashlib
+
+    if len(data) > max_file_bytes + MAX_BODY_BYTES:
+        raise WireRejected(f"submission of {len(data)} bytes exceeds {max_file_bytes + MAX_BODY_BYTES}")
+    try:
+        parts = msgpack.unpackb(bytes(data), raw=False, max_bin_len=max_file_bytes, max_str_len=0,
+                                max_array_len=2, max_map_len=0, max_ext_len=0)
+    except Exception as e:  # garbage bytes raise many msgpack error types
+        raise WireRejected(f"submission is not valid msgpack: {type(e).__name__}") from None
+    if type(parts) is not list or len(parts) != 2 or not all(type(p) is bytes for p in parts):
+        raise WireRejected("submission must be [header bytes, file bytes]")
+    header = decode_body(SubmissionHeader, parts[0])
+    rollout_file = parts[1]
+    if len(rollout_file) != header.file_size:
+        raise WireRejected(f"file has {len(rollout_file)} bytes, header says {header.file_size}")
+    if hashlib.sha256(rollout_file).hexdigest() != header.file_sha256:
+        raise WireRejected("file bytes do not match the header's sha256")
+    return header, rollout_file

@@ -32,6 +32,7 @@ MAX_PROOF_BYTES = 1024 * 1024
 MAX_META_BYTES = 4096
 FLOAT32_MAX = 3.4028234663852886e38
 
+
 def _list_of(value_type: pa.DataType) -> pa.DataType:
     return pa.list_(pa.field("element", value_type))  # parquet's own name for list items
 
@@ -192,13 +193,14 @@ def read_rollouts(
         _check_schema(schema)
         meta = _parse_meta(schema.metadata)
         table = pf.read()
+        if table.num_rows != md.num_rows or not table.schema.equals(SCHEMA):
+            raise RolloutFormatError("table contents disagree with the file's metadata")
+        # inside the try: converting values can still fail (e.g. invalid UTF-8 in a string column)
+        return RolloutBatch(meta=meta, rows=_rows_of(table, meta))
     except RolloutFormatError:
         raise
     except _ARROW_ERRORS as e:
         raise RolloutFormatError(f"not a readable rollout parquet file: {type(e).__name__}: {e}") from e
-    if table.num_rows != md.num_rows or not table.schema.equals(SCHEMA):
-        raise RolloutFormatError("table contents disagree with the file's metadata")
-    return RolloutBatch(meta=meta, rows=_rows_of(table, meta))
 
 
 def _read_bounded(source: str | Path | bytes, max_bytes: int) -> bytes:
@@ -260,7 +262,9 @@ def _check_rows(meta: RolloutMeta, rows: list[RolloutRow]) -> None:
             if min(toks) < 0 or max(toks) >= 2**31:
                 raise RolloutFormatError(f"{where}: {name} holds an id outside [0, 2^31)")
         if len(r.output_logprobs) != len(r.output_tokens):
-            raise RolloutFormatError(f"{where}: {len(r.output_logprobs)} logprobs for {len(r.output_tokens)} tokens")
+            raise RolloutFormatError(
+                f"{where}: {len(r.output_logprobs)} logprobs for {len(r.output_tokens)} tokens"
+            )
         if not all(-FLOAT32_MAX <= x <= 0.0 for x in r.output_logprobs):  # NaN fails too
             raise RolloutFormatError(f"{where}: output_logprobs must be finite and <= 0")
         for name in ("advantage", "reward", "task_reward", "length_penalty"):
@@ -269,7 +273,9 @@ def _check_rows(meta: RolloutMeta, rows: list[RolloutRow]) -> None:
         if not isinstance(r.proof, bytes) or len(r.proof) > MAX_PROOF_BYTES:
             raise RolloutFormatError(f"{where}: proof must be bytes of at most {MAX_PROOF_BYTES}")
         if r.step != meta.policy_step:
-            raise RolloutFormatError(f"{where}: step {r.step} differs from the file's policy step {meta.policy_step}")
+            raise RolloutFormatError(
+                f"{where}: step {r.step} differs from the file's policy step {meta.policy_step}"
+            )
         if not 0 <= r.target_length <= 1_000_000:
             raise RolloutFormatError(f"{where}: target_length {r.target_length} out of range")
         if r.finish_reason not in FINISH_REASONS:

@@ -224,7 +224,8 @@ def _require_bf16(t: torch.Tensor) -> None:
 def _topk(flat: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """flat [C, N] bf16 -> (indices [C, k'], values [C, k']) of the largest |v|, k' = min(k, N)."""
     idx = flat.abs().topk(min(topk, flat.shape[1]), dim=1).indices
-    return idx, flat.gather(1, idx)
+    # top-k runs where the states live (GPU in an engine); the field math is small, on the CPU
+    return idx.cpu(), flat.gather(1, idx).cpu()
 
 
 def _group_by_length(chunks: list[torch.Tensor]) -> dict[int, list[int]]:

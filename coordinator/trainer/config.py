@@ -54,8 +54,15 @@ class TrainerConfig(BaseModel):
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
     warmup_steps: int = Field(25, ge=0, description="linear warm-up in optimizer steps, then constant")
     grad_clip: float = Field(0.1, gt=0, description="global gradient-norm clip")
-    seq_len: int = Field(2048, ge=8, description="length of one packed row (tokens)")
-    micro_batch_rows: int = Field(1, ge=1, description="packed rows per forward; token budget = rows x seq_len")
+    collate: Literal["packing", "padding"] = Field(
+        "packing",
+        description="packing: first-fit-decreasing rows of seq_len (B.11); padding: one sample per row, "
+        "each micro-batch right-padded to its longest sample (the naive baseline).",
+    )
+    seq_len: int = Field(2048, ge=8, description="length of one packed row; longer samples are truncated")
+    micro_batch_rows: int = Field(
+        1, ge=1, description="rows per forward; with packing the token budget is rows x seq_len"
+    )
     temperature: float = Field(0.6, gt=0, description="tau: every log-prob uses logits / tau (B.9)")
     optimizer_steps_per_policy_step: int = Field(
         8, ge=1, description="optimizer steps taken on one policy step's samples (step_per_rollout)"

@@ -10,7 +10,7 @@ This module knows token ids and advantages only: no model, no tokenizer, no loss
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import torch
 from torch import Tensor
@@ -48,9 +48,19 @@ class PackedBatch:
         """Non-pad tokens / all tokens."""
         return self.num_real_tokens / max(self.input_ids.numel(), 1)
 
+    @property
+    def used_width(self) -> int:
+        """Columns up to the last non-pad token of any row."""
+        used = (self.sample_ids >= 0).any(0).nonzero()
+        return int(used[-1]) + 1 if len(used) else 0
+
     def rows(self, start: int, stop: int) -> "PackedBatch":
         """The micro-batch made of rows [start, stop)."""
         return PackedBatch(*(t[start:stop] for t in self._tensors()))
+
+    def columns(self, stop: int) -> "PackedBatch":
+        """The first `stop` columns of every row."""
+        return PackedBatch(*(t[:, :stop] for t in self._tensors()))
 
     def to(self, device: torch.device | str) -> "PackedBatch":
         return PackedBatch(*(t.to(device) for t in self._tensors()))
@@ -78,18 +88,18 @@ def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int
     return bins
 
 
-def pack(samples: Sequence[TrainSample], seq_len: int, pad_token_id: int) -> PackedBatch:
+def pack(samples: Sequence[Sequence[Any]], seq_len: int, pad_token_id: int) -> PackedBatch:
     """First-fit-decreasing packing of `samples` into rows of exactly `seq_len` tokens."""
-    _check(samples)
+    samples = _checked(samples)
     lengths = [len(s.input_tokens) + len(s.output_tokens) for s in samples]
     return _layout(samples, first_fit_decreasing(lengths, seq_len), seq_len, pad_token_id)
 
 
-def pad_each(samples: Sequence[TrainSample], pad_token_id: int, seq_len: int | None = None) -> PackedBatch:
-    """One sample per row, right-padded to the longest sample (or to `seq_len`, truncating)."""
-    _check(samples)
+def pad_each(samples: Sequence[Sequence[Any]], pad_token_id: int, max_len: int | None = None) -> PackedBatch:
+    """One sample per row, right-padded to the longest sample (truncated to `max_len` if given)."""
+    samples = _checked(samples)
     longest = max(len(s.input_tokens) + len(s.output_tokens) for s in samples)
-    width = seq_len if seq_len is not None else longest
+    width = longest if max_len is None else min(longest, max_len)
     return _layout(samples, [[i] for i in range(len(samples))], width, pad_token_id)
 
 
@@ -105,14 +115,17 @@ def segment_mask(sample_ids: Tensor) -> Tensor:
     return (same & causal)[:, None]
 
 
-def _check(samples: Sequence[TrainSample]) -> None:
+def _checked(samples: Sequence[Sequence[Any]]) -> list[TrainSample]:
+    """Samples as TrainSample (plain tuples accepted), each with a prompt token."""
     if not samples:
         raise ValueError("no samples to lay out")
+    samples = [TrainSample(*sample) for sample in samples]
     for sample in samples:
         # A packed sample's first token is predicted from the previous sample's last token; it is
         # harmless only because it is a prompt token and carries no loss.
         if len(sample.input_tokens) == 0:
             raise ValueError("every sample needs at least one input (prompt) token")
+    return samples
 
 
 def _layout(samples: Sequence[TrainSample], bins: list[list[int]], seq_len: int, pad_token_id: int) -> PackedBatch:

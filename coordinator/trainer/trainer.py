@@ -23,7 +23,7 @@ from intellect.coordinator.trainer._compat import attention_mask_for
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import LossOutput, aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.optim import select_trainable, setup_optimizer, setup_scheduler
-from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack, segment_mask
+from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack, pad_each, segment_mask
 
 
 @dataclass
@@ -97,14 +97,22 @@ class GRPOTrainer:
 
     def _prepare(self, samples: list[TrainSample]) -> OptimizerBatch:
         cfg = self.config
-        packed = pack(samples, cfg.seq_len, cfg.pad_token_id)
-        weights = aggregation_weights(packed.loss_mask, packed.sample_ids, cfg.loss.aggregation, cfg.seq_len)
-        bounds = range(0, packed.num_rows, cfg.micro_batch_rows)
-        micro = [packed.rows(i, i + cfg.micro_batch_rows).to(self.device) for i in bounds]
+        if cfg.collate == "packing":
+            layout = pack(samples, cfg.seq_len, cfg.pad_token_id)
+        else:
+            layout = pad_each(samples, cfg.pad_token_id, max_len=cfg.seq_len)
+        weights = aggregation_weights(layout.loss_mask, layout.sample_ids, cfg.loss.aggregation, cfg.seq_len)
+        micro, weights_mb = [], []
+        for start in range(0, layout.num_rows, cfg.micro_batch_rows):
+            mb = layout.rows(start, start + cfg.micro_batch_rows)
+            # Cut the padded tail: pad tokens come after every real token of a row and carry no loss,
+            # so they change nothing but compute (the last packed row is often far from full).
+            width = mb.used_width
+            micro.append(mb.columns(width).to(self.device))
+            weights_mb.append(weights[start : start + cfg.micro_batch_rows, :width].to(self.device))
         with torch.no_grad():
             old = [self._logprobs(self.model, mb)[0] for mb in micro]
             ref = [self._logprobs(self.ref_model, mb)[0] if self.ref_model is not None else None for mb in micro]
-        weights_mb = [weights[i : i + cfg.micro_batch_rows].to(self.device) for i in bounds]
         return OptimizerBatch(micro, weights_mb, old, ref)
 
     def _optimizer_step(self, batch: OptimizerBatch) -> dict[str, float]:

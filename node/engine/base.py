@@ -27,6 +27,7 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass kept before sampling.")
     max_tokens: int = Field(256, ge=1, description="Most output tokens per completion.")
     stop_token_ids: tuple[int, ...] = Field((), description="Extra stop ids besides the model's EOS ids.")
+    ignore_eos: bool = Field(False, description="Do not stop on the model's EOS ids (benchmarks).")
     proofs: bool = Field(True, description="Capture hidden states and build TOPLOC proofs.")
 
 

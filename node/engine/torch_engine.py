@@ -4,7 +4,9 @@ One prefill over the left-padded batch, then one decode forward per step through
 (`DynamicCache`). The LM head runs on the last position only; rows that finished are dropped
 from the batch and the cache, so they cost nothing afterwards. The final-norm output of every
 decode step (the LM-head input, spec A.2) is kept in bf16 and turned into TOPLOC proofs 32 rows
-at a time on a background thread while generation goes on.
+at a time on a background thread while generation goes on. (This is what
+`toploc_torch.ProofRecorder` does, with the same `build_chunk_proofs`; it is not reused because it
+builds on the sampling thread and expects the full batch every step, while this loop shrinks it.)
 
 Randomness: every sequence has its own `torch.Generator` seeded from `seeds[i]`, consumed the same
 way at every step whatever the batch holds. So the same (prompt, seed) run in a batch of the same
@@ -127,7 +129,7 @@ class TorchEngine(Engine):
         if min(limits) < 1:
             raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room "
                              f"under max_model_len={self.config.max_model_len}")
-        stop = self.eos_ids | set(params.stop_token_ids)
+        stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
         gens = [torch.Generator(dev).manual_seed(int(s)) for s in seeds]
 
         input_ids, mask = self._left_pad(prompts)  # [B, L], [B, L]
@@ -138,7 +140,7 @@ class TorchEngine(Engine):
                       past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [B, H]
         next_pos = positions[:, -1] + 1  # [B]
 
-        rows = _RowBuffer(num, max(limits), hidden.shape[-1], dev) if params.proofs else None
+        rows = _RowBuffer(num, hidden.shape[-1], dev) if params.proofs else None
         proofs: list[list[tuple[Future, int]]] = [[] for _ in range(num)]  # (build, index in it)
         tokens: list[list[int]] = [[] for _ in range(num)]
         logps: list[list[float]] = [[] for _ in range(num)]
@@ -202,15 +204,19 @@ class TorchEngine(Engine):
 
 
 class _RowBuffer:
-    """bf16 store of each sequence's decode hidden states: [num_seqs, max_rows, H]."""
+    """The current chunk of each sequence's decode hidden states, bf16: [num_seqs, CHUNK, H].
+    A chunk is copied out for its proof when it is complete, before its slots are reused, so
+    memory stays at 32 rows per sequence however long the completions get."""
 
-    def __init__(self, num: int, max_rows: int, hidden: int, device: torch.device) -> None:
-        self.data = torch.empty((num, max(max_rows - 1, 1), hidden), dtype=torch.bfloat16, device=device)
+    def __init__(self, num: int, hidden: int, device: torch.device) -> None:
+        self.data = torch.empty((num, CHUNK, hidden), dtype=torch.bfloat16, device=device)
 
     def put(self, seq_ids: list[int], row: int, hidden: torch.Tensor) -> None:
-        """hidden: [len(seq_ids), H], row `row` of each listed sequence."""
-        self.data[seq_ids, row] = hidden.to(torch.bfloat16)
+        """hidden: [len(seq_ids), H], decode row `row` of each listed sequence."""
+        self.data[seq_ids, row % CHUNK] = hidden.to(torch.bfloat16)
 
     def chunk(self, seq: int, start: int, end: int) -> torch.Tensor:
-        """Rows [start, end) of one sequence, copied to CPU for the prover: [end - start, H]."""
-        return self.data[seq, start:end].to("cpu", copy=True)
+        """Decode rows [start, end) of one sequence (start a multiple of CHUNK), copied to CPU for
+        the prover: [end - start, H]."""
+        assert start % CHUNK == 0 and 0 < end - start <= CHUNK
+        return self.data[seq, : end - start].to("cpu", copy=True)

@@ -9,7 +9,14 @@ from .base import Problem, Task, ThinkingFormat
 from .config import TaskConfig, completion_reward, setup_task
 from .math_jsonl import MathJsonl, TaskDataError
 from .rewards import group_advantages, length_reward
-from .sampling import SampledPrompt, node_seed_int, prompt_token_ids, render_prompt, sample_batch, user_message
+from .sampling import (
+    SampledPrompt,
+    node_seed_int,
+    prompt_token_ids,
+    render_prompt,
+    sample_batch,
+    user_message,
+)
 
 __all__ = [
     "Arithmetic",

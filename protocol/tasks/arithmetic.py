@@ -36,8 +36,10 @@ class Arithmetic(Task):
     def __init__(self, max_operand: int = 20, operators: str = "+"):
         if max_operand < 1 or max_operand > 10**6:
             raise ValueError(f"max_operand must be in [1, 1e6], got {max_operand}")
-        if not operators or any(op not in OPERATORS for op in operators) or len(set(operators)) != len(
-            operators
+        if (
+            not operators
+            or any(op not in OPERATORS for op in operators)
+            or len(set(operators)) != len(operators)
         ):
             raise ValueError(f"operators must be distinct characters of {''.join(OPERATORS)!r}")
         self.max_operand = max_operand

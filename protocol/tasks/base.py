@@ -62,7 +62,7 @@ class ThinkingFormat(Task):
         return self.inner.problem(i)
 
     def score(self, problem: Problem, completion_text: str) -> float:
-        head, sep, answer_part = completion_text.rpartition(THINK_END)
+        _, sep, answer_part = completion_text.rpartition(THINK_END)
         if not sep:
             return 0.0
         return self.inner.score(problem, answer_part)

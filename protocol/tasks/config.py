@@ -62,5 +62,7 @@ def completion_reward(
     """(reward, task_reward, length_penalty) of one completion, as a node claims and the
     coordinator recomputes it."""
     task_reward = task.score(problem, completion_text)
-    reward, penalty = length_reward(task_reward, target_length, num_output_tokens, config.alpha, config.length_mode)
+    reward, penalty = length_reward(
+        task_reward, target_length, num_output_tokens, config.alpha, config.length_mode
+    )
     return reward, task_reward, penalty

@@ -130,7 +130,8 @@ def normalize(answer: str) -> str:
 
 # ---------------------------------------------------------------- parsing
 
-_TOKEN = re.compile(r"\s*(?:(\d+\.?\d*|\.\d+)|([A-Za-z]+)|(.))")
+_NUMBER = re.compile(r"\d+\.?\d*|\.\d+")
+_TOKEN = re.compile(rf"\s*(?:({_NUMBER.pattern})|([A-Za-z]+)|(.))")
 
 
 def _tokens(s: str) -> list[str]:
@@ -234,7 +235,7 @@ class _Parser:
             return self.sp.sqrt(value)
         if tok == "pi":
             return self.sp.pi
-        if tok[0].isdigit() or tok[0] == ".":
+        if _NUMBER.fullmatch(tok):
             return self.sp.Rational(tok)  # exact: "0.5" equals "1/2"
         if len(tok) == 1 and tok.isalpha():
             return self.sp.Symbol(tok)
@@ -268,8 +269,8 @@ def parse_answer(text: str):
 
 
 def equivalent(given: str, reference: str) -> bool:
-    """True when the two answers are equal as numbers or expressions (or, failing parsing, as
-    normalised strings)."""
+    """True when the two answers are equal as exact rationals, as numbers within a relative 1e-9,
+    or as expressions agreeing at fixed sample points (or, failing parsing, as normalised strings)."""
     try:
         a, b = parse_answer(given), parse_answer(reference)
     except UnsupportedAnswer:
@@ -277,12 +278,27 @@ def equivalent(given: str, reference: str) -> bool:
             return normalize(given).replace(" ", "") == normalize(reference).replace(" ", "")
         except UnsupportedAnswer:
             return False
-    import sympy
-
     if a.is_Rational and b.is_Rational:
         return a == b
-    if not a.free_symbols and not b.free_symbols:
-        diff = sympy.N(a - b, 30)
-        scale = max(1.0, abs(float(sympy.N(b, 30))))
-        return diff.is_real is True and abs(float(diff)) <= 1e-9 * scale
-    return sympy.simplify(sympy.expand(a - b)) == 0
+    symbols = sorted(a.free_symbols | b.free_symbols, key=str)
+    # Expressions in variables compare at fixed sample points rather than by simplify(a - b):
+    # evaluation never expands (x+y+z)^20*(a+b+c)^20, simplify can take minutes on it.
+    points = [dict(zip(symbols, values, strict=False)) for values in _SAMPLE_POINTS] if symbols else [{}]
+    return all(_close(a, b, point) for point in points)
+
+
+# Deterministic (node and coordinator must agree), irrational-looking, away from small integers.
+_SAMPLE_POINTS = [
+    [0.5377, 1.8339, -2.2588, 0.8622, 0.3188, -1.3077, -0.4336, 0.3426, 3.5784, 2.7694],
+    [-1.3499, 3.0349, 0.7254, -0.0631, 0.7147, -0.2050, -0.1241, 1.4897, 1.4090, 1.4172],
+    [0.6715, -1.2075, 0.7172, 1.6302, 0.4889, 1.0347, 0.7269, -0.3034, 0.2939, -0.7873],
+]
+
+
+def _close(a, b, point: dict) -> bool:
+    diff, ref = (a - b).evalf(30, subs=point), b.evalf(30, subs=point)
+    if diff.is_finite is not True or ref.is_finite is not True:  # e.g. a hidden 1/0
+        return False
+    if diff.free_symbols or ref.free_symbols:  # more variables than sample coordinates
+        return False
+    return abs(complex(diff)) <= 1e-9 * max(1.0, abs(complex(ref)))

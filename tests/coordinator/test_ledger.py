@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import pytest
-
 from intellect.coordinator.ledger import (
     ACCEPTED,
     DuplicateSubmission,
@@ -25,8 +24,15 @@ OK = Verdict(True, ACCEPTED)
 
 
 def sub(h: str, node: str = A, train_step: int = 5, tokens: int = 100) -> Submission:
-    return Submission(h, node, policy_step=3, train_step=train_step, num_completions=4, num_tokens=tokens,
-                      stored_path=f"step_{train_step}/{h}.parquet")
+    return Submission(
+        h,
+        node,
+        policy_step=3,
+        train_step=train_step,
+        num_completions=4,
+        num_tokens=tokens,
+        stored_path=f"step_{train_step}/{h}.parquet",
+    )
 
 
 def test_wal_mode_and_schema_version(tmp_path):
@@ -58,10 +64,18 @@ def test_credit_and_accepted_listing(tmp_path):
         assert ledger.counts_by_reason() == {ACCEPTED: 2, "proof_mismatch": 1}
         (row,) = ledger.node_table()
         assert (row.peer_id, row.accepted, row.rejected, row.tokens, row.last_seen, row.banned) == (
-            "in-a", 2, 1, 150, 4.0, False)
+            "in-a",
+            2,
+            1,
+            150,
+            4.0,
+            False,
+        )
         recent = ledger.recent_verdicts(limit=2)
         assert [(v.content_hash, v.reason, v.detail) for v in recent] == [
-            ("h3", "proof_mismatch", "chunk 3"), ("h2", ACCEPTED, "")]
+            ("h3", "proof_mismatch", "chunk 3"),
+            ("h2", ACCEPTED, ""),
+        ]
 
 
 def test_replay_detected_and_nothing_recorded(tmp_path):

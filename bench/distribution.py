@@ -1,0 +1,100 @@
+"""Checkpoint distribution: peer-assisted swarm vs. origin-only (SHARDCAST without relays).
+
+Runs an origin and N node processes on 127.0.0.1 with the origin's upload capped at --origin-mbit, twice:
+  swarm        nodes fetch from each other and from the origin, which super-seeds;
+  origin_only  every node fetches every shard from the origin (the baseline, measured in the same run).
+Times run from the moment all peers are up and the manifest is published to the moment every node holds
+a verified, assembled checkpoint. The last line printed is one JSON object:
+  {"nodes","size_mb","origin_mbit","swarm_s","origin_only_s","speedup","origin_egress_ratio","all_verified"}
+origin_egress_ratio = bytes the origin sent in the swarm run / checkpoint size.
+
+Usage: python bench/distribution.py --nodes 8 --size-mb 64 --origin-mbit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "node"))
+from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of  # noqa: E402
+
+COORD = "bench-coordinator"
+
+
+def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool) -> dict:
+    workdir.mkdir(parents=True)
+    peers = Peers(workdir)
+    try:
+        origin_args = ["--role", "origin", "--seed", COORD, "--cache", "origin", "--checkpoint", str(checkpoint),
+                       "--ready", "origin.ready", "--result", "origin.json", "--shard-kb", str(args.shard_kb),
+                       "--max-upload-mbit", str(args.origin_mbit), "--max-streams", str(args.origin_streams)]
+        peers.start("origin", *origin_args, *(["--no-super-seed"] if origin_only else []))
+        bootstrap = peers.wait_json(workdir / "origin.ready", 120, "origin")["addrs"]
+        peers.wait_json(workdir / "origin.json.published", 120, "origin")
+        names = [f"node{i}" for i in range(args.nodes)]
+        for name in names:
+            node_args = ["--role", "node", "--seed", name, "--coordinator-key", coordinator_key_hex(COORD),
+                         "--cache", name, "--ready", f"{name}.ready", "--result", f"{name}.json", "--go", "go",
+                         "--stay", "--timeout", str(args.timeout), "--parallel", str(args.parallel)]
+            for addr in bootstrap:
+                node_args += ["--bootstrap", addr]
+            if args.node_mbit:
+                node_args += ["--max-upload-mbit", str(args.node_mbit)]
+            peers.start(name, *node_args, *(["--origin-only"] if origin_only else []))
+        for name in names:
+            peers.wait_json(workdir / f"{name}.ready", 120, name)
+        start = time.monotonic()
+        (workdir / "go").touch()
+        results = {}
+        for name in names:
+            results[name] = peers.wait_json(workdir / f"{name}.json", args.timeout + 30, name)
+        seconds = time.monotonic() - start
+        peers.stop("origin")
+        origin = peers.wait_json(workdir / "origin.json", 30)
+        sent = origin["bytes_sent"]
+        want = sha256_of(checkpoint / "model.safetensors")
+        verified = all(r["ok"] and sha256_of(workdir / r["folder"] / "model.safetensors") == want
+                       for r in results.values())
+        from_peers = sum(r["stats"].get("bytes_from_peers", 0) for r in results.values())
+        print(json.dumps({"mode": "origin_only" if origin_only else "swarm", "seconds": round(seconds, 2),
+                          "origin_bytes_sent": sent, "origin_refused": origin["refused"], "bytes_from_peers": from_peers, "verified": verified,
+                          "node_seconds": sorted(round(r["seconds"], 2) for r in results.values())}),
+              flush=True)
+        return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified}
+    finally:
+        peers.close()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--nodes", type=int, default=8)
+    p.add_argument("--size-mb", type=float, default=64)
+    p.add_argument("--origin-mbit", type=float, default=200)
+    p.add_argument("--node-mbit", type=float, default=None, help="nodes' upload cap (default: unlimited)")
+    p.add_argument("--shard-kb", type=int, default=4096)
+    p.add_argument("--parallel", type=int, default=4, help="concurrent shard downloads per node")
+    p.add_argument("--origin-streams", type=int, default=2, help="origin upload slots in the swarm run")
+    p.add_argument("--timeout", type=float, default=600)
+    args = p.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-distribution-") as tmp:
+        tmp = Path(tmp)
+        checkpoint = make_checkpoint(tmp / "checkpoint", args.size_mb)
+        size = sum(f.stat().st_size for f in checkpoint.iterdir())
+        swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False)
+        baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True)
+    print(json.dumps({
+        "nodes": args.nodes, "size_mb": args.size_mb, "origin_mbit": args.origin_mbit,
+        "swarm_s": round(swarm["seconds"], 2), "origin_only_s": round(baseline["seconds"], 2),
+        "speedup": round(baseline["seconds"] / swarm["seconds"], 2),
+        "origin_egress_ratio": round(swarm["origin_bytes_sent"] / size, 3),
+        "all_verified": swarm["verified"] and baseline["verified"],
+    }))
+
+
+if __name__ == "__main__":
+    main()

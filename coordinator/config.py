@@ -1,0 +1,61 @@
+"""The coordinator's settings tree (`CoordinatorConfig`), one per run: validated once at the CLI edge."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from intellect.coordinator.intake import IntakeConfig
+from intellect.coordinator.trainer.config import TrainerConfig
+from intellect.protocol.settings import LayeredSettings
+from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.tasks import TaskConfig
+
+
+class RolloutConfig(BaseModel):
+    """What one node batch looks like; announced to nodes, checked on every submission."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts_per_batch: int = Field(4, ge=1, le=4096, description="Prompts in one node batch (seeded, spec B.3).")
+    completions_per_prompt: int = Field(4, ge=2, le=256, description="GRPO group size n.")
+    max_new_tokens: int = Field(32, ge=1, le=131072, description="Most output tokens per completion.")
+    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature (the loss uses the same tau).")
+
+
+class CoordinatorConfig(LayeredSettings):
+    """`intellect-node coordinator` settings. Env prefix INTELLECT_COORD_ (nested: INTELLECT_COORD_TRAINER__LR)."""
+
+    model_config = SettingsConfigDict(env_prefix="INTELLECT_COORD_", env_nested_delimiter="__", extra="forbid")
+
+    state_dir: Path = Field(Path("coordinator-state"), description="Key, ledger, rollouts, checkpoints.")
+    run_name: str = Field("demo", pattern=r"^[A-Za-z0-9_-]{1,48}$", description="Human name of the run.")
+    model: str = Field("smollm2", description='"smollm2" (SmolLM2-135M-Instruct, shipped), "tiny" (random, '
+                                              'for tests) or a path to a checkpoint folder.')
+    async_level: int = Field(2, ge=0, le=64, description="Rollouts of policy s - async_level may train step s.")
+    batches_per_step: int = Field(2, ge=1, le=100_000, description="Accepted node batches that make one train step.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many train steps (None: run forever).")
+    ban_after_failures: int = Field(3, ge=1, le=10_000, description="Rejected submissions before a key is banned.")
+    keep_checkpoints: int = Field(3, ge=1, le=100, description="Training checkpoints kept on disk.")
+    metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
+    shard_size: int = Field(50_000_000, ge=1 << 16, description="Checkpoint shard size in bytes (SHARDCAST: 50 MB).")
+    threads: int | None = Field(None, ge=1, description="torch threads for training and validation.")
+    rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    swarm: SwarmConfig = Field(default_factory=SwarmConfig)
+    intake: IntakeConfig = Field(default_factory=IntakeConfig)
+    trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+
+    @field_validator("state_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return Path(v).expanduser().absolute()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> CoordinatorConfig:
+        if abs(self.trainer.temperature - self.rollouts.temperature) > 1e-9:
+            raise ValueError(f"trainer.temperature ({self.trainer.temperature}) must equal rollouts.temperature "
+                             f"({self.rollouts.temperature}): the loss uses the sampling temperature (spec B.9)")
+        return self

@@ -1,0 +1,122 @@
+"""The coordinator's live screen (rich) and its Prometheus /metrics endpoint.
+
+Both only read: the coordinator's history and ledger, and the nodes' signed heartbeats.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from rich.console import Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+from intellect.protocol.messages import Heartbeat, decode_body
+from intellect.protocol.swarm.keys import peers_key
+from intellect.protocol.wire import WireRejected
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float], width: int = 40) -> str:
+    values = values[-width:]
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(BARS[min(len(BARS) - 1, int((v - lo) / span * (len(BARS) - 1)))] for v in values)
+
+
+def heartbeats(coordinator) -> dict[str, Heartbeat]:
+    """Latest heartbeat per node public key (hex), from the DHT."""
+    out = {}
+    if coordinator.swarm is None:
+        return out
+    for envelope in coordinator.swarm.read(peers_key()):
+        try:
+            out[envelope.sender.hex()] = decode_body(Heartbeat, envelope.body)
+        except WireRejected:
+            continue
+    return out
+
+
+def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = ()) -> Group:
+    c = coordinator
+    h = c.history
+    last = h[-1] if h else {}
+    head = Table.grid(padding=(0, 2))
+    head.add_column(style="bold", justify="right")
+    head.add_column()
+    head.add_row("run", f"{c.run_id}   coordinator {c.identity.peer_id}")
+    waiting = len(c.ledger.accepted_for_train_step(c.train_step))
+    head.add_row("step", f"{c.train_step}   collecting {waiting}/{c.config.batches_per_step} batches   "
+                         f"last step {last.get('step_s', 0):.1f} s   async level {c.config.async_level}")
+    rewards = [m["reward"] for m in h]
+    lengths = [m["length"] for m in h]
+    head.add_row("reward", f"{sparkline(rewards)}  {rewards[-1]:.3f}" if rewards else "-")
+    head.add_row("length", f"{sparkline(lengths)}  {lengths[-1]:.1f}" if lengths else "-")
+    if last:
+        head.add_row("trainer", f"{last.get('tokens_per_s', 0):,.0f} tokens/s   loss {last.get('loss', 0):+.4f}   "
+                                f"clip {last.get('clip_ratio', 0):.3f}   grad norm {last.get('grad_norm', 0):.3f}")
+    sent = c.publisher.bytes_sent if c.publisher is not None else 0
+    head.add_row("shards", f"{sent / 1e6:,.1f} MB served by the origin")
+    counts = c.ledger.counts_by_reason()
+    head.add_row("verdicts", "   ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+
+    nodes = Table(title="nodes", expand=True)
+    for col in ("peer id", "tokens/s", "policy", "accepted", "rejected", "credit", "last seen", "banned"):
+        nodes.add_column(col)
+    now = time.time()
+    for row in c.ledger.node_table():
+        if row.public_key == "unknown":
+            continue
+        beat = beats.get(row.public_key)
+        nodes.add_row(row.peer_id or row.public_key[:12], f"{beat.tokens_per_s:,.1f}" if beat else "-",
+                      str(beat.policy_step) if beat and beat.policy_step is not None else "-",
+                      str(row.accepted), str(row.rejected), f"{row.tokens:,}", f"{now - row.last_seen:,.0f} s ago",
+                      "[red]yes[/]" if row.banned else "no")
+    return Group(Panel(head, title="intellect-node coordinator", border_style="cyan"), nodes, *extra_lines)
+
+
+def metrics_text(coordinator) -> str:
+    c = coordinator
+    last = c.history[-1] if c.history else {}
+    lines = [
+        "# TYPE intellect_train_step gauge", f"intellect_train_step {c.train_step}",
+        "# TYPE intellect_reward gauge", f"intellect_reward {last.get('reward', 0.0)}",
+        "# TYPE intellect_completion_length gauge", f"intellect_completion_length {last.get('length', 0.0)}",
+        "# TYPE intellect_step_seconds gauge", f"intellect_step_seconds {last.get('step_s', 0.0)}",
+        "# TYPE intellect_trainer_tokens_per_second gauge",
+        f"intellect_trainer_tokens_per_second {last.get('tokens_per_s', 0.0)}",
+        "# TYPE intellect_verdicts_total counter",
+    ]
+    lines += [f'intellect_verdicts_total{{reason="{k}"}} {v}' for k, v in sorted(c.ledger.counts_by_reason().items())]
+    sent = c.publisher.bytes_sent if c.publisher is not None else 0
+    lines += ["# TYPE intellect_origin_bytes_sent_total counter", f"intellect_origin_bytes_sent_total {sent}"]
+    return "\n".join(lines) + "\n"
+
+
+def serve_metrics(coordinator, port: int) -> ThreadingHTTPServer:
+    """Prometheus text format at http://127.0.0.1:PORT/metrics, in a daemon thread."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            if self.path != "/metrics":
+                self.send_error(404)
+                return
+            body = metrics_text(coordinator).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; version=0.0.4")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server

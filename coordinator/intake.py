@@ -1,0 +1,435 @@
+"""The validation pipeline: every submission is checked in a fixed order and ends in a recorded
+verdict. Only files that pass every check feed the trainer.
+
+Order (cheap before expensive, authentication before anything that trusts the content):
+  size -> envelope (signature, run, kind) -> replay -> ban -> schema and bounds -> policy step within
+  the async level -> prompts recomputed from the node's seed -> length targets -> rewards and
+  advantages recomputed -> termination -> [one bf16 prefill of the policy that generated the batch]
+  EOS probability -> token probabilities -> TOPLOC proofs.
+
+Failures that do not prove who sent them (bad signature, replays of someone else's bytes) are
+recorded without a strike against the claimed key, so nobody can get another node banned.
+
+What this module does not know: the network (it takes bytes, returns a verdict), the trainer, or
+where policies come from (`policy_for(step)` is given).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
+from intellect.coordinator.ledger import Verdict as LedgerVerdict
+from intellect.protocol.identity import peer_id_of
+from intellect.protocol.messages import Verdict, decode_submission
+from intellect.protocol.rollouts import RolloutBatch, RolloutFormatError, read_rollouts
+from intellect.protocol.tasks import (
+    Task,
+    TaskConfig,
+    completion_reward,
+    group_advantages,
+    node_seed_int,
+    prompt_token_ids,
+    sample_batch,
+)
+from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireRejected, open_envelope
+
+UNKNOWN_SENDER = "unknown"
+
+
+class Reason(StrEnum):
+    ACCEPTED = "accepted"
+    OVERSIZE = "oversize"
+    BAD_ENVELOPE = "bad_envelope"
+    WRONG_RUN = "wrong_run"
+    REPLAY = "replay"
+    BATCH_REUSED = "batch_reused"
+    BANNED = "banned"
+    BAD_SCHEMA = "bad_schema"
+    STALE_POLICY = "stale_policy"
+    UNKNOWN_POLICY = "unknown_policy"
+    PROMPT_MISMATCH = "prompt_mismatch"
+    BAD_TARGET_LENGTH = "bad_target_length"
+    REWARD_MISMATCH = "reward_mismatch"
+    ADVANTAGE_MISMATCH = "advantage_mismatch"
+    BAD_TERMINATION = "bad_termination"
+    TOKEN_PROB_MISMATCH = "token_prob_mismatch"
+    TOPLOC_FAILED = "toploc_failed"
+
+
+# Rejections that do not prove the signer misbehaved: recorded, but no strike towards a ban.
+NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.BANNED,
+             Reason.STALE_POLICY}
+
+
+class Rejected(Exception):
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+class IntakeConfig(BaseModel):
+    """Validation settings of a run. Defaults check everything on every completion (small runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_submission_bytes: int = Field(64 * 2**20, ge=1024, description="Largest submission accepted, bytes.")
+    toploc_fraction: float = Field(1.0, ge=0.0, le=1.0,
+                                   description="Share of completions re-run by prefill (TOPLOC, token and EOS checks).")
+    toploc_max_exp_mismatches: int = Field(38, ge=0, le=128, description="TOPLOC threshold (spec A.8).")
+    toploc_max_mant_err_mean: float = Field(10.0, ge=0, description="TOPLOC threshold (spec A.8).")
+    toploc_max_mant_err_median: float = Field(8.0, ge=0, description="TOPLOC threshold (spec A.8).")
+    eos_min_prob: float = Field(0.1, ge=0.0, le=1.0,
+                                description="A completion may end on EOS only where the policy gives EOS more than this.")
+    max_logprob_abs_err: float = Field(0.25, gt=0,
+                                       description="Largest mean |claimed - recomputed| sampled-token log-prob.")
+    max_surprise_z: float = Field(6.0, gt=0,
+                                  description="Token-sampling check: z-score of the sampled tokens' surprise "
+                                              "against the policy's entropy; tokens from another model score high.")
+    reward_tolerance: float = Field(1e-5, gt=0, description="Allowed |claimed - recomputed| reward.")
+    advantage_tolerance: float = Field(1e-3, gt=0, description="Allowed |claimed - recomputed| advantage.")
+    prefill_batch_size: int = Field(8, ge=1, le=256, description="Completions per verification forward.")
+
+
+@dataclass(frozen=True)
+class RunRules:
+    """What every submission of this run must have been made with."""
+
+    run_id: str
+    task: Task
+    task_config: TaskConfig
+    prompts_per_batch: int
+    completions_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+    async_level: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    verdict: Verdict
+    sender: bytes | None
+    batch: RolloutBatch | None = None
+    stored_path: Path | None = None
+
+
+class Intake:
+    """Turns submission bytes into verdicts; accepted files land in `accepted/` and the ledger."""
+
+    def __init__(self, config: IntakeConfig, rules: RunRules, ledger: Ledger, state_dir: Path, tokenizer,
+                 policy_for: Callable[[int], object], steps: Callable[[], tuple[int, int]]) -> None:
+        """`policy_for(step)` gives the bf16 model of a published policy step; `steps()` gives
+        (train step now being collected, latest published policy step)."""
+        self.config = config
+        self.rules = rules
+        self.ledger = ledger
+        self.tokenizer = tokenizer
+        self.policy_for = policy_for
+        self.steps = steps
+        self.replays = ReplayGuard()
+        self.inbox = Path(state_dir) / "inbox"
+        self.accepted_dir = Path(state_dir) / "accepted"
+        self.rejected_dir = Path(state_dir) / "rejected"
+        for d in (self.inbox, self.accepted_dir, self.rejected_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self._record_lock = threading.Lock()
+        self.eos_ids = _eos_ids(tokenizer)
+
+    # ------------------------------------------------------------------ entry point
+
+    def submit(self, data: bytes, on_accept: Callable[[int], None] | None = None) -> Outcome:
+        """Validate one submission and record its verdict. Never raises for bad input."""
+        sender: bytes | None = None
+        file_path: Path | None = None
+        batch = None
+        try:
+            envelope = self._authenticate(data)
+            sender = envelope.sender
+            header, rollout_file = self._decode(envelope)
+            file_path = self._store(self.inbox, header.file_sha256, rollout_file)
+            batch = self._parse(envelope, header, rollout_file)
+            self._check_content(envelope, batch)
+            self._check_with_model(batch, header.file_sha256)
+        except Rejected as r:
+            return self._reject(r, sender, file_path)
+        return self._accept(sender, header, batch, file_path, on_accept)
+
+    # ------------------------------------------------------------------ checks, in order
+
+    def _authenticate(self, data: bytes) -> Envelope:
+        if len(data) > self.config.max_submission_bytes:
+            raise Rejected(Reason.OVERSIZE, f"{len(data)} bytes, limit {self.config.max_submission_bytes}")
+        try:
+            envelope = open_envelope(data, run_id=None, kinds={MessageKind.SUBMISSION},
+                                     max_bytes=self.config.max_submission_bytes)
+        except WireRejected as e:
+            raise Rejected(Reason.BAD_ENVELOPE, str(e)) from None
+        if envelope.run_id != self.rules.run_id:
+            raise Rejected(Reason.WRONG_RUN, f"submission is for run {envelope.run_id!r}")
+        try:
+            self.replays.check_and_record(envelope)
+        except WireRejected as e:
+            raise Rejected(Reason.REPLAY, str(e)) from None
+        if self.ledger.is_banned(envelope.sender.hex()):
+            raise Rejected(Reason.BANNED, self.ledger.ban_reason(envelope.sender.hex()) or "")
+        return envelope
+
+    def _decode(self, envelope: Envelope):
+        try:
+            header, rollout_file = decode_submission(envelope.body, self.config.max_submission_bytes)
+        except WireRejected as e:
+            raise Rejected(Reason.BAD_SCHEMA, str(e)) from None
+        if self.ledger.is_duplicate(header.file_sha256):
+            raise Rejected(Reason.REPLAY, f"file {header.file_sha256[:12]} was already submitted")
+        return header, rollout_file
+
+    def _parse(self, envelope: Envelope, header, rollout_file: bytes) -> RolloutBatch:
+        rules = self.rules
+        try:
+            batch = read_rollouts(rollout_file, max_bytes=self.config.max_submission_bytes)
+        except RolloutFormatError as e:
+            raise Rejected(Reason.BAD_SCHEMA, str(e)) from None
+        meta = batch.meta
+        expected = {
+            "run_id": (meta.run_id, rules.run_id),
+            "node_public_key": (meta.node_public_key, envelope.sender.hex()),
+            "policy_step": (meta.policy_step, header.policy_step),
+            "batch_counter": (meta.batch_counter, header.batch_counter),
+            "task": (meta.task, rules.task_config.name),
+            "temperature": (meta.sampling.temperature, rules.temperature),
+            "max_tokens": (meta.sampling.max_tokens, rules.max_new_tokens),
+            "n": (meta.sampling.n, rules.completions_per_prompt),
+            "rows": (len(batch.rows), rules.prompts_per_batch * rules.completions_per_prompt),
+            "num_completions": (header.num_completions, len(batch.rows)),
+            "num_tokens": (header.num_tokens, batch.num_output_tokens),
+        }
+        for name, (got, want) in expected.items():
+            if got != want:
+                raise Rejected(Reason.BAD_SCHEMA, f"{name} is {got!r}, expected {want!r}")
+        if self.ledger.batch_seen(_batch_key(envelope.sender, meta.policy_step, meta.batch_counter)):
+            # answering one seed's prompts twice would let a node submit only its luckiest samples
+            raise Rejected(Reason.BATCH_REUSED, f"batch {meta.batch_counter} of policy step {meta.policy_step} "
+                                                "was already accepted")
+        return batch
+
+    def _check_content(self, envelope: Envelope, batch: RolloutBatch) -> None:
+        self._check_policy_step(batch.meta.policy_step)
+        groups = self._check_prompts(envelope.sender, batch)
+        self._check_rewards(batch, groups)
+        for i, row in enumerate(batch.rows):
+            self._check_termination_tokens(i, row)
+
+    def _check_policy_step(self, policy_step: int) -> None:
+        train_step, latest = self.steps()
+        if policy_step > latest:
+            raise Rejected(Reason.UNKNOWN_POLICY, f"policy step {policy_step} was never published (latest {latest})")
+        if policy_step < train_step - self.rules.async_level:
+            raise Rejected(Reason.STALE_POLICY, f"policy step {policy_step} is older than train step {train_step} "
+                                                f"- async level {self.rules.async_level}")
+
+    def _check_prompts(self, sender: bytes, batch: RolloutBatch) -> list[list[int]]:
+        rules, meta = self.rules, batch.meta
+        sampled = sample_batch(rules.task, node_seed_int(sender), meta.policy_step, meta.batch_counter,
+                               rules.prompts_per_batch, rules.task_config.length_targets)
+        n = rules.completions_per_prompt
+        allowed_targets = set(rules.task_config.length_targets) or {0}
+        groups = []
+        for p, want in enumerate(sampled):
+            rows = list(range(p * n, (p + 1) * n))
+            problem = rules.task.problem(want.problem_index)
+            tokens = prompt_token_ids(self.tokenizer, problem, want.target_length, rules.task_config.thinking)
+            for i in rows:
+                row = batch.rows[i]
+                if row.problem_index != want.problem_index:
+                    raise Rejected(Reason.PROMPT_MISMATCH, f"row {i}: problem {row.problem_index}, the seed gives "
+                                                           f"{want.problem_index}")
+                if row.target_length not in allowed_targets or row.target_length != want.target_length:
+                    raise Rejected(Reason.BAD_TARGET_LENGTH, f"row {i}: target {row.target_length}, the seed gives "
+                                                             f"{want.target_length}")
+                if row.input_tokens != tokens:
+                    raise Rejected(Reason.PROMPT_MISMATCH, f"row {i}: prompt tokens differ from the rendered prompt")
+            groups.append(rows)
+        return groups
+
+    def _check_rewards(self, batch: RolloutBatch, groups: list[list[int]]) -> None:
+        rules, tol = self.rules, self.config.reward_tolerance
+        rewards = np.zeros((len(groups), rules.completions_per_prompt), dtype=np.float32)
+        for g, rows in enumerate(groups):
+            for j, i in enumerate(rows):
+                row = batch.rows[i]
+                text = self.tokenizer.decode(row.output_tokens, skip_special_tokens=True)
+                problem = rules.task.problem(row.problem_index)
+                reward, task_reward, penalty = completion_reward(rules.task, rules.task_config, problem, text,
+                                                                 row.target_length, len(row.output_tokens))
+                claimed = (row.reward, row.task_reward, row.length_penalty)
+                if any(abs(a - b) > tol for a, b in zip(claimed, (reward, task_reward, penalty), strict=True)):
+                    raise Rejected(Reason.REWARD_MISMATCH, f"row {i}: claimed reward {claimed}, recomputed "
+                                                           f"{(reward, task_reward, penalty)}")
+                rewards[g, j] = reward
+        advantages = group_advantages(rewards)
+        for g, rows in enumerate(groups):
+            for j, i in enumerate(rows):
+                if abs(batch.rows[i].advantage - advantages[g, j]) > self.config.advantage_tolerance:
+                    raise Rejected(Reason.ADVANTAGE_MISMATCH, f"row {i}: claimed advantage "
+                                                              f"{batch.rows[i].advantage:.6f}, recomputed "
+                                                              f"{advantages[g, j]:.6f}")
+
+    def _check_termination_tokens(self, i: int, row) -> None:
+        tokens = row.output_tokens
+        early_eos = [k for k, t in enumerate(tokens[:-1]) if t in self.eos_ids]
+        if early_eos:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: EOS at position {early_eos[0]} before the end")
+        if row.finish_reason == "stop" and tokens[-1] not in self.eos_ids:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: finish 'stop' without EOS")
+        if row.finish_reason == "length" and len(tokens) != self.rules.max_new_tokens:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: finish 'length' after {len(tokens)} tokens, "
+                                                   f"the limit is {self.rules.max_new_tokens}")
+
+    def _check_with_model(self, batch: RolloutBatch, file_sha256: str) -> None:
+        """One bf16 prefill per completion (a sampled share of them) serves three checks."""
+        from intellect.protocol.toploc import Thresholds
+        from intellect.protocol.toploc_torch import verify_completions
+
+        chosen = self._sample_rows(len(batch.rows), file_sha256)
+        if not chosen:
+            return
+        rows = [batch.rows[i] for i in chosen]
+        thresholds = Thresholds(self.config.toploc_max_exp_mismatches, self.config.toploc_max_mant_err_mean,
+                                self.config.toploc_max_mant_err_median)
+        checks = verify_completions(self.policy_for(batch.meta.policy_step), [r.input_tokens for r in rows],
+                                    [r.output_tokens for r in rows], [r.proof for r in rows],
+                                    thresholds=thresholds, batch_size=self.config.prefill_batch_size,
+                                    temperature=self.rules.temperature, eos_token_id=sorted(self.eos_ids))
+        for i, check in zip(chosen, checks, strict=True):
+            if check.rejection is not None:  # malformed proofs or tokens: never evaluated
+                raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {check.rejection}")
+        for i, row, check in zip(chosen, rows, checks, strict=True):
+            if row.finish_reason == "stop" and check.eos_prob <= self.config.eos_min_prob:
+                raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability "
+                                                       f"{check.eos_prob:.3f} <= {self.config.eos_min_prob}")
+        for i, row, check in zip(chosen, rows, checks, strict=True):
+            self._check_token_probs(i, row, check)
+        for i, check in zip(chosen, checks, strict=True):
+            if not check.accepted:
+                raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {check.rejection or _worst_chunk(check.chunks)}")
+
+    def _check_token_probs(self, i: int, row, check) -> None:
+        recomputed = np.asarray(check.token_logprobs, dtype=np.float64)
+        claimed = np.asarray(row.output_logprobs, dtype=np.float64)
+        err = float(np.abs(recomputed - claimed).mean())
+        if err > self.config.max_logprob_abs_err:
+            raise Rejected(Reason.TOKEN_PROB_MISMATCH, f"row {i}: claimed log-probs differ from the policy's by "
+                                                       f"{err:.3f} on average")
+        # Honest sampling makes the mean surprise -log p of the sampled tokens match the policy's
+        # entropy; tokens chosen by another model (then proved by prefill) are more surprising.
+        surprise = -recomputed
+        z = float((surprise - check.entropies).sum() / np.sqrt(max(float(np.sum(check.surprise_vars)), 1e-6)))
+        if z > self.config.max_surprise_z:
+            raise Rejected(Reason.TOKEN_PROB_MISMATCH, f"row {i}: sampled tokens are unlikely under the policy "
+                                                       f"(surprise z = {z:.1f} > {self.config.max_surprise_z})")
+
+    def _sample_rows(self, num_rows: int, file_sha256: str) -> list[int]:
+        k = int(np.ceil(self.config.toploc_fraction * num_rows))
+        if k >= num_rows:
+            return list(range(num_rows))
+        # seeded by the file hash: the node cannot know which rows are checked before it commits
+        rng = np.random.default_rng(int(file_sha256[:16], 16))
+        return sorted(rng.choice(num_rows, size=k, replace=False).tolist())
+
+    # ------------------------------------------------------------------ verdicts
+
+    def _store(self, folder: Path, sha256: str, data: bytes) -> Path:
+        path = folder / f"{sha256}.parquet"
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return path
+
+    def _accept(self, sender: bytes, header, batch: RolloutBatch, inbox_path: Path,
+                on_accept: Callable[[int], None] | None) -> Outcome:
+        final = self.accepted_dir / inbox_path.name
+        with self._record_lock:
+            train_step, _ = self.steps()
+            try:
+                # re-check under the lock: the train step may have moved while the model ran
+                self._check_policy_step(batch.meta.policy_step)
+            except Rejected as r:
+                return self._reject(r, sender, inbox_path)
+            os.replace(inbox_path, final)
+            _fsync_dir(self.accepted_dir)
+            submission = Submission(header.file_sha256, sender.hex(), batch.meta.policy_step, train_step,
+                                    len(batch.rows), batch.num_output_tokens, str(final),
+                                    _batch_key(sender, batch.meta.policy_step, batch.meta.batch_counter))
+            try:
+                self.ledger.record_submission(submission, LedgerVerdict(True, Reason.ACCEPTED))
+            except DuplicateSubmission as e:
+                return self._reject(Rejected(Reason.REPLAY, str(e)), sender, None)
+            self.ledger.node_seen(sender.hex(), peer_id_of(sender))
+            if on_accept is not None:
+                on_accept(train_step)
+        verdict = Verdict(file_sha256=header.file_sha256, accepted=True, reason=Reason.ACCEPTED.value,
+                          train_step=train_step, credit_tokens=batch.num_output_tokens)
+        return Outcome(verdict, sender, batch, final)
+
+    def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None) -> Outcome:
+        file_sha = file_path.stem if file_path is not None else "0" * 64
+        node = sender.hex() if sender is not None else UNKNOWN_SENDER
+        with self._record_lock:
+            if file_path is not None and file_path.exists():
+                os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
+            self.ledger.record_rejection(node, r.reason.value, r.detail,
+                                         strike=sender is not None and r.reason not in NO_STRIKE)
+        verdict = Verdict(file_sha256=file_sha, accepted=False, reason=r.reason.value, detail=r.detail[:1024])
+        return Outcome(verdict, sender)
+
+    def recover_inbox(self) -> int:
+        """After a crash: files in the inbox never got a verdict; the nodes were not acknowledged and
+        will resubmit, so drop them. Returns how many were dropped."""
+        dropped = 0
+        for p in list(self.inbox.glob("*.parquet")) + list(self.inbox.glob("*.part")):
+            p.unlink(missing_ok=True)
+            dropped += 1
+        return dropped
+
+
+def _worst_chunk(chunks) -> str:
+    worst = max(range(len(chunks)), key=lambda k: (chunks[k].exp_mismatches, chunks[k].mant_err_mean))
+    c = chunks[worst]
+    return (f"TOPLOC chunk {worst} fails: {c.exp_mismatches} exponent mismatches, mantissa error mean "
+            f"{c.mant_err_mean:.1f} / median {c.mant_err_median:.0f}")
+
+
+def _batch_key(sender: bytes, policy_step: int, batch_counter: int) -> str:
+    return f"{sender.hex()}:{policy_step}:{batch_counter}"
+
+
+def _eos_ids(tokenizer) -> set[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
+        tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
+        if tid is not None:
+            ids.add(int(tid))
+    return ids
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

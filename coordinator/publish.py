@@ -1,0 +1,98 @@
+"""Publish a policy checkpoint through the swarm: shard it into the coordinator's store, sign the
+manifest, put it under the run's manifest key for its step and under the "latest" key, announce that
+the origin holds every shard, and serve them (rate-limited, super-seeding so each shard leaves the
+origin about once while peers spread it).
+
+Records expire in the DHT, so a background thread republishes the last `cache_steps` steps.
+
+What this module does not know: training; it is handed a checkpoint folder and a step number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from pathlib import Path
+
+from intellect.protocol.identity import Identity
+from intellect.protocol.manifest import ShardStore, manifest_digest, shard_checkpoint, sign_manifest
+from intellect.protocol.messages import PolicyManifest, ShardAnnounce, encode_body
+from intellect.protocol.swarm import Swarm, SwarmError
+from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.swarm.keys import latest_key, manifest_key, shards_key
+from intellect.protocol.swarm.shard_server import ShardServer
+from intellect.protocol.wire import MessageKind, seal
+
+logger = logging.getLogger(__name__)
+
+
+def model_config_hash(checkpoint: Path) -> str:
+    """sha256 of the folder's config.json (what the engine builds the model from), or of nothing."""
+    config = Path(checkpoint) / "config.json"
+    return hashlib.sha256(config.read_bytes() if config.is_file() else b"").hexdigest()
+
+
+class Publisher:
+    def __init__(self, swarm: Swarm, identity: Identity, config: SwarmConfig, state_dir: Path, *,
+                 super_seed: bool = True, max_streams: int | None = 2, hold_s: float = 10.0) -> None:
+        assert swarm.identity.public_key == identity.public_key, "the origin publishes with the coordinator key"
+        self.swarm, self.identity, self.config = swarm, identity, config
+        self.store = ShardStore(Path(state_dir) / "shards")
+        self.server = ShardServer(self.store, upload_bytes_per_s=config.upload_bytes_per_s,
+                                  super_seed=super_seed, max_streams=max_streams, hold_s=hold_s)
+        self.server.attach(swarm)
+        self._published: dict[int, tuple[bytes, PolicyManifest]] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="manifest-refresh", daemon=True)
+        self._refresher.start()
+
+    @property
+    def bytes_sent(self) -> int:
+        return self.server.bytes_sent
+
+    def publish(self, checkpoint: Path, step: int, *, shard_size: int, config_hash: str | None = None) -> PolicyManifest:
+        manifest = shard_checkpoint(checkpoint, self.store, run_id=self.swarm.run_id, policy_step=step,
+                                    model_config_hash=config_hash or model_config_hash(checkpoint),
+                                    shard_size=shard_size)
+        signed = sign_manifest(self.identity, manifest)
+        self.server.allow(s.sha256 for s in manifest.shards)
+        with self._lock:
+            self._published[step] = (signed, manifest)
+            for old in sorted(self._published)[:-self.config.cache_steps]:
+                self._retire(old)
+        self._announce(step, signed, manifest)
+        return manifest
+
+    def _announce(self, step: int, signed: bytes, manifest: PolicyManifest) -> None:
+        ttl = self.config.record_ttl_s
+        self.swarm.publish(manifest_key(step), signed, ttl)
+        if step == max(self._published):
+            self.swarm.publish(latest_key(), signed, ttl)
+        body = ShardAnnounce(policy_step=step, manifest_sha256=manifest_digest(signed),
+                             shard_sha256s=sorted({s.sha256 for s in manifest.shards}), complete=True)
+        self.swarm.publish(shards_key(step),
+                           seal(self.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body)), ttl)
+
+    def _retire(self, step: int) -> None:
+        _, manifest = self._published.pop(step)
+        live = {s.sha256 for _, m in self._published.values() for s in m.shards}
+        gone = {s.sha256 for s in manifest.shards} - live
+        self.server.disallow(gone)
+        for sha in gone:
+            self.store.remove(sha)
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self.config.record_ttl_s / 3):
+            with self._lock:
+                published = list(self._published.items())
+            for step, (signed, manifest) in published:
+                try:
+                    self._announce(step, signed, manifest)
+                except (SwarmError, TimeoutError, OSError) as e:
+                    logger.warning("republishing step %s failed: %s", step, e)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._refresher.join(timeout=5.0)

@@ -1,0 +1,78 @@
+"""`intellect-node coordinator`: start the run, print how to join, and show the dashboard (or JSON
+lines with --headless) while the async policy loop runs in a thread."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+
+from rich.console import Console
+from rich.live import Live
+
+from intellect.coordinator.config import CoordinatorConfig
+from intellect.coordinator.service import Coordinator
+
+
+def write_run_file(coordinator: Coordinator, path: Path) -> None:
+    """What a node needs to join, as TOML: `intellect-node join --run-file PATH`."""
+    addrs = coordinator.swarm.visible_addrs()
+    lines = [f'run_id = "{coordinator.run_id}"', f'coordinator_key = "{coordinator.identity.public_key_hex}"',
+             "bootstrap = [" + ", ".join(f'"{a}"' for a in addrs) + "]"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(path)
+
+
+def start_coordinator(config: CoordinatorConfig) -> Coordinator:
+    coordinator = Coordinator(config)
+    coordinator.start_swarm()
+    write_run_file(coordinator, config.state_dir / "run.toml")
+    if config.metrics_port is not None:
+        from intellect.coordinator.dashboard import serve_metrics
+
+        serve_metrics(coordinator, config.metrics_port)
+    return coordinator
+
+
+def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console) -> None:
+    from intellect.protocol.swarm import SwarmJoinError
+
+    try:
+        coordinator = start_coordinator(config)
+    except SwarmJoinError as e:
+        console.print(f"[bold red]error:[/] could not start the swarm: {e}")
+        raise SystemExit(1) from None
+    console.print(f"run {coordinator.run_id}\nnodes join with:\n  {coordinator.join_command()}\n"
+                  f"  (or: intellect-node join --run-file {config.state_dir / 'run.toml'})")
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    printer = (lambda m: print(json.dumps(m), flush=True)) if headless else None
+    loop = threading.Thread(target=lambda: (coordinator.run(on_step=printer), done.set()), name="policy-loop",
+                            daemon=True)
+    loop.start()
+    try:
+        if headless:
+            done.wait()
+        else:
+            show_dashboard(coordinator, done)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        coordinator.stop.set()
+        loop.join(timeout=60)
+        coordinator.close()
+
+
+def show_dashboard(coordinator: Coordinator, done: threading.Event, extra=lambda: []) -> None:
+    from intellect.coordinator.dashboard import heartbeats, render
+
+    beats: dict = {}
+    beat_tick = 0
+    with Live(render(coordinator, beats, extra()), refresh_per_second=2, screen=True) as live:
+        while not done.wait(0.5):
+            beat_tick += 1
+            if beat_tick % 10 == 1:
+                beats = heartbeats(coordinator)
+            live.update(render(coordinator, beats, extra()))

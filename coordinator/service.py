@@ -1,0 +1,251 @@
+"""The coordinator of one run: intake answers nodes, the trainer turns accepted rollouts into the
+next policy, the publisher puts it into the swarm. The async policy loop:
+
+    train step s waits for `batches_per_step` accepted batches made by policies >= s - async_level,
+    trains, checkpoints (atomically), publishes policy s + 1, announces the new step, repeats.
+
+Crash safety: a rollout is acknowledged only after its file is fsynced and its verdict committed
+to the ledger; a checkpoint folder appears only whole. Restarted, the coordinator resumes at the
+last complete checkpoint and finds every accepted rollout of the steps after it in the ledger.
+
+What this module does not know: how the screen looks (dashboard) or what the CLI flags are.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from intellect.coordinator.config import CoordinatorConfig
+from intellect.coordinator.intake import Intake, Outcome, RunRules
+from intellect.coordinator.ledger import Ledger
+from intellect.protocol.identity import Identity, load_identity
+from intellect.protocol.messages import RunInfo, encode_body
+from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
+from intellect.protocol.swarm.keys import run_info_key
+from intellect.protocol.tasks import setup_task
+from intellect.protocol.wire import MessageKind, run_id_for, seal
+
+logger = logging.getLogger(__name__)
+
+SUBMIT = "submit"
+
+
+def base_model_dir(model: str, cache_dir: Path) -> Path:
+    from intellect.protocol.model import default_model_dir, tiny_model_dir
+
+    if model == "smollm2":
+        return default_model_dir(cache_dir)
+    if model == "tiny":
+        return tiny_model_dir(cache_dir)
+    path = Path(model).expanduser()
+    if not (path / "config.json").is_file():
+        raise ValueError(f"model {model!r} is neither 'smollm2', 'tiny' nor a checkpoint folder with config.json")
+    return path
+
+
+class Coordinator:
+    def __init__(self, config: CoordinatorConfig) -> None:
+        self.config = config
+        self.state_dir = config.state_dir
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity: Identity = load_identity(self.state_dir, create=True)[0]
+        self.run_id = run_id_for(self.identity.public_key, config.run_name)
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite", max_failures=config.ban_after_failures)
+        self.metrics_path = self.state_dir / "metrics.jsonl"
+        self.stop = threading.Event()
+        self.accepted = threading.Condition()
+        self.history: list[dict] = []  # one metrics dict per train step (dashboard, headless lines)
+        self.swarm = None
+        self.publisher = None
+        self._policies: OrderedDict[int, object] = OrderedDict()
+        self._policy_lock = threading.Lock()
+        self._setup_model()
+        self._setup_intake()
+
+    # ------------------------------------------------------------------ set-up
+
+    def _setup_model(self) -> None:
+        import torch
+
+        from intellect.coordinator.trainer.trainer import GRPOTrainer
+        from intellect.protocol.model import load_model
+
+        if self.config.threads:
+            torch.set_num_threads(self.config.threads)
+        self.base_dir = base_model_dir(self.config.model, self.state_dir / "models")
+        model, self.tokenizer = load_model(self.base_dir, dtype=torch.float32)
+        trainer_config = self.config.trainer.model_copy(
+            update={"pad_token_id": self.tokenizer.pad_token_id or 0})
+        self.trainer = GRPOTrainer(model, trainer_config)
+        self.checkpoints = self.state_dir / "checkpoints"
+        if self.trainer.resume(self.checkpoints):
+            logger.info("resumed at policy step %s", self.trainer.policy_step)
+        else:
+            self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+        self.train_step = self.trainer.policy_step
+        self.history = _read_jsonl(self.metrics_path)[: self.train_step]
+
+    def _setup_intake(self) -> None:
+        rules = RunRules(run_id=self.run_id, task=setup_task(self.config.task), task_config=self.config.task,
+                         prompts_per_batch=self.config.rollouts.prompts_per_batch,
+                         completions_per_prompt=self.config.rollouts.completions_per_prompt,
+                         max_new_tokens=self.config.rollouts.max_new_tokens,
+                         temperature=self.config.rollouts.temperature, async_level=self.config.async_level)
+        self.intake = Intake(self.config.intake, rules, self.ledger, self.state_dir, self.tokenizer,
+                             policy_for=self.policy_for, steps=lambda: (self.train_step, self.train_step))
+        dropped = self.intake.recover_inbox()
+        if dropped:
+            logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
+
+    def policy_dir(self, step: int) -> Path:
+        from intellect.coordinator.trainer.checkpoint import POLICY_DIR
+
+        return self.checkpoints / f"step_{step:08d}" / POLICY_DIR
+
+    def policy_for(self, step: int):
+        """The bf16 model of a published policy step, as nodes run it (LRU of async_level + 1)."""
+        from intellect.protocol.model import load_model
+
+        with self._policy_lock:
+            if step in self._policies:
+                self._policies.move_to_end(step)
+                return self._policies[step]
+            model, _ = load_model(self.policy_dir(step))
+            self._policies[step] = model
+            while len(self._policies) > self.config.async_level + 1:
+                self._policies.popitem(last=False)
+            return model
+
+    # ------------------------------------------------------------------ network
+
+    def start_swarm(self) -> None:
+        from intellect.coordinator.publish import Publisher
+        from intellect.protocol.swarm import setup_swarm
+
+        self.swarm = setup_swarm(self.config.swarm, self.identity, self.run_id, self.identity.public_key)
+        self.swarm.register_request_handler(SUBMIT, self.rpc_submit,
+                                            max_request_bytes=self.config.intake.max_submission_bytes)
+        self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
+        for step in range(max(0, self.train_step - self.config.async_level), self.train_step + 1):
+            if self.policy_dir(step).is_dir():
+                self.publisher.publish(self.policy_dir(step), step, shard_size=self.config.shard_size)
+        self.announce()
+
+    def rpc_submit(self, peer: bytes, request: bytes) -> bytes:
+        outcome: Outcome = self.intake.submit(request, on_accept=self._on_accept)
+        if outcome.sender is not None:
+            self.ledger.node_seen(outcome.sender.hex(), _peer_id(outcome.sender))
+        return seal(self.identity, MessageKind.VERDICT, self.run_id, encode_body(outcome.verdict))
+
+    def _on_accept(self, train_step: int) -> None:
+        with self.accepted:
+            self.accepted.notify_all()
+
+    def run_info(self) -> RunInfo:
+        from intellect.protocol.model import model_config_hash
+
+        r = self.config.rollouts
+        return RunInfo(run_id=self.run_id, run_name=self.config.run_name, coordinator_peer_id=self.identity.peer_id,
+                       coordinator_addrs=self.swarm.visible_addrs()[:16] if self.swarm else [],
+                       task=self.config.task, train_step=self.train_step, latest_policy_step=self.train_step,
+                       async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
+                       completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
+                       temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir))
+
+    def announce(self) -> None:
+        envelope = seal(self.identity, MessageKind.RUN_INFO, self.run_id, encode_body(self.run_info()))
+        self.swarm.publish(run_info_key(), envelope, self.config.swarm.record_ttl_s)
+
+    # ------------------------------------------------------------------ the async policy loop
+
+    def run(self, on_step=None) -> None:
+        last_announce = time.monotonic()
+        while not self.stop.is_set() and not self._finished():
+            if self.ready_to_train():
+                metrics = self.train_once()
+                if on_step is not None:
+                    on_step(metrics)
+                last_announce = time.monotonic()
+                continue
+            with self.accepted:
+                self.accepted.wait(timeout=0.5)
+            if time.monotonic() - last_announce > self.config.swarm.record_ttl_s / 4:
+                self.announce()
+                last_announce = time.monotonic()
+
+    def _finished(self) -> bool:
+        return self.config.max_steps is not None and self.train_step >= self.config.max_steps
+
+    def ready_to_train(self) -> bool:
+        return len(self.ledger.accepted_for_train_step(self.train_step)) >= self.config.batches_per_step
+
+    def train_once(self) -> dict:
+        step = self.train_step
+        submissions = self.ledger.accepted_for_train_step(step)
+        samples, rewards, lengths = [], [], []
+        for sub in submissions:
+            try:
+                batch = read_rollouts(sub.stored_path)
+            except RolloutFormatError as e:  # it was valid when accepted: the disk changed under us
+                logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
+                continue
+            for row in batch.rows:
+                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward))
+                rewards.append(row.reward)
+                lengths.append(len(row.output_tokens))
+        started = time.perf_counter()
+        metrics = self.trainer.train_step(samples)
+        self.trainer.policy_step = step + 1  # a step with only zero advantages still moves the policy version
+        self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+        self.train_step = step + 1
+        self.publisher.publish(self.policy_dir(self.train_step), self.train_step, shard_size=self.config.shard_size)
+        self.announce()
+        counts = self.ledger.counts_by_reason()
+        metrics = {
+            "step": step,
+            "reward": sum(rewards) / max(len(rewards), 1),
+            "length": sum(lengths) / max(len(lengths), 1),
+            "num_completions": len(samples),
+            "num_batches": len(submissions),
+            "staleness_max": max((step - s.policy_step for s in submissions), default=0),
+            "accepted": counts.get("accepted", 0),
+            "rejected": sum(v for k, v in counts.items() if k != "accepted"),
+            "step_s": time.perf_counter() - started,
+            "at": time.time(),
+        } | {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+        self.history.append(metrics)
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        return metrics
+
+    def join_command(self) -> str:
+        addrs = self.swarm.visible_addrs() if self.swarm else []
+        boots = " ".join(f"--bootstrap {a}" for a in addrs[:2])
+        return (f"intellect-node join {boots} --run {self.run_id} "
+                f"--coordinator {self.identity.public_key_hex}")
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.publisher is not None:
+            self.publisher.close()
+        if self.swarm is not None:
+            self.swarm.close()
+        self.ledger.close()
+
+
+def _peer_id(key: bytes) -> str:
+    from intellect.protocol.identity import peer_id_of
+
+    return peer_id_of(key)
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    try:
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return []

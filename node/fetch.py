@@ -1,0 +1,433 @@
+"""Pull a policy checkpoint from the swarm: many peers at once, every shard verified, resumable.
+
+For a policy step the fetcher reads the coordinator-signed manifest (only the run's pinned coordinator
+key counts), learns who holds which shards from the peers' signed announcements, downloads missing
+shards in parallel (rarest first, least-loaded holder first, non-origin peers before the origin),
+checks each against the manifest as it lands, announces and serves it at once, and assembles the
+checkpoint folder. Verified shards stay on disk, so a restarted node fetches only what it lacks; a peer
+that served bad bytes is dropped for good; timeouts move the shard to another holder.
+
+What this module does not know: models or engines (it hands back a folder), or how the swarm travels.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import shutil
+import threading
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from intellect.protocol.manifest import (
+    ShardRejected,
+    ShardStore,
+    assemble,
+    manifest_digest,
+    missing_shards,
+    open_manifest,
+)
+from intellect.protocol.messages import PolicyManifest, ShardAnnounce, ShardEntry, decode_body, encode_body
+from intellect.protocol.swarm import PeerKey, RemoteError, Swarm, SwarmError
+from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.swarm.keys import latest_key, manifest_key, shards_key
+from intellect.protocol.swarm.shard_server import ShardServer, call_get_shard
+from intellect.protocol.wire import MessageKind, WireRejected, seal
+
+logger = logging.getLogger(__name__)
+
+
+class ShardUnavailable(Exception):
+    """A manifest or shard could not be obtained before the deadline; the message says what was missing."""
+
+
+@dataclass(frozen=True)
+class FetchProgress:
+    step: int
+    bytes_done: int
+    bytes_total: int
+    rate_bytes_per_s: float
+    num_shards_done: int
+    num_shards_total: int
+    num_sources: int
+
+
+@dataclass
+class FetchTuning:
+    """How hard to pull. The defaults suit a home link; tests and benchmarks change them."""
+
+    parallel: int = 4  # shard downloads at once
+    per_peer: int = 2  # of them to one peer
+    origin_parallel: int = 1  # of them to the origin (others should get shards from peers)
+    shard_timeout_s: float = 120.0
+    holders_refresh_s: float = 0.25
+    origin_only: bool = False  # SHARDCAST-style baseline: ignore peers
+
+
+@dataclass
+class _Job:
+    entry: ShardEntry
+    peer: PeerKey
+    others_failed: bool
+    started: float = field(default_factory=time.monotonic)
+
+
+class ShardFetcher:
+    def __init__(self, swarm: Swarm, config: SwarmConfig, cache_dir: Path, coordinator_key: bytes, *,
+                 tuning: FetchTuning | None = None, progress: Callable[[FetchProgress], None] | None = None,
+                 server: ShardServer | None = None) -> None:
+        self.swarm, self.config, self.coordinator_key = swarm, config, coordinator_key
+        self.tuning = tuning or FetchTuning()
+        self.progress = progress
+        self.cache_dir = Path(cache_dir)
+        self.store = ShardStore(self.cache_dir / "shards")
+        self.server = server or ShardServer(self.store, upload_bytes_per_s=config.upload_bytes_per_s)
+        self.bad_peers: dict[PeerKey, str] = {}
+        self.stats: Counter = Counter()
+        self._announce: dict[int, tuple[str, PolicyManifest]] = {}  # step -> (manifest digest, manifest)
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        if not config.client_mode:
+            self.server.attach(swarm)
+        self._announcer = threading.Thread(target=self._announce_loop, name="shard-announcer", daemon=True)
+        self._announcer.start()
+        for step in self._cached_steps():  # resume: serve and announce what is already on disk
+            try:
+                manifest, signed = self._manifest_from_disk(step)
+            except (OSError, WireRejected):
+                continue
+            self._follow(step, manifest, signed)
+
+    # ---- manifests --------------------------------------------------------------------------------
+
+    def latest_step(self) -> int | None:
+        steps = []
+        for envelope in self.swarm.read(latest_key()):
+            try:
+                steps.append(self._open(envelope_bytes(envelope)).policy_step)
+            except WireRejected:
+                self.stats["manifests_rejected"] += 1
+        return max(steps, default=None)
+
+    def manifest(self, step: int, wait_s: float = 0.0) -> tuple[PolicyManifest, bytes]:
+        """The coordinator-signed manifest of `step` (disk cache first, then the DHT until `wait_s`)."""
+        try:
+            return self._manifest_from_disk(step)
+        except (OSError, WireRejected):
+            pass
+        deadline = time.monotonic() + wait_s
+        while True:
+            found = []
+            for envelope in self.swarm.read(manifest_key(step)):
+                signed = envelope_bytes(envelope)
+                try:
+                    manifest = self._open(signed)
+                except WireRejected as e:
+                    self.stats["manifests_rejected"] += 1
+                    logger.warning("ignoring manifest for step %s: %s", step, e)
+                    continue
+                if manifest.policy_step == step:
+                    found.append((envelope.seq, manifest, signed))
+            if found:
+                _, manifest, signed = max(found, key=lambda item: item[0])
+                path = self._step_dir(step) / "manifest.signed"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(signed)
+                return manifest, signed
+            if time.monotonic() >= deadline:
+                raise ShardUnavailable(f"no manifest for step {step} signed by the run's coordinator "
+                                       f"(rejected so far: {self.stats['manifests_rejected']})")
+            time.sleep(0.5)
+
+    def _open(self, signed: bytes) -> PolicyManifest:
+        return open_manifest(signed, run_id=self.swarm.run_id, coordinator_key=self.coordinator_key)
+
+    def _manifest_from_disk(self, step: int) -> tuple[PolicyManifest, bytes]:
+        signed = (self._step_dir(step) / "manifest.signed").read_bytes()
+        return self._open(signed), signed
+
+    # ---- the fetch --------------------------------------------------------------------------------
+
+    def fetch(self, step: int, timeout_s: float = 3600.0) -> Path:
+        """Download, verify and assemble the checkpoint of `step`; returns its folder."""
+        deadline = time.monotonic() + timeout_s
+        manifest, signed = self.manifest(step, wait_s=timeout_s)
+        self._follow(step, manifest, signed)
+        out = self._step_dir(step) / "checkpoint"
+        for _ in range(2):
+            self._download(step, manifest, manifest_digest(signed), deadline)
+            try:
+                assemble(manifest, self._shard_path, out)
+                break
+            except ShardRejected as e:  # a shard rotted on disk: drop it and fetch it again
+                logger.warning("step %s: %s; refetching", step, e)
+                self._drop_corrupt(manifest)
+        else:
+            raise ShardUnavailable(f"step {step}: shards on disk keep failing their hash check")
+        self.prune(keep_step=step)
+        return out
+
+    def _download(self, step: int, manifest: PolicyManifest, digest: str, deadline: float) -> None:
+        pending = {e.sha256: e for e in missing_shards(manifest, self.store)}
+        total = sum(e.size for e in manifest.shards)
+        done_bytes = total - sum(e.size for e in pending.values())
+        started, first_done = time.monotonic(), done_bytes
+        state = _PickState()
+        jobs: dict[Future, _Job] = {}
+        with ThreadPoolExecutor(self.tuning.parallel, thread_name_prefix="shard-fetch") as pool:
+            while pending:
+                if time.monotonic() > deadline:
+                    raise ShardUnavailable(f"step {step}: {len(pending)} shards still missing at the deadline")
+                if time.monotonic() - state.refreshed > self.tuning.holders_refresh_s:
+                    state.holders = self._holders(step, digest)
+                    state.refreshed = time.monotonic()
+                while len(jobs) < self.tuning.parallel:
+                    job = self._pick(pending, jobs.values(), state)
+                    if job is None:
+                        break
+                    jobs[pool.submit(call_get_shard, self.swarm, job.peer, job.entry,
+                                     self.tuning.shard_timeout_s, job.others_failed)] = job
+                if not jobs and time.monotonic() - state.failures_cleared > 2.0:
+                    state.failed.clear()  # every holder failed once: give them another chance
+                    state.failures_cleared = time.monotonic()
+                if not jobs:
+                    time.sleep(0.05)
+                    continue
+                finished, _ = wait(list(jobs), timeout=0.05, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = jobs.pop(future)
+                    if self._settle(step, job, future, state):
+                        pending.pop(job.entry.sha256, None)
+                        done_bytes += job.entry.size
+                        self._report(step, manifest, done_bytes, total, first_done, started, state)
+            for future in jobs:  # the pool's exit waits for them; their shards are stored if good
+                future.cancel()
+
+    def _pick(self, pending: dict[str, ShardEntry], running, state: _PickState) -> _Job | None:
+        """Next (shard, peer): rarest shard first from the least-loaded peer; the origin last."""
+        now = time.monotonic()
+        busy = {j.entry.sha256 for j in running}
+        load = Counter(j.peer for j in running)
+        origin = self.coordinator_key
+        usable = [s for s in pending if s not in busy]
+        best = None
+        if not self.tuning.origin_only:
+            for sha in usable:
+                peers = [p for p in state.holders.get(sha, ()) if p != origin and self._usable(p, load, state, now)
+                         and p not in state.failed[sha]]
+                if peers:
+                    peer = min(peers, key=lambda p: (load[p], random.random()))
+                    key = (len(peers), load[peer], random.random())
+                    if best is None or key < best[0]:
+                        best = (key, sha, peer)
+            if best is not None:
+                return _Job(pending[best[1]], best[2], False)
+        limit = self.tuning.parallel if self.tuning.origin_only else self.tuning.origin_parallel
+        if load[origin] >= limit or not self._usable(origin, Counter(), state, now):
+            return None
+        candidates = [s for s in usable if state.origin_busy_until.get(s, 0) <= now and origin not in state.failed[s]]
+        if not candidates:
+            return None
+        sha = random.choice(candidates)
+        others_failed = bool(state.failed[sha]) or any(p in self.bad_peers for p in state.holders.get(sha, ()))
+        return _Job(pending[sha], origin, others_failed)
+
+    def _usable(self, peer: PeerKey, load: Counter, state: _PickState, now: float) -> bool:
+        return (peer not in self.bad_peers and peer != self.swarm.identity.public_key
+                and load[peer] < self.tuning.per_peer and state.cooldown.get(peer, 0) <= now)
+
+    def _settle(self, step: int, job: _Job, future: Future, state: _PickState) -> bool:
+        """Store a finished download, or record why it failed. True when the shard is now held."""
+        peer, sha, now = job.peer, job.entry.sha256, time.monotonic()
+        is_origin = peer == self.coordinator_key
+        try:
+            data = future.result()
+            self.store.put(job.entry, data)
+        except ShardRejected as e:
+            self.bad_peers[peer] = str(e)
+            self.stats["shards_rejected"] += 1
+            logger.warning("peer %s served a bad shard (%s); dropping it", peer.hex()[:12], e)
+            return False
+        except RemoteError as e:
+            self.stats[f"remote_{e.code}"] += 1
+            if e.code == "busy" and is_origin and "slots" in e.detail:  # every upload slot taken
+                state.cooldown[peer] = now + random.uniform(0.1, 0.3)
+            elif e.code == "busy" and is_origin:  # this shard was seeded to someone: take it from peers
+                state.origin_busy_until[sha] = now + random.uniform(0.5, 1.0)
+                state.cooldown[peer] = now + random.uniform(0.02, 0.05)
+            elif e.code == "busy":
+                state.cooldown[peer] = now + random.uniform(0.1, 0.5)
+            else:
+                state.failed[sha].add(peer)
+            return False
+        except SwarmError as e:
+            self.stats["transfer_errors"] += 1
+            state.failed[sha].add(peer)
+            state.errors[peer] += 1
+            state.cooldown[peer] = now + min(30.0, 0.5 * 2 ** state.errors[peer])
+            logger.info("shard %s from %s failed: %s", sha[:12], peer.hex()[:12], e)
+            return False
+        state.errors[peer] = 0
+        self.stats["bytes_downloaded"] += job.entry.size
+        self.stats["bytes_from_origin" if is_origin else "bytes_from_peers"] += job.entry.size
+        self.stats["shards_downloaded"] += 1
+        state.sources.add(peer)
+        self.server.allow([sha])
+        self._dirty.set()
+        return True
+
+    def _report(self, step, manifest, done_bytes, total, first_done, started, state) -> None:
+        if self.progress is None:
+            return
+        elapsed = max(time.monotonic() - started, 1e-6)
+        held = sum(1 for s in manifest.shards if self.store.has(s.sha256))
+        self.progress(FetchProgress(step, done_bytes, total, (done_bytes - first_done) / elapsed, held,
+                                    len(manifest.shards), len(state.sources)))
+
+    def _holders(self, step: int, digest: str) -> dict[str, list[PeerKey]]:
+        holders: dict[str, list[PeerKey]] = defaultdict(list)
+        try:
+            envelopes = self.swarm.read(shards_key(step))
+        except (SwarmError, TimeoutError) as e:
+            logger.info("could not read announcements for step %s: %s", step, e)
+            return holders
+        for envelope in envelopes:
+            try:
+                announce = decode_body(ShardAnnounce, envelope.body)
+            except WireRejected:
+                self.stats["announces_rejected"] += 1
+                continue
+            if announce.policy_step != step or announce.manifest_sha256 != digest:
+                self.stats["announces_other_manifest"] += 1
+                continue
+            for sha in announce.shard_sha256s:
+                holders[sha].append(envelope.sender)
+        return holders
+
+    # ---- announcing and serving -------------------------------------------------------------------
+
+    def _follow(self, step: int, manifest: PolicyManifest, signed: bytes) -> None:
+        held = [s.sha256 for s in manifest.shards if self.store.has(s.sha256)]
+        self.server.allow(held)
+        with self._lock:
+            self._announce[step] = (manifest_digest(signed), manifest)
+        self._dirty.set()
+
+    def _announce_loop(self) -> None:
+        """Publish what we hold per followed step: at once after a change (batched), and before expiry."""
+        last_full = 0.0
+        while not self._stop.is_set():
+            changed = self._dirty.wait(timeout=1.0)
+            if self._stop.is_set():
+                return
+            if not changed and time.monotonic() - last_full < self.config.record_ttl_s / 3:
+                continue
+            self._dirty.clear()
+            last_full = time.monotonic()
+            with self._lock:
+                followed = list(self._announce.items())
+            for step, (digest, manifest) in followed:
+                self._publish_announce(step, digest, manifest)
+            time.sleep(0.05)  # batch the next few shards into one record
+
+    def _publish_announce(self, step: int, digest: str, manifest: PolicyManifest) -> None:
+        if self.config.client_mode:
+            return
+        shas = sorted({s.sha256 for s in manifest.shards if self.store.has(s.sha256)})
+        if not shas:
+            return
+        body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas,
+                             complete=len(shas) == len({s.sha256 for s in manifest.shards}))
+        envelope = seal(self.swarm.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body))
+        try:
+            self.swarm.publish(shards_key(step), envelope, self.config.record_ttl_s)
+        except (SwarmError, TimeoutError, OSError) as e:
+            logger.info("announce for step %s failed: %s (will retry)", step, e)
+            self._dirty.set()
+
+    # ---- the cache --------------------------------------------------------------------------------
+
+    def prune(self, keep_step: int | None = None) -> None:
+        """Keep the newest `cache_steps` steps (and `keep_step`), then drop the oldest while over the disk cap."""
+        steps = self._cached_steps()
+        keep = set(steps[-self.config.cache_steps:]) | ({keep_step} if keep_step is not None else set())
+        for step in steps:
+            if step not in keep:
+                self._drop_step(step)
+        for step in [s for s in steps if s in keep and s != keep_step]:
+            if self._cache_bytes() <= self.config.max_cache_bytes:
+                break
+            self._drop_step(step)
+        referenced = set()
+        for step in self._cached_steps():
+            try:
+                referenced.update(s.sha256 for s in self._manifest_from_disk(step)[0].shards)
+            except (OSError, WireRejected):
+                continue
+        orphans = self.store.held() - referenced
+        self.server.disallow(orphans)
+        for sha in orphans:
+            self.store.remove(sha)
+
+    def _drop_step(self, step: int) -> None:
+        with self._lock:
+            self._announce.pop(step, None)
+        shutil.rmtree(self._step_dir(step), ignore_errors=True)
+
+    def _cache_bytes(self) -> int:
+        return sum(p.stat().st_size for p in self.cache_dir.rglob("*") if p.is_file())
+
+    def _cached_steps(self) -> list[int]:
+        steps_dir = self.cache_dir / "steps"
+        if not steps_dir.is_dir():
+            return []
+        return sorted(int(p.name) for p in steps_dir.iterdir() if p.name.isdigit())
+
+    def _step_dir(self, step: int) -> Path:
+        return self.cache_dir / "steps" / str(int(step))
+
+    def _shard_path(self, sha256: str) -> Path | None:
+        return self.store.path(sha256) if self.store.has(sha256) else None
+
+    def _drop_corrupt(self, manifest: PolicyManifest) -> None:
+        from intellect.protocol.manifest import check_shard
+
+        for entry in manifest.shards:
+            data = self.store.get(entry.sha256)
+            if data is None:
+                continue
+            try:
+                check_shard(entry, data)
+            except ShardRejected:
+                self.server.disallow([entry.sha256])
+                self.store.remove(entry.sha256)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._dirty.set()
+        self._announcer.join(timeout=5.0)
+
+
+@dataclass
+class _PickState:
+    holders: dict[str, list[PeerKey]] = field(default_factory=dict)
+    refreshed: float = 0.0
+    failures_cleared: float = field(default_factory=time.monotonic)
+    failed: defaultdict = field(default_factory=lambda: defaultdict(set))  # sha -> peers that failed it
+    cooldown: dict[PeerKey, float] = field(default_factory=dict)
+    origin_busy_until: dict[str, float] = field(default_factory=dict)
+    errors: Counter = field(default_factory=Counter)
+    sources: set = field(default_factory=set)
+
+
+def envelope_bytes(envelope) -> bytes:
+    """Re-encode a verified envelope to the signed bytes it came as (msgpack is canonical here)."""
+    import msgpack
+
+    return msgpack.packb([envelope.version, str(envelope.kind), envelope.run_id, envelope.sender, envelope.seq,
+                          envelope.timestamp, envelope.body, envelope.signature], use_bin_type=True)

@@ -1,0 +1,58 @@
+"""What the node is doing, in one object: the work loop writes it, the TUI and status.json read it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class NodeStatus:
+    peer_id: str = ""
+    run_id: str = ""
+    coordinator: str = ""
+    state: str = "starting"  # starting | joining | waiting | fetching | generating | submitting | paused | error
+    error: str = ""  # plain words and what to do, while state == "error"
+    peers: int = 0
+    reachability: str = "unknown"
+    train_step: int | None = None
+    policy_step: int | None = None
+    download_done: int = 0
+    download_total: int = 0
+    download_rate: float = 0.0
+    engine: str = ""
+    device: str = ""
+    tokens_per_s: float = 0.0
+    submitted: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    pending: int = 0  # rollout files waiting in the outbox
+    expired: int = 0  # rollout files that went stale before the coordinator took them
+    last_rejection: str = ""
+    credit: int = 0
+    last_reward: float | None = None
+    restarts: int = 0
+    paused: bool = False
+    updated_at: float = field(default_factory=time.time)
+
+    @property
+    def staleness(self) -> int | None:
+        if self.train_step is None or self.policy_step is None:
+            return None
+        return self.train_step - self.policy_step
+
+    def write(self, path: Path) -> None:
+        self.updated_at = time.time()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self) | {"staleness": self.staleness}))
+        os.replace(tmp, path)
+
+    @staticmethod
+    def read(path: Path) -> dict | None:
+        try:
+            return json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            return None

@@ -1,0 +1,292 @@
+"""The node's work loop: follow the policy -> fetch -> generate -> prove -> submit.
+
+One batch per turn. Prompts come from the node's seed (spec B.3) so the coordinator can recompute
+them; the engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6)
+are computed here; the batch is written as a parquet file into the outbox *before* it is sent, so
+nothing generated is lost when the coordinator is away: unsent files are retried while their policy
+is fresh enough, and reported as expired when not.
+
+What this module does not know: how bytes travel (the `Swarm`), how shards are fetched (`ShardFetcher`),
+or how tokens are sampled (`Engine`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from intellect.node.config import NodeConfig
+from intellect.node.engine import SamplingParams, setup_engine
+from intellect.node.status import NodeStatus
+from intellect.protocol.identity import Identity
+from intellect.protocol.messages import RunInfo, SubmissionHeader, Verdict, decode_body, encode_submission
+from intellect.protocol.rollouts import RolloutBatch, RolloutMeta, RolloutRow, rollouts_to_bytes
+from intellect.protocol.rollouts import SamplingParams as RolloutSampling
+from intellect.protocol.swarm import Swarm, SwarmError
+from intellect.protocol.swarm.keys import run_info_key
+from intellect.protocol.tasks import (
+    completion_reward,
+    group_advantages,
+    node_seed_int,
+    prompt_token_ids,
+    sample_batch,
+    setup_task,
+)
+from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, seal
+
+logger = logging.getLogger(__name__)
+
+SUBMIT = "submit"  # the coordinator's request handler
+
+
+class WorkError(Exception):
+    """A recoverable failure of one turn, in plain words with what to do; the loop retries."""
+
+
+class Worker:
+    def __init__(self, config: NodeConfig, identity: Identity, swarm: Swarm, fetcher, status: NodeStatus) -> None:
+        self.config = config
+        self.identity = identity
+        self.swarm = swarm
+        self.fetcher = fetcher
+        self.status = status
+        self.coordinator_key = config.coordinator_public_key
+        self.outbox = config.state_dir / "outbox"
+        self.outbox.mkdir(parents=True, exist_ok=True)
+        self.counters_path = config.state_dir / "batch_counters.json"
+        self.verdict_log = config.state_dir / "verdicts.jsonl"
+        self.engine = None
+        self.tokenizer = None
+        self.loaded_step: int | None = None
+        self.resume = threading.Event()
+        self.resume.set()
+        self.stop = threading.Event()
+        self.num_batches = 0
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        """Turn until stopped; a failed turn shows its message, waits, and the loop starts again."""
+        while not self.stop.is_set() and not self._done():
+            try:
+                self.turn()
+            except WorkError as e:
+                self._fail(str(e))
+            except MemoryError:
+                self._fail("out of memory: lower --gpu-memory or the engine's max batch size, or close other programs")
+        self.status.state = "stopped"
+
+    def turn(self) -> None:
+        self._wait_if_paused()
+        info = self.follow_policy()
+        self.flush_outbox(info)
+        step = self.fetch_policy(info)
+        batch = self.generate(info, step)
+        path = self.write(batch)
+        self.submit(path, info)
+
+    # ------------------------------------------------------------------ follow_policy -> fetch
+
+    def follow_policy(self) -> RunInfo:
+        """The run's current state, from the coordinator-signed record in the DHT."""
+        self.status.state = "waiting"
+        records = self.swarm.read(run_info_key())
+        self.status.peers = len(self.swarm.peers())
+        infos = []
+        for envelope in records:
+            try:
+                infos.append((envelope.seq, decode_body(RunInfo, envelope.body)))
+            except WireRejected as e:
+                logger.warning("ignoring run info: %s", e)
+        if not infos:
+            raise WorkError("the coordinator is not in the swarm (no run info found): check that it is running "
+                            "and that --bootstrap points at a live peer")
+        info = max(infos, key=lambda item: item[0])[1]
+        self.status.train_step = info.train_step
+        self.status.coordinator = info.coordinator_peer_id
+        return info
+
+    def fetch_policy(self, info: RunInfo) -> int:
+        """Make sure the engine runs the newest policy (never older than train_step - async_level)."""
+        step = info.latest_policy_step
+        if self.loaded_step is not None and self.loaded_step >= step:
+            return self.loaded_step
+        self.status.state = "fetching"
+        try:
+            folder = self.fetcher.fetch(step, timeout_s=self.config.policy_wait_s)
+        except Exception as e:  # ShardUnavailable / SwarmError: the swarm may heal; say what is missing
+            raise WorkError(f"could not fetch policy step {step}: {e}") from e
+        if self.engine is None:
+            from transformers import AutoTokenizer
+
+            self.tokenizer = AutoTokenizer.from_pretrained(folder)
+            try:
+                self.engine = setup_engine(self.config.engine, folder)
+            except (OSError, ValueError, RuntimeError) as e:
+                raise WorkError(f"the model of policy step {step} failed to load: {e}") from e
+            self.status.engine, self.status.device = self.engine.name, str(self.engine.device)
+        else:
+            self.engine.load_weights(folder)
+        self.loaded_step = step
+        self.status.policy_step = step
+        return step
+
+    # ------------------------------------------------------------------ generate -> prove
+
+    def generate(self, info: RunInfo, step: int) -> RolloutBatch:
+        self.status.state = "generating"
+        task = setup_task(info.task)
+        counter = self._next_batch_counter(step)
+        sampled = sample_batch(task, node_seed_int(self.identity.public_key), step, counter,
+                               info.prompts_per_batch, info.task.length_targets)
+        prompts = [prompt_token_ids(self.tokenizer, task.problem(s.problem_index), s.target_length, info.task.thinking)
+                   for s in sampled]
+        limit = self.config.engine.max_model_len
+        if any(len(p) + info.max_new_tokens > limit for p in prompts):
+            raise WorkError(f"a prompt plus {info.max_new_tokens} new tokens exceeds the engine's context of {limit} "
+                            "tokens: raise engine.max_model_len")
+        n = info.completions_per_prompt
+        params = SamplingParams(temperature=info.temperature, max_tokens=info.max_new_tokens, proofs=True)
+        seeds = [int.from_bytes(os.urandom(4), "big") for _ in range(len(prompts) * n)]
+        completions = self.engine.generate([p for p in prompts for _ in range(n)], params, seeds)
+        rows = self._score(task, info, step, sampled, prompts, completions)
+        self.status.tokens_per_s = self.engine.tokens_per_s
+        meta = RolloutMeta(node_public_key=self.identity.public_key_hex, run_id=self.swarm.run_id, policy_step=step,
+                           batch_counter=counter, task=info.task.name,
+                           sampling=RolloutSampling(temperature=info.temperature, max_tokens=info.max_new_tokens, n=n))
+        return RolloutBatch(meta=meta, rows=rows)
+
+    def _score(self, task, info: RunInfo, step: int, sampled, prompts, completions) -> list[RolloutRow]:
+        n = info.completions_per_prompt
+        scored = []
+        for i, c in enumerate(completions):
+            s = sampled[i // n]
+            text = self.tokenizer.decode(c.output_tokens, skip_special_tokens=True)
+            scored.append(completion_reward(task, info.task, task.problem(s.problem_index), text, s.target_length,
+                                            len(c.output_tokens)))
+        rewards = np.array([r for r, _, _ in scored], dtype=np.float32).reshape(len(prompts), n)
+        advantages = group_advantages(rewards).reshape(-1)
+        self.status.last_reward = float(rewards.mean())
+        return [
+            RolloutRow(problem_index=sampled[i // n].problem_index, input_tokens=prompts[i // n],
+                       output_tokens=c.output_tokens, output_logprobs=c.output_logprobs,
+                       advantage=float(advantages[i]), reward=reward, task_reward=task_reward,
+                       length_penalty=penalty, proof=c.proofs, step=step,
+                       target_length=sampled[i // n].target_length, finish_reason=c.finish_reason)
+            for i, (c, (reward, task_reward, penalty)) in enumerate(zip(completions, scored, strict=True))
+        ]
+
+    def write(self, batch: RolloutBatch) -> Path:
+        data = rollouts_to_bytes(batch)
+        import hashlib
+
+        path = self.outbox / f"{batch.meta.policy_step:08d}-{batch.meta.batch_counter:06d}-" \
+                             f"{hashlib.sha256(data).hexdigest()[:16]}.parquet"
+        tmp = path.with_suffix(".part")
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        self.status.pending = len(list(self.outbox.glob("*.parquet")))
+        return path
+
+    # ------------------------------------------------------------------ submit
+
+    def submit(self, path: Path, info: RunInfo) -> Verdict | None:
+        """Sign and send one rollout file; the file leaves the outbox only once a verdict came back."""
+        import hashlib
+
+        from intellect.protocol.rollouts import read_rollouts
+
+        self.status.state = "submitting"
+        data = path.read_bytes()
+        batch = read_rollouts(data)
+        header = SubmissionHeader(policy_step=batch.meta.policy_step, batch_counter=batch.meta.batch_counter,
+                                  num_completions=len(batch.rows), num_tokens=batch.num_output_tokens,
+                                  file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
+        envelope = seal(self.identity, MessageKind.SUBMISSION, self.swarm.run_id, encode_submission(header, data))
+        try:
+            answer = self.swarm.call(self.coordinator_key, SUBMIT, envelope, timeout=self.config.submit_timeout_s)
+            signed = open_envelope(answer, run_id=self.swarm.run_id, kinds={MessageKind.VERDICT},
+                                   expected_sender=self.coordinator_key)
+            verdict = decode_body(Verdict, signed.body)
+        except (SwarmError, TimeoutError, WireRejected) as e:
+            self.status.pending = len(list(self.outbox.glob("*.parquet")))
+            raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
+        self._record(path, verdict)
+        self.num_batches += 1
+        return verdict
+
+    def flush_outbox(self, info: RunInfo) -> None:
+        """Resend files that got no verdict; report those too stale to be trained on."""
+        for path in sorted(self.outbox.glob("*.parquet")):
+            policy_step = int(path.name.split("-", 1)[0])
+            if policy_step < info.train_step - info.async_level:
+                path.rename(path.with_suffix(".expired"))
+                self.status.expired += 1
+                logger.warning("%s expired: policy %s is older than train step %s - async level %s", path.name,
+                               policy_step, info.train_step, info.async_level)
+                continue
+            self.submit(path, info)
+
+    def _record(self, path: Path, verdict: Verdict) -> None:
+        self.status.submitted += 1
+        if verdict.accepted:
+            self.status.accepted += 1
+            self.status.credit += verdict.credit_tokens
+        else:
+            self.status.rejected += 1
+            self.status.last_rejection = f"{verdict.reason}: {verdict.detail}"[:200]
+        with open(self.verdict_log, "a") as f:
+            f.write(json.dumps({"file": path.name, "at": time.time(), **verdict.model_dump()}) + "\n")
+        path.unlink(missing_ok=True)
+        self.status.pending = len(list(self.outbox.glob("*.parquet")))
+
+    # ------------------------------------------------------------------ helpers
+
+    def _next_batch_counter(self, step: int) -> int:
+        """Counters persist across restarts: a seed's prompts are answered once (the coordinator checks)."""
+        try:
+            counters = json.loads(self.counters_path.read_text())
+        except (OSError, ValueError):
+            counters = {}
+        counter = int(counters.get(str(step), 0)) + 1
+        counters = {k: v for k, v in counters.items() if int(k) >= step - 16} | {str(step): counter}
+        tmp = self.counters_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(counters))
+        os.replace(tmp, self.counters_path)
+        return counter
+
+    def _wait_if_paused(self) -> None:
+        while not self.resume.is_set() and not self.stop.is_set():
+            self.status.state = "paused"
+            self.resume.wait(0.2)
+
+    def _fail(self, message: str) -> None:
+        logger.warning("work loop: %s", message)
+        self.status.state = "error"
+        self.status.error = message
+        self.status.restarts += 1
+        self.stop.wait(self.config.restart_backoff_s)
+        if not self.stop.is_set():
+            self.status.error = ""
+
+    def _done(self) -> bool:
+        return self.config.max_batches is not None and self.num_batches >= self.config.max_batches
+
+    def pause(self, paused: bool) -> None:
+        self.status.paused = paused
+        (self.resume.clear if paused else self.resume.set)()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.resume.set()
+        if self.engine is not None:
+            self.engine.close()

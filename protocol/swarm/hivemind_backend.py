@@ -1,0 +1,403 @@
+"""hivemind backend of the swarm: one libp2p daemon (hivemind's bundled p2pd) shared by a hivemind.DHT
+(in its own process, as hivemind runs it) and by our request/stream handlers (a replica client of the
+same daemon, on an event loop in a background thread of this process).
+
+The daemon's libp2p key is our Ed25519 node key, so a libp2p peer id and a node key name the same peer
+and every connection is authenticated as that key. hivemind is imported here and only here.
+
+Stream framing (both directions over one libp2p stream, protocol id `intellect.<name>`):
+  request:  u32 length, bytes
+  answer:   frames of u32 length + bytes; u32 0 ends the answer; u32 0xFFFFFFFF, u32 length and a
+            utf-8 "code\\ndetail" is a refusal (RemoteError on the caller's side).
+
+What this module does not know: what the records, requests and streams mean.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections import Counter
+from collections.abc import Coroutine
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+
+import msgpack
+
+from intellect.protocol.identity import Identity
+from intellect.protocol.swarm import (
+    PeerKey,
+    RemoteError,
+    RequestHandler,
+    RequestRefused,
+    StreamHandler,
+    Swarm,
+    SwarmError,
+    SwarmJoinError,
+)
+from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.swarm.keys import MAX_RECORD_BYTES, dht_key, verify_record
+from intellect.protocol.wire import Envelope
+
+logger = logging.getLogger(__name__)
+
+_END = 0
+_ERR = 0xFFFFFFFF
+_MAX_ERROR_BYTES = 1024
+_REQUEST_READ_TIMEOUT_S = 30.0
+_ED25519_PUBKEY_PB = b"\x08\x01\x12\x20"  # libp2p PublicKey protobuf: type Ed25519, 32-byte data
+_PROTO_PREFIX = "intellect."
+
+
+def libp2p_peer_id(peer: PeerKey):
+    """The libp2p PeerID of a node key (identity multihash of the protobuf public key)."""
+    from hivemind.p2p import PeerID
+
+    if len(peer) != 32:
+        raise ValueError("a node key is 32 bytes")
+    encoded = _ED25519_PUBKEY_PB + peer
+    return PeerID(b"\x00" + bytes([len(encoded)]) + encoded)
+
+
+def node_key_of(peer_id) -> PeerKey | None:
+    """Inverse of libp2p_peer_id; None for peers whose libp2p key is not an Ed25519 node key."""
+    raw = peer_id.to_bytes()
+    if len(raw) == 38 and raw[:2] == b"\x00\x24" and raw[2:6] == _ED25519_PUBKEY_PB:
+        return raw[6:]
+    return None
+
+
+def _write_libp2p_key(identity: Identity, folder: str) -> str:
+    from cryptography.hazmat.primitives import serialization
+    from hivemind.proto import crypto_pb2
+
+    seed = identity.private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                              serialization.NoEncryption())
+    data = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.Ed25519, data=seed + identity.public_key)
+    path = os.path.join(folder, "libp2p.key")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data.SerializeToString())
+    return path
+
+
+@dataclass(frozen=True)
+class Reachability:
+    reachable: bool | None  # None: could not tell (no peer to ask)
+    detail: str
+    advice: str
+
+
+def _net_errors() -> tuple[type[BaseException], ...]:
+    from hivemind.p2p import P2PDaemonError, P2PHandlerError
+
+    return (asyncio.IncompleteReadError, asyncio.TimeoutError, ConnectionError, OSError, EOFError,
+            P2PDaemonError, P2PHandlerError)
+
+
+class HivemindSwarm(Swarm):
+    def __init__(self, config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes, dht) -> None:
+        self.config, self.identity, self.run_id, self.coordinator_key = config, identity, run_id, coordinator_key
+        self.stats: Counter = Counter()
+        self._stats_lock = threading.Lock()
+        self._dht = dht
+        self._dht_lock = threading.Lock()  # DHT calls go through one mp pipe
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-loop", daemon=True)
+        self._thread.start()
+        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm-handler")
+        self._closed = False
+        self._dialback_lock = threading.Lock()
+        self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
+        if not config.client_mode:
+            self.register_request_handler("swarm.dialback", self._rpc_dialback, max_request_bytes=4096)
+
+    # ---- start-up -------------------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes) -> HivemindSwarm:
+        keydir = tempfile.mkdtemp(prefix="intellect-p2p-")
+        try:
+            key_path = _write_libp2p_key(identity, keydir)
+            dht = _join(config, key_path)
+        finally:
+            shutil.rmtree(keydir, ignore_errors=True)
+        return cls(config, identity, run_id, coordinator_key, dht)
+
+    # ---- plumbing ---------------------------------------------------------------------------------
+
+    def _run(self, coro: Coroutine, timeout: float | None):
+        future = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        try:
+            return future.result(timeout)
+        except FutureTimeout:
+            future.cancel()
+            raise SwarmError(f"timed out after {timeout:.1f} s") from None
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._stats_lock:
+            self.stats[name] += n
+
+    # ---- DHT records ------------------------------------------------------------------------------
+
+    def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
+        from hivemind.utils import get_dht_time
+
+        if len(envelope) > MAX_RECORD_BYTES:
+            raise ValueError(f"record of {len(envelope)} bytes exceeds {MAX_RECORD_BYTES}")
+        with self._dht_lock:
+            future = self._dht.store(dht_key(self.run_id, key), bytes(envelope), get_dht_time() + ttl_s,
+                                     subkey=self.identity.public_key.hex(), return_future=True)
+        ok = bool(future.result(timeout=max(30.0, ttl_s)))
+        self._count("records_published" if ok else "records_publish_failed")
+        return ok
+
+    def read(self, key: str) -> list[Envelope]:
+        with self._dht_lock:
+            future = self._dht.get(dht_key(self.run_id, key), latest=True, return_future=True)
+        found = future.result(timeout=60.0)
+        if found is None:
+            return []
+        if not isinstance(found.value, dict):
+            self._count("rejected_no_subkey")
+            self._count("records_rejected")
+            return []
+        envelopes = []
+        with self._stats_lock:
+            for subkey, item in found.value.items():
+                envelope = verify_record(key, subkey, getattr(item, "value", None), run_id=self.run_id,
+                                         coordinator_key=self.coordinator_key, stats=self.stats)
+                if envelope is not None:
+                    envelopes.append(envelope)
+        return envelopes
+
+    # ---- handlers ---------------------------------------------------------------------------------
+
+    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536) -> None:
+        async def one_answer(peer: PeerKey, request: bytes):
+            yield await self._loop.run_in_executor(self._workers, fn, peer, request)
+
+        self.register_stream_handler(name, one_answer, max_request_bytes)
+
+    def register_stream_handler(self, name: str, fn: StreamHandler, max_request_bytes: int = 4096) -> None:
+        async def handle(info, reader, writer) -> None:
+            await self._serve(name, fn, max_request_bytes, info, reader, writer)
+
+        self._run(self._p2p.add_binary_stream_handler(_PROTO_PREFIX + name, handle), timeout=30.0)
+
+    async def _serve(self, name, fn, max_request_bytes, info, reader, writer) -> None:
+        """Run one handler on one incoming stream. Never raises: every failure is answered or counted."""
+        peer = node_key_of(info.peer_id)
+        try:
+            if peer is None:
+                raise RequestRefused("bad_request", "caller does not use an Ed25519 node key")
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), _REQUEST_READ_TIMEOUT_S), "big")
+            if size > max_request_bytes:
+                raise RequestRefused("too_large", f"request of {size} bytes exceeds {max_request_bytes}")
+            request = await asyncio.wait_for(reader.readexactly(size), _REQUEST_READ_TIMEOUT_S)
+            async for chunk in fn(peer, request):
+                if chunk:
+                    writer.write(len(chunk).to_bytes(4, "big"))
+                    writer.write(chunk)
+                    await writer.drain()
+            writer.write(_END.to_bytes(4, "big"))
+            await writer.drain()
+            self._count(f"served_{name}")
+        except RequestRefused as e:
+            self._count(f"refused_{name}_{e.code}")
+            message = f"{e.code}\n{e.detail}".encode()[:_MAX_ERROR_BYTES]
+            writer.write(_ERR.to_bytes(4, "big") + len(message).to_bytes(4, "big") + message)
+            await _drain_quietly(writer)
+        except _net_errors():
+            self._count(f"aborted_{name}")
+        except Exception:  # a bug in a handler must not take the swarm down; answer, count and log it
+            logger.exception("handler %s failed", name)
+            self._count("handler_errors")
+            message = b"internal\nhandler failed"
+            writer.write(_ERR.to_bytes(4, "big") + len(message).to_bytes(4, "big") + message)
+            await _drain_quietly(writer)
+        finally:
+            writer.close()
+
+    # ---- calls ------------------------------------------------------------------------------------
+
+    def call(self, peer: PeerKey, name: str, request: bytes, timeout: float, max_bytes: int = 1 << 20) -> bytes:
+        return self.stream(peer, name, request, timeout, max_bytes)
+
+    def stream(self, peer: PeerKey, name: str, request: bytes, timeout: float, max_bytes: int) -> bytes:
+        if peer == self.identity.public_key:
+            raise SwarmError("refusing to call ourselves")
+        future = asyncio.run_coroutine_threadsafe(
+            asyncio.wait_for(self._call_stream(peer, name, request, max_bytes), timeout), self._loop)
+        try:
+            return future.result()
+        except RemoteError:
+            raise
+        except SwarmError:
+            raise
+        except _net_errors() as e:
+            raise SwarmError(f"{name} to {peer.hex()[:12]}: {type(e).__name__}: {e}") from None
+
+    async def _call_stream(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
+        _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(peer), _PROTO_PREFIX + name)
+        try:
+            writer.write(len(request).to_bytes(4, "big") + request)
+            await writer.drain()
+            buf = bytearray()
+            while True:
+                size = int.from_bytes(await reader.readexactly(4), "big")
+                if size == _END:
+                    return buf  # a bytearray: no copy of a shard-sized answer; reads like bytes
+                if size == _ERR:
+                    length = int.from_bytes(await reader.readexactly(4), "big")
+                    if length > _MAX_ERROR_BYTES:
+                        raise SwarmError(f"{name}: oversized refusal from {peer.hex()[:12]}")
+                    code, _, detail = (await reader.readexactly(length)).decode(errors="replace").partition("\n")
+                    raise RemoteError(code[:64], detail)
+                if len(buf) + size > max_bytes:
+                    raise SwarmError(f"{name}: answer from {peer.hex()[:12]} exceeds {max_bytes} bytes")
+                buf += await reader.readexactly(size)
+        finally:
+            writer.close()
+
+    # ---- peers and reachability -------------------------------------------------------------------
+
+    def peers(self) -> list[PeerKey]:
+        infos = self._run(self._p2p.list_peers(), timeout=30.0)
+        return [key for key in (node_key_of(i.peer_id) for i in infos) if key is not None]
+
+    def visible_addrs(self) -> list[str]:
+        return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
+
+    def check_reachability(self, timeout: float = 20.0) -> Reachability:
+        """Ask up to two connected peers to dial us back from a fresh connection."""
+        if self.config.client_mode:
+            return Reachability(False, "client mode: this node only dials out",
+                                "fine for downloading; to serve shards, open the port and drop client_mode")
+        addrs = [a for a in self.visible_addrs()]
+        request = msgpack.packb(addrs[:8], use_bin_type=True)
+        answers = []
+        for peer in self.peers()[:2]:
+            try:
+                answers.append(self.call(peer, "swarm.dialback", request, timeout=timeout).decode(errors="replace"))
+            except SwarmError as e:
+                answers.append(f"error: {e}")
+        port = self.config.port or "(the port in your addresses)"
+        if any(a == "ok" for a in answers):
+            return Reachability(True, f"peers can dial {', '.join(addrs)}", "")
+        if not answers:
+            return Reachability(None, "no peer to ask yet", "")
+        return Reachability(False, f"peers could not dial {', '.join(addrs)} ({'; '.join(answers)})",
+                            f"open TCP port {port} in your firewall/router (set swarm.port to fix it and "
+                            "announce_addrs to your public address), or set use_auto_relay = true to be "
+                            "reached through a relay, or client_mode = true to only download")
+
+    def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
+        """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""
+        try:
+            addrs = msgpack.unpackb(request, raw=False, max_array_len=8, max_str_len=256, max_bin_len=0,
+                                    max_map_len=0)
+        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
+            raise RequestRefused("bad_request", "expected a msgpack list of multiaddrs") from None
+        if type(addrs) is not list or not all(type(a) is str for a in addrs):
+            raise RequestRefused("bad_request", "expected a list of multiaddr strings")
+        if not self._dialback_lock.acquire(blocking=False):
+            raise RequestRefused("busy", "one dial-back at a time")
+        try:
+            return self._run(self._dial_back(peer, addrs), timeout=30.0)
+        finally:
+            self._dialback_lock.release()
+
+    async def _dial_back(self, peer: PeerKey, addrs: list[str]) -> bytes:
+        from hivemind.p2p import P2P
+        from hivemind.utils.multiaddr import Multiaddr
+
+        remote_ips = {str(Multiaddr(str(a)).value_for_protocol("ip4")) for info in await self._p2p.list_peers()
+                      if node_key_of(info.peer_id) == peer for a in info.addrs if "/ip4/" in str(a)}
+        try:
+            maddrs = [Multiaddr(a).decapsulate(Multiaddr(f"/p2p/{libp2p_peer_id(peer).to_base58()}"))
+                      for a in addrs]
+            maddrs = [m for m in maddrs if "/ip4/" in str(m) and m.value_for_protocol("ip4") in remote_ips]
+        except (ValueError, TypeError) as e:
+            raise RequestRefused("bad_request", f"bad multiaddr: {e}") from None
+        if not maddrs:
+            return b"fail: none of the addresses is on the IP you connect from"
+        probe = await P2P.create(host_maddrs=[], no_listen=True, dht_mode="client", auto_nat=False)
+        try:
+            await asyncio.wait_for(probe._client.connect(libp2p_peer_id(peer), maddrs), 10.0)
+            return b"ok"
+        except _net_errors() as e:
+            return f"fail: {type(e).__name__}".encode()
+        finally:
+            await probe.shutdown()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._run(self._p2p.shutdown(), timeout=10.0)
+        except (SwarmError, *_net_errors()):
+            pass  # the daemon belongs to the DHT process, which we stop next
+        self._dht.shutdown()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _drain_quietly(writer) -> None:
+    try:
+        await writer.drain()
+    except _net_errors():
+        pass  # the caller went away; nothing to answer
+
+
+def _join(config: SwarmConfig, key_path: str):
+    """Start the DHT (and its daemon), retrying with backoff until one bootstrap peer answers."""
+    import hivemind
+    from hivemind.p2p import P2PDaemonError
+
+    ip_version = "ip6" if ipaddress.ip_address(config.host).version == 6 else "ip4"
+    kwargs = dict(
+        host_maddrs=[f"/{ip_version}/{config.host}/tcp/{config.port}"], identity_path=key_path,
+        check_if_identity_free=False, startup_timeout=config.startup_timeout_s, client_mode=config.client_mode,
+        use_relay=config.use_relay, use_auto_relay=config.use_auto_relay, ensure_bootstrap_success=True,
+        announce_maddrs=config.announce_addrs or None,
+    )
+    deadline = time.monotonic() + config.join_timeout_s
+    delay, attempts, last_error = 1.0, 0, ""
+    while True:
+        attempts += 1
+        dht = hivemind.DHT(initial_peers=config.bootstrap or None, start=False, **kwargs)
+        try:
+            dht.run_in_background(await_ready=True, timeout=config.startup_timeout_s + 30.0)
+            return dht
+        except P2PDaemonError as e:
+            _stop_quietly(dht)
+            if "bootstrap" not in str(e):  # p2pd itself exits when it reaches no bootstrap peer
+                raise SwarmJoinError(f"the libp2p daemon did not start: {e}. Raise swarm.startup_timeout_s "
+                                     f"(now {config.startup_timeout_s:.0f} s) on a slow machine.") from None
+            last_error = str(e).rsplit(": ", 1)[-1]
+        except (RuntimeError, TimeoutError, OSError) as e:  # DHTNode: no initial peer answered a ping
+            _stop_quietly(dht)
+            last_error = str(e)
+        if not config.bootstrap or time.monotonic() + delay > deadline:
+            break
+        time.sleep(delay)
+        delay = min(delay * 2, 15.0)
+    tried = ", ".join(config.bootstrap) or "(none: starting a new swarm failed)"
+    raise SwarmJoinError(f"could not join the swarm after {attempts} attempts in {config.join_timeout_s:.0f} s: "
+                         f"no bootstrap peer answered. Tried: {tried}. Last error: {last_error}. Check that "
+                         "these peers are running and that this machine can reach them (firewall, address).")
+
+
+def _stop_quietly(dht) -> None:
+    if dht.is_alive():
+        dht.shutdown()

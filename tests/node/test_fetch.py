@@ -1,0 +1,190 @@
+"""Weight distribution between real peer processes on 127.0.0.1: the happy path, a node killed mid-download,
+a peer serving corrupted bytes, the origin leaving, a forged manifest; plus the cache and progress."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of  # noqa: E402
+
+COORD = "coord-seed"
+SHARD_KB = 256
+
+
+@pytest.fixture
+def peers(tmp_path):
+    p = Peers(tmp_path)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"), size_mb=3.0)
+
+
+def start_origin(peers: Peers, checkpoint: Path, *extra: str) -> dict:
+    peers.start("origin", "--role", "origin", "--seed", COORD, "--cache", "origin", "--checkpoint", str(checkpoint),
+                "--ready", "origin.ready", "--result", "origin.json", "--shard-kb", str(SHARD_KB), *extra)
+    ready = peers.wait_json(peers.workdir / "origin.ready", 60, "origin")
+    peers.wait_json(peers.workdir / "origin.json.published", 30, "origin")
+    return ready
+
+
+def start_node(peers: Peers, name: str, bootstrap: list[str], *extra: str) -> None:
+    args = ["--role", "node", "--seed", name, "--coordinator-key", coordinator_key_hex(COORD), "--cache", name,
+            "--ready", f"{name}.ready", "--result", f"{name}.json", "--timeout", "90"]
+    for addr in bootstrap:
+        args += ["--bootstrap", addr]
+    peers.start(name, *args, *extra)
+
+
+def result(peers: Peers, name: str, timeout: float = 120) -> dict:
+    return peers.wait_json(peers.workdir / f"{name}.json", timeout, name)
+
+
+def assert_same_checkpoint(folder: str, peers: Peers, checkpoint: Path) -> None:
+    got = peers.workdir / folder
+    assert sha256_of(got / "model.safetensors") == sha256_of(checkpoint / "model.safetensors")
+    from safetensors.torch import load_file
+
+    assert set(load_file(str(got / "model.safetensors"))) == {"embed.weight", "head.weight"}
+
+
+@pytest.mark.slow
+def test_nodes_fetch_from_origin_and_from_each_other(peers, checkpoint):
+    origin = start_origin(peers, checkpoint, "--max-upload-mbit", "40")
+    for name in ("a", "b", "c"):
+        start_node(peers, name, origin["addrs"], "--stay")
+    results = {name: result(peers, name) for name in ("a", "b", "c")}
+    for name, r in results.items():
+        assert r["ok"], r
+        assert_same_checkpoint(r["folder"], peers, checkpoint)
+    assert sum(r["stats"].get("bytes_from_peers", 0) for r in results.values()) > 0
+    peers.stop("origin")
+    sent = peers.wait_json(peers.workdir / "origin.json", 10)["bytes_sent"]
+    size = (checkpoint / "model.safetensors").stat().st_size + (checkpoint / "config.json").stat().st_size
+    assert sent <= 1.5 * size, f"origin sent {sent / size:.2f}x the checkpoint"
+
+
+@pytest.mark.slow
+def test_node_killed_mid_download_resumes_without_refetching(peers, checkpoint):
+    origin = start_origin(peers, checkpoint, "--max-upload-mbit", "6", "--no-super-seed")
+    start_node(peers, "a", origin["addrs"], "--parallel", "2")
+    shards = peers.workdir / "a" / "shards"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and len([p for p in shards.glob("*") if len(p.name) == 64]) < 3:
+        time.sleep(0.05)
+    peers.kill("a")  # SIGKILL: node, its DHT process and its daemon
+    held = len([p for p in shards.glob("*") if len(p.name) == 64])
+    assert 3 <= held < 13, held
+    (peers.workdir / "a.json").unlink(missing_ok=True)
+    start_node(peers, "a", origin["addrs"], "--parallel", "2")
+    r = result(peers, "a")
+    assert r["ok"], r
+    assert r["held_before"] == held
+    assert r["stats"]["shards_downloaded"] == 13 - held  # 12 shards of the safetensors file + config.json
+    assert_same_checkpoint(r["folder"], peers, checkpoint)
+
+
+@pytest.mark.slow
+def test_corrupt_peer_is_dropped_and_others_finish(peers, checkpoint):
+    origin = start_origin(peers, checkpoint)
+    start_node(peers, "evil", origin["addrs"], "--corrupt", "--stay")
+    evil = result(peers, "evil")
+    assert evil["ok"]
+    evil_key = peers.wait_json(peers.workdir / "evil.ready", 5)["key"]
+    for name in ("a", "b"):
+        start_node(peers, name, origin["addrs"], "--stay")
+    for name in ("a", "b"):
+        r = result(peers, name)
+        assert r["ok"], r
+        assert_same_checkpoint(r["folder"], peers, checkpoint)
+        assert evil_key in r["bad_peers"]
+        # dropped after its first bad shard: at most the downloads already running to it were rejected
+        assert 1 <= r["stats"]["shards_rejected"] <= 2
+
+
+@pytest.mark.slow
+def test_origin_leaves_after_one_full_copy(peers, checkpoint):
+    origin = start_origin(peers, checkpoint)
+    start_node(peers, "a", origin["addrs"], "--stay")
+    assert result(peers, "a")["ok"]
+    a_addrs = peers.wait_json(peers.workdir / "a.ready", 5)["addrs"]
+    peers.stop("origin")
+    start_node(peers, "b", origin["addrs"] + a_addrs)  # the first bootstrap address is dead now
+    r = result(peers, "b")
+    assert r["ok"], r
+    assert r["stats"].get("bytes_from_origin", 0) == 0
+    assert_same_checkpoint(r["folder"], peers, checkpoint)
+
+
+@pytest.mark.slow
+def test_forged_manifest_is_never_acted_on(peers, checkpoint, tmp_path):
+    from intellect.protocol.identity import Identity
+    from intellect.protocol.manifest import ShardStore, shard_checkpoint, sign_manifest
+    from intellect.protocol.swarm import SwarmConfig, setup_swarm
+    from intellect.protocol.swarm.keys import latest_key, manifest_key
+    from intellect.protocol.wire import run_id_for
+
+    origin = start_origin(peers, checkpoint)
+    coordinator = bytes.fromhex(coordinator_key_hex(COORD))
+    run_id = run_id_for(coordinator, "swarmtest")
+    forger = Identity.from_seed(b"forger")
+    swarm = setup_swarm(SwarmConfig(host="127.0.0.1", bootstrap=origin["addrs"]), forger, run_id, coordinator)
+    try:
+        manifest = shard_checkpoint(checkpoint, ShardStore(tmp_path / "forged"), run_id=run_id, policy_step=2,
+                                    model_config_hash="0" * 64, shard_size=SHARD_KB * 1024)
+        signed = sign_manifest(forger, manifest)
+        assert swarm.publish(manifest_key(2), signed, 60) and swarm.publish(latest_key(), signed, 60)
+        start_node(peers, "a", origin["addrs"], "--step", "2", "--timeout", "4")
+        r = result(peers, "a")
+        assert not r["ok"] and "no manifest for step 2" in r["error"]
+        assert r["swarm_stats"]["rejected_not_allowed"] >= 1
+        assert r["stats"].get("bytes_downloaded", 0) == 0
+        assert not (peers.workdir / "a" / "steps" / "2").exists()
+    finally:
+        swarm.close()
+
+
+@pytest.mark.slow
+def test_cache_keeps_last_steps_and_reports_progress(tmp_path):
+    """In-process coordinator and node swarms (each with its own DHT process and daemon)."""
+    from intellect.coordinator.publish import Publisher
+    from intellect.node.fetch import FetchTuning, ShardFetcher
+    from intellect.protocol.identity import Identity
+    from intellect.protocol.swarm import SwarmConfig, setup_swarm
+    from intellect.protocol.wire import run_id_for
+
+    coord, node = Identity.from_seed(b"c"), Identity.from_seed(b"n")
+    run_id = run_id_for(coord.public_key, "cache")
+    origin_swarm = setup_swarm(SwarmConfig(host="127.0.0.1"), coord, run_id, coord.public_key)
+    config = SwarmConfig(host="127.0.0.1", bootstrap=origin_swarm.visible_addrs(), cache_steps=2)
+    node_swarm = setup_swarm(config, node, run_id, coord.public_key)
+    publisher = Publisher(origin_swarm, coord, SwarmConfig(host="127.0.0.1", cache_steps=5), tmp_path / "coord")
+    seen = []
+    fetcher = ShardFetcher(node_swarm, config, tmp_path / "cache", coord.public_key,
+                           tuning=FetchTuning(shard_timeout_s=20), progress=seen.append)
+    try:
+        for step in (1, 2, 3):
+            publisher.publish(make_checkpoint(tmp_path / f"ck{step}", 0.5, seed=step), step, shard_size=64 * 1024)
+            out = fetcher.fetch(step, timeout_s=60)
+            assert sha256_of(out / "model.safetensors") == sha256_of(tmp_path / f"ck{step}" / "model.safetensors")
+        assert fetcher.latest_step() == 3
+        assert sorted(p.name for p in (tmp_path / "cache" / "steps").iterdir()) == ["2", "3"]
+        wanted = {s.sha256 for step in (2, 3) for s in fetcher.manifest(step)[0].shards}
+        assert fetcher.store.held() == wanted
+        assert seen and seen[-1].bytes_done == seen[-1].bytes_total and seen[-1].rate_bytes_per_s > 0
+        fetcher.config = config.model_copy(update={"max_cache_bytes": 1})
+        fetcher.prune(keep_step=3)  # over the disk cap: only the step in use survives
+        assert sorted(p.name for p in (tmp_path / "cache" / "steps").iterdir()) == ["3"]
+    finally:
+        fetcher.close()
+        publisher.close()
+        node_swarm.close()
+        origin_swarm.close()

@@ -1,0 +1,331 @@
+"""Tasks: verifiers on tricky texts, bounded sympy grading, JSONL loading, seeded prompt choice,
+length rewards, GRPO advantages, prompt rendering."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from intellect.protocol.tasks import (
+    Arithmetic,
+    MathJsonl,
+    Problem,
+    TaskConfig,
+    TaskDataError,
+    ThinkingFormat,
+    completion_reward,
+    group_advantages,
+    length_reward,
+    node_seed_int,
+    prompt_token_ids,
+    render_prompt,
+    sample_batch,
+    setup_task,
+)
+from intellect.protocol.tasks.mathgrade import equivalent, extract_answer
+from pydantic import ValidationError
+
+# ---------------------------------------------------------------- arithmetic
+
+
+def test_arithmetic_problems_are_deterministic_and_cover_the_range():
+    task = Arithmetic(max_operand=20, operators="+-")
+    assert task.num_problems == 2 * 21 * 21
+    assert task.problem(0) == Problem(0, "What is 0 + 0?", "0")
+    assert task.problem(21 * 21 + 3 * 21 + 17) == Problem(21 * 21 + 3 * 21 + 17, "What is 3 - 17?", "-14")
+    assert Arithmetic(20, "+-").problem(500) == task.problem(500)
+    with pytest.raises(IndexError):
+        task.problem(task.num_problems)
+    with pytest.raises(ValueError):
+        Arithmetic(20, "+/")
+
+
+@pytest.mark.parametrize(
+    "text, answer, reward",
+    [
+        ("3 + 4 = 7", "7", 1.0),
+        ("The answer is 7.", "7", 1.0),
+        ("7.0", "7", 1.0),
+        ("I think 7, no wait, 8", "7", 0.0),
+        ("The answer is 7. Let me check: 3 + 4", "7", 0.0),
+        ("10-3=7", "7", 1.0),
+        ("3 - 17 = -14", "-14", 1.0),
+        ("3-17 is 14", "-14", 0.0),
+        ("seven", "7", 0.0),
+        ("", "7", 0.0),
+        ("12.5", "5", 0.0),
+    ],
+)
+def test_arithmetic_scores_the_last_number(text, answer, reward):
+    assert Arithmetic().score(Problem(0, "q", answer), text) == reward
+
+
+def test_thinking_format_grades_only_text_after_think():
+    task = ThinkingFormat(Arithmetic())
+    p = Problem(0, "What is 3 + 4?", "7")
+    assert task.score(p, "3 + 4 = 7") == 0.0  # no </think>: format failure
+    assert task.score(p, "<think>it is 7</think> I don't know") == 0.0
+    assert task.score(p, "<think>hmm 8</think> 7") == 1.0
+    assert task.score(p, "<think>a</think>b</think> 7") == 1.0  # after the LAST </think>
+
+
+# ---------------------------------------------------------------- symbolic grading
+
+
+@pytest.mark.parametrize(
+    "given_, reference, same",
+    [
+        (r"\frac{1}{2}", "0.5", True),
+        (r"\dfrac12", "1/2", True),
+        (r"2\sqrt{2}", "sqrt(8)", True),
+        (r"\sqrt[3]{8}", "2", True),
+        ("x^2 + 2x + 1", "(x+1)^2", True),
+        ("1,000", "1000", True),
+        (r"\pi/2", "1.5707963267948966", True),
+        (r"90^\circ", "90", True),
+        (r"5\text{ cm}", "5", True),
+        ("0.333", "1/3", False),
+        ("x+1", "x+2", False),
+        ("(x+y)^2", "x^2 + 2xy + y^2", True),
+        ("(x+y)^2", "x^2 + y^2", False),
+        ("sqrt(-4)", "2sqrt(-1)", True),
+        ("(1, 2)", "(1,2)", True),  # unsupported tuple: normalised strings compare
+        ("(1, 2)", "(2,1)", False),
+    ],
+)
+def test_symbolic_equivalence(given_, reference, same):
+    assert equivalent(given_, reference) is same
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    [
+        "9^9^9^9",
+        "((9^1000)^1000)^1000",
+        "2^(10^10)",
+        "(x+1)^100000",
+        "(" * 5000 + "1" + ")" * 5000,
+        "1" * 10_000,
+        "sqrt(" * 200 + "2" + ")" * 200,
+        '__import__("os").system("echo pwned")',
+        "1/0",
+        "0^-1",
+        "(x+y+z)^20*(a+b+c)^20*(d+f+g)^20",
+        "sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(2)))))))))))))))))",
+    ],
+)
+def test_hostile_answers_are_refused_quickly(hostile):
+    assert equivalent(hostile, "1") is False
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet="0123456789+-*/^().x\\{}fracsqrtpi ,", max_size=60))
+def test_grader_never_raises_on_random_expressions(text):
+    assert equivalent(text, "2") in (True, False)
+
+
+@pytest.mark.parametrize(
+    "completion, answer",
+    [
+        (r"so \boxed{\frac{3}{4}} and \boxed{7}", "7"),
+        (r"\boxed{\frac{3}{4}}", r"\frac{3}{4}"),
+        ("step 1\nstep 2\nThe final answer is 42.", "42"),
+        ("so x = 5", "5"),
+        ("   ", None),
+    ],
+)
+def test_extract_answer(completion, answer):
+    assert extract_answer(completion) == answer
+
+
+# ---------------------------------------------------------------- JSONL loader
+
+
+def test_jsonl_task_loads_and_grades(tmp_path):
+    path = tmp_path / "math.jsonl"
+    rows = [{"prompt": "Half of one?", "answer": r"\frac{1}{2}"}, {"problem": "2+2?", "answer": 4, "x": 1}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n")
+    task = setup_task(TaskConfig(name=f"jsonl:{path}"))
+    assert isinstance(task, MathJsonl) and task.num_problems == 2
+    assert task.problem(1) == Problem(1, "2+2?", "4")
+    assert task.score(task.problem(0), r"It is \boxed{0.5}") == 1.0
+    assert task.score(task.problem(0), r"It is \boxed{0.6}") == 0.0
+    assert task.score(task.problem(1), "so the answer is 4") == 1.0
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"prompt": "a", "answer": "1"}\n{"prompt": "b", "answer": "2"\n', ":2: not valid JSON"),
+        ('{"prompt": "a", "answer": "1"}\n\n["x"]\n', ":3: expected a JSON object"),
+        ('{"prompt": "a"}\n', ":1: needs an 'answer'"),
+        ('{"prompt": "a", "answer": true}\n', ":1: needs an 'answer'"),
+        ('{"answer": "1"}\n', ":1: needs a non-empty string 'prompt'"),
+        ('{"prompt": "a", "answer": ""}\n', ":1: answer must be"),
+        ("\n\n", "no problems"),
+    ],
+)
+def test_jsonl_errors_name_the_line(tmp_path, content, message):
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(TaskDataError, match=message):
+        MathJsonl(path)
+
+
+def test_jsonl_missing_and_binary_files(tmp_path):
+    with pytest.raises(TaskDataError, match="cannot read"):
+        MathJsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "bin.jsonl").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(TaskDataError, match="not UTF-8"):
+        MathJsonl(tmp_path / "bin.jsonl")
+
+
+# ---------------------------------------------------------------- seeded prompt choice
+
+
+def test_node_seed_int_is_first_eight_bytes():
+    assert node_seed_int(bytes(range(32))) == 0x0001020304050607
+    with pytest.raises(ValueError):
+        node_seed_int(b"short")
+
+
+def test_sample_batch_follows_spec_b3_and_reproduces():
+    task = Arithmetic()
+    seed = node_seed_int(bytes.fromhex("ff" * 32))
+    batch = sample_batch(task, seed, step=7, batch_counter=2, batch_size=16, length_targets=(100, 200, 300))
+    rng = np.random.default_rng(seed * 2 + 7)
+    assert [p.problem_index for p in batch] == rng.integers(0, task.num_problems, 16).tolist()
+    assert batch == sample_batch(task, seed, 7, 2, 16, (100, 200, 300))
+    assert {p.target_length for p in batch} <= {100, 200, 300}
+    assert len({p.target_length for p in batch}) > 1
+    assert batch != sample_batch(task, seed, 7, 3, 16, (100, 200, 300))
+    assert batch != sample_batch(task, seed + 1, 7, 2, 16, (100, 200, 300))
+    # same indices whether or not targets are drawn (targets come after, from the same rng)
+    off = sample_batch(task, seed, 7, 2, 16)
+    assert [p.problem_index for p in off] == [p.problem_index for p in batch]
+    assert {p.target_length for p in off} == {0}
+
+
+def test_sample_batch_draws_with_replacement():
+    picks = [p.problem_index for p in sample_batch(Arithmetic(max_operand=1), 12345, 0, 1, 32)]
+    assert len(set(picks)) < len(picks) and set(picks) <= set(range(4))
+
+
+def test_sample_batch_rejects_bad_counters():
+    with pytest.raises(ValueError, match="batch_counter"):
+        sample_batch(Arithmetic(), 1, 0, 0, 4)
+
+
+# ---------------------------------------------------------------- rewards and advantages
+
+
+def test_group_advantages_worked_example_b6():
+    adv = group_advantages(np.array([[1, 0.64, 0, -0.03], [0.3, 0.3, 0.3, 0.3]]))
+    assert adv.dtype == np.float32
+    np.testing.assert_allclose(adv[0], [1.185, 0.471, -0.798, -0.858], atol=1e-3)
+    assert np.all(adv[1] == 0.0)
+    with pytest.raises(ValueError):
+        group_advantages(np.array([[1.0]]))
+
+
+def test_length_reward_modes_b5():
+    assert length_reward(1.0, 4000, 5200, 0.0003, "exact")[0] == pytest.approx(0.64, abs=1e-6)
+    reward, penalty = length_reward(0.0, 4000, 3900, 0.0003, "exact")
+    assert reward == pytest.approx(-0.03, abs=1e-6) and penalty == pytest.approx(0.03, abs=1e-6)
+    assert length_reward(1.0, 4000, 4000, 0.0003, "max")[0] == pytest.approx(0.5)
+    assert length_reward(1.0, 4000, 1000, 0.0003, "max")[0] == 1.0
+    assert length_reward(1.0, 4000, 9000, 0.0003, "max")[0] == 0.0
+    assert length_reward(1.0, 100, 101, 0.0003, "clip") == (0.0, 1.0)
+    assert length_reward(1.0, 100, 100, 0.0003, "clip") == (1.0, 0.0)
+    assert length_reward(1.0, 0, 5000, 0.0003, "exact") == (1.0, 0.0)  # targets off
+
+
+def test_completion_reward_combines_task_and_length():
+    config = TaskConfig(length_targets=(10,), alpha=0.01)
+    task = setup_task(config)
+    problem = task.problem(5)  # What is 0 + 5?
+    assert completion_reward(task, config, problem, "it is 5", 10, 30) == pytest.approx((0.8, 1.0, 0.2))
+
+
+def test_task_config_validation():
+    assert isinstance(setup_task(TaskConfig(thinking=True)), ThinkingFormat)
+    with pytest.raises(ValidationError):
+        TaskConfig(name="gsm8k")
+    with pytest.raises(ValidationError):
+        TaskConfig(length_targets=(0,))
+    with pytest.raises(ValidationError):
+        TaskConfig(lenght_targets=(10,))  # typo is an error, not a silently ignored field
+    with pytest.raises(ValidationError):
+        TaskConfig(length_mode="linear")
+
+
+# ---------------------------------------------------------------- prompt rendering
+
+
+def _tokenizer(chat_template: str | None):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [
+        "<s>",
+        "<unk>",
+        "user",
+        "assistant",
+        ":",
+        "<",
+        ">",
+        "think",
+        "What",
+        "is",
+        "3",
+        "+",
+        "4",
+        "?",
+        "Think",
+        "for",
+        "50",
+        "tokens",
+        "before",
+        "giving",
+        "a",
+        "response",
+        ".",
+    ]
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
+    )
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", unk_token="<unk>")
+    tok.chat_template = chat_template
+    return tok
+
+
+TEMPLATE = (  # jinja trims a newline after a block tag, so newlines are written as expressions
+    "{% for m in messages %}{{ m['role'] + ': ' + m['content'] }}{% if not loop.last %}{{ '\\n' }}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '\\nassistant: ' }}{% endif %}"
+)
+
+
+def test_prompt_rendering_with_chat_template():
+    tok = _tokenizer(TEMPLATE)
+    problem = Problem(0, "What is 3 + 4?", "7")
+    text = render_prompt(tok, problem, 50, thinking=False)
+    assert text == "user: What is 3 + 4? Think for 50 tokens before giving a response.\nassistant: "
+    assert render_prompt(tok, problem, 0, thinking=True) == "user: What is 3 + 4?\nassistant: <think>\n"
+    ids = prompt_token_ids(tok, problem, 50, thinking=False)
+    assert ids == prompt_token_ids(tok, problem, 50, thinking=False)
+    assert tok.convert_ids_to_tokens(ids)[:3] == ["user", ":", "What"]
+    assert tok.convert_ids_to_tokens(ids)[-3:] == [".", "assistant", ":"]
+    assert prompt_token_ids(tok, problem, 50, False) != prompt_token_ids(tok, problem, 0, False)
+
+
+def test_prompt_rendering_without_template_falls_back_to_plain_text():
+    tok = _tokenizer(None)
+    problem = Problem(0, "What is 3 + 4?", "7")
+    assert render_prompt(tok, problem, 0, thinking=False) == "What is 3 + 4?\n"
+    ids = prompt_token_ids(tok, problem, 0, thinking=False)
+    assert tok.convert_ids_to_tokens(ids) == ["What", "is", "3", "+", "4", "?"]
+    assert ids == tok("What is 3 + 4?\n")["input_ids"]  # with the tokenizer's own special tokens
