@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "node"))
-from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of  # noqa: E402
+from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of
 
 COORD = "bench-coordinator"
 

@@ -38,8 +38,13 @@ def run(model, snapshot, samples, collate: str, args) -> dict:
     model.load_state_dict(snapshot)  # same starting weights for both layouts
     rows = args.pad_rows if collate == "padding" else 1
     config = TrainerConfig(
-        collate=collate, seq_len=args.seq_len, micro_batch_rows=rows, optimizer_steps_per_policy_step=1,
-        warmup_steps=0, trainable=args.trainable, loss=LossConfig(aggregation="token_mean"),
+        collate=collate,
+        seq_len=args.seq_len,
+        micro_batch_rows=rows,
+        optimizer_steps_per_policy_step=1,
+        warmup_steps=0,
+        trainable=args.trainable,
+        loss=LossConfig(aggregation="token_mean"),
     )
     return GRPOTrainer(model, config).train_step(samples)
 
@@ -57,7 +62,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
-
     from intellect.coordinator.trainer.packing import first_fit_decreasing
     from intellect.protocol.model import default_model_dir, load_model
 

@@ -22,7 +22,7 @@ class RolloutConfig(BaseModel):
     prompts_per_batch: int = Field(4, ge=1, le=4096, description="Prompts in one node batch (seeded, spec B.3).")
     completions_per_prompt: int = Field(4, ge=2, le=256, description="GRPO group size n.")
     max_new_tokens: int = Field(32, ge=1, le=131072, description="Most output tokens per completion.")
-    temperature: float = Field(1.0, gt=0, le=10, description="Sampling temperature (the loss uses the same tau).")
+    temperature: float = Field(0.6, gt=0, le=10, description="Sampling temperature (the loss uses the same tau).")
 
 
 class CoordinatorConfig(LayeredSettings):

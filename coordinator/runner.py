@@ -27,6 +27,8 @@ def write_run_file(coordinator: Coordinator, path: Path) -> None:
 
 def start_coordinator(config: CoordinatorConfig) -> Coordinator:
     coordinator = Coordinator(config)
+    # the effective settings, for `intellect-node verify` and `report` (and for humans)
+    (config.state_dir / "config.json").write_text(config.model_dump_json(indent=2))
     coordinator.start_swarm()
     write_run_file(coordinator, config.state_dir / "run.toml")
     if config.metrics_port is not None:

@@ -270,6 +270,49 @@ def demo(
                               console=console))
 
 
+@app.command()
+def report(
+    state_dir: Path = typer.Argument(..., help="A coordinator state dir (the demo's: DEMO/coordinator)."),
+    out: Path = typer.Option(None, "--out", help="Folder for the PNGs and summary.md (default STATE_DIR/report)."),
+) -> None:
+    """Plot reward, length, verdicts per node and step time of a run, with a markdown summary."""
+    from intellect.coordinator.report import write_report
+
+    try:
+        paths = write_report(state_dir, out)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    for p in paths:
+        console.print(f"wrote {p}")
+
+
+@app.command()
+def verify(
+    file: Path = typer.Argument(..., help="A signed submission (STATE/sent/*.signed) or a rollout parquet."),
+    coordinator_state: Path = typer.Option(..., "--coordinator-state", help="The run's coordinator state dir."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Policy folder to verify against (default: the "
+                                                               "coordinator's checkpoint of the file's step)."),
+) -> None:
+    """Re-verify a rollout file offline (signature, seeds, rewards, termination, TOPLOC). Exit 0 = valid."""
+    from rich.table import Table
+
+    from intellect.coordinator.verify import verify_file
+
+    try:
+        results = verify_file(file, coordinator_state, checkpoint)
+    except (ValueError, OSError) as e:
+        _fail(str(e))
+    table = Table(title=f"verify {file.name}")
+    for col in ("check", "result", "detail"):
+        table.add_column(col)
+    for r in results:
+        table.add_row(r.name, "[green]pass[/]" if r.ok else "[red]FAIL[/]", r.detail)
+    console.print(table)
+    ok = all(r.ok for r in results)
+    console.print("[green]valid[/]" if ok else "[red]invalid[/]")
+    raise typer.Exit(0 if ok else 1)
+
+
 def main() -> None:
     app()
 

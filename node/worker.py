@@ -43,6 +43,7 @@ from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, se
 logger = logging.getLogger(__name__)
 
 SUBMIT = "submit"  # the coordinator's request handler
+KEEP_SENT = 100
 
 
 class WorkError(Exception):
@@ -220,7 +221,7 @@ class Worker:
         except (SwarmError, TimeoutError, WireRejected) as e:
             self.status.pending = len(list(self.outbox.glob("*.parquet")))
             raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
-        self._record(path, verdict)
+        self._record(path, verdict, envelope)
         self.num_batches += 1
         return verdict
 
@@ -236,7 +237,7 @@ class Worker:
                 continue
             self.submit(path, info)
 
-    def _record(self, path: Path, verdict: Verdict) -> None:
+    def _record(self, path: Path, verdict: Verdict, envelope: bytes) -> None:
         self.status.submitted += 1
         if verdict.accepted:
             self.status.accepted += 1
@@ -246,6 +247,12 @@ class Worker:
             self.status.last_rejection = f"{verdict.reason}: {verdict.detail}"[:200]
         with open(self.verdict_log, "a") as f:
             f.write(json.dumps({"file": path.name, "at": time.time(), **verdict.model_dump()}) + "\n")
+        # keep the signed submission (for `intellect-node verify`), the last KEEP_SENT of them
+        sent = self.config.state_dir / "sent"
+        sent.mkdir(exist_ok=True)
+        (sent / f"{path.stem}.signed").write_bytes(envelope)
+        for old in sorted(sent.glob("*.signed"))[:-KEEP_SENT]:
+            old.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
         self.status.pending = len(list(self.outbox.glob("*.parquet")))
 

@@ -37,7 +37,7 @@ class LossConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _delta_above_clip(self) -> "LossConfig":
+    def _delta_above_clip(self) -> LossConfig:
         # B.9: the two written forms of the loss only agree when delta > 1 + eps_high.
         if self.type == "grpo_two_sided" and self.delta <= 1 + self.eps_high:
             raise ValueError(f"delta ({self.delta}) must exceed 1 + eps_high ({1 + self.eps_high})")

@@ -8,13 +8,12 @@ split or packed. This module sees tensors only: no model, no packing, no optimiz
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
-from torch import Tensor
-
 from intellect.coordinator.trainer.config import LossConfig
+from torch import Tensor
 
 
 @dataclass
@@ -51,7 +50,9 @@ def token_logprobs(logits: Tensor, input_ids: Tensor, temperature: float) -> tup
     return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
 
 
-def grpo_two_sided_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig) -> TokenLoss:
+def grpo_two_sided_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig
+) -> TokenLoss:
     """INTELLECT-2 loss: l = max(-rho_bar A, -c A), rho_bar = clamp(rho, 0, delta), c = clip(rho_bar).
 
     All inputs [R, S]. The cap delta bounds the objective for negative advantages at delta*A and

@@ -7,7 +7,6 @@ Knows a causal LM only as a torch module whose decoder layers are `model.get_dec
 from __future__ import annotations
 
 import torch
-
 from intellect.coordinator.trainer.config import TrainerConfig
 
 
@@ -32,12 +31,12 @@ def select_trainable(model: torch.nn.Module, config: TrainerConfig) -> list[torc
 
 
 def setup_optimizer(parameters: list[torch.nn.Parameter], config: TrainerConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay
-    )
+    return torch.optim.AdamW(parameters, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
 
 
-def setup_scheduler(optimizer: torch.optim.Optimizer, config: TrainerConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def setup_scheduler(
+    optimizer: torch.optim.Optimizer, config: TrainerConfig
+) -> torch.optim.lr_scheduler.LambdaLR:
     """Linear warm-up over `warmup_steps` optimizer steps, then constant (B.10: cosine over 1e19 steps).
 
     Step k (0-based) uses lr * (k + 1) / warmup_steps: unlike transformers' warm-up, whose first

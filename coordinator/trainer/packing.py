@@ -9,8 +9,9 @@ This module knows token ids and advantages only: no model, no tokenizer, no loss
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -54,15 +55,15 @@ class PackedBatch:
         used = (self.sample_ids >= 0).any(0).nonzero()
         return int(used[-1]) + 1 if len(used) else 0
 
-    def rows(self, start: int, stop: int) -> "PackedBatch":
+    def rows(self, start: int, stop: int) -> PackedBatch:
         """The micro-batch made of rows [start, stop)."""
         return PackedBatch(*(t[start:stop] for t in self._tensors()))
 
-    def columns(self, stop: int) -> "PackedBatch":
+    def columns(self, stop: int) -> PackedBatch:
         """The first `stop` columns of every row."""
         return PackedBatch(*(t[:, :stop] for t in self._tensors()))
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return PackedBatch(*(t.to(device) for t in self._tensors()))
 
     def _tensors(self) -> tuple[Tensor, ...]:
@@ -128,7 +129,9 @@ def _checked(samples: Sequence[Sequence[Any]]) -> list[TrainSample]:
     return samples
 
 
-def _layout(samples: Sequence[TrainSample], bins: list[list[int]], seq_len: int, pad_token_id: int) -> PackedBatch:
+def _layout(
+    samples: Sequence[TrainSample], bins: list[list[int]], seq_len: int, pad_token_id: int
+) -> PackedBatch:
     shape = (len(bins), seq_len)
     input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
     position_ids = torch.zeros(shape, dtype=torch.long)

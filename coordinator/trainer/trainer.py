@@ -11,19 +11,19 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
-from torch import Tensor
-
 from intellect.coordinator.trainer import checkpoint
 from intellect.coordinator.trainer._compat import attention_mask_for
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import LossOutput, aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.optim import select_trainable, setup_optimizer, setup_scheduler
 from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack, pad_each, segment_mask
+from torch import Tensor
 
 
 @dataclass
@@ -45,7 +45,9 @@ def drop_zero_advantages(samples: Sequence[Any]) -> tuple[list[TrainSample], int
 class GRPOTrainer:
     """Owns the model's trainable parameters, optimizer and schedule; `train_step` is one policy step."""
 
-    def __init__(self, model: torch.nn.Module, config: TrainerConfig, ref_model: torch.nn.Module | None = None):
+    def __init__(
+        self, model: torch.nn.Module, config: TrainerConfig, ref_model: torch.nn.Module | None = None
+    ):
         if config.loss.kl_coef > 0 and ref_model is None:
             raise ValueError("loss.kl_coef > 0 needs a ref_model")
         self.model, self.config, self.ref_model = model, config, ref_model
@@ -64,7 +66,9 @@ class GRPOTrainer:
         metrics = _sample_metrics(samples, num_dropped)
         if not kept:
             return metrics
-        batches = [self._prepare(chunk) for chunk in _split(kept, self.config.optimizer_steps_per_policy_step)]
+        batches = [
+            self._prepare(chunk) for chunk in _split(kept, self.config.optimizer_steps_per_policy_step)
+        ]
         step_metrics = [self._optimizer_step(batch) for batch in batches]
         self.policy_step += 1
         elapsed = time.perf_counter() - start
@@ -112,12 +116,16 @@ class GRPOTrainer:
             weights_mb.append(weights[start : start + cfg.micro_batch_rows, :width].to(self.device))
         with torch.no_grad():
             old = [self._logprobs(self.model, mb)[0] for mb in micro]
-            ref = [self._logprobs(self.ref_model, mb)[0] if self.ref_model is not None else None for mb in micro]
+            ref = [
+                self._logprobs(self.ref_model, mb)[0] if self.ref_model is not None else None for mb in micro
+            ]
         return OptimizerBatch(micro, weights_mb, old, ref)
 
     def _optimizer_step(self, batch: OptimizerBatch) -> dict[str, float]:
         outputs: list[LossOutput] = []
-        for mb, weights, old, ref in zip(batch.micro_batches, batch.weights, batch.old_logprobs, batch.ref_logprobs):
+        for mb, weights, old, ref in zip(
+            batch.micro_batches, batch.weights, batch.old_logprobs, batch.ref_logprobs
+        ):
             logprobs, entropy = self._logprobs(self.model, mb)
             out = policy_loss(logprobs, entropy, old, mb.advantages, weights, self.config.loss, ref)
             out.loss.backward()  # weights are global to the optimizer batch: plain accumulation

@@ -30,7 +30,6 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import msgpack
-
 from intellect.protocol.identity import Identity
 from intellect.protocol.swarm import (
     PeerKey,

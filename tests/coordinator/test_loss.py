@@ -4,7 +4,6 @@ import math
 
 import pytest
 import torch
-
 from intellect.coordinator.trainer.config import LossConfig
 from intellect.coordinator.trainer.loss import (
     aggregation_weights,
@@ -23,7 +22,8 @@ TABLE = [
 ]
 
 
-def _table_loss(loss_fn, cfg=LossConfig()):
+def _table_loss(loss_fn):
+    cfg = LossConfig()
     advantages = torch.tensor([[row[0] for row in TABLE]])
     ratio = torch.tensor([[row[1] for row in TABLE]], dtype=torch.float64, requires_grad=True)
     out = loss_fn(torch.log(ratio), torch.zeros_like(ratio), advantages, cfg)

@@ -4,10 +4,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from intellect.coordinator.trainer._compat import attention_mask_for
-from intellect.coordinator.trainer.loss import aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.config import LossConfig
+from intellect.coordinator.trainer.loss import aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.packing import (
     PackedBatch,
     TrainSample,
@@ -23,8 +22,13 @@ def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
     )
     config._attn_implementation = attn_implementation
     return LlamaForCausalLM(config).float()
@@ -32,8 +36,12 @@ def tiny_llama(attn_implementation: str = "sdpa", seed: int = 0):
 
 def random_samples(num: int, seed: int = 0) -> list[TrainSample]:
     g = torch.Generator().manual_seed(seed)
+
     def ids(low, high):
-        return torch.randint(1, 1000, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+        return torch.randint(
+            1, 1000, (int(torch.randint(low, high, (1,), generator=g)),), generator=g
+        ).tolist()
+
     return [TrainSample(ids(2, 8), ids(1, 20), float(torch.randn(1, generator=g))) for _ in range(num)]
 
 
@@ -105,8 +113,8 @@ def _loss_and_grads(model, batch: PackedBatch, allowed: torch.Tensor, aggregatio
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters()}
     # completion tokens only: a packed sample's first (prompt) token is predicted across the boundary
-    completion = batch.loss_mask.clone()
-    per_sample = {int(i): logprobs[(batch.sample_ids == i) & completion].detach() for i in batch.sample_ids.unique() if i >= 0}
+    ids = [int(i) for i in batch.sample_ids.unique() if i >= 0]
+    per_sample = {i: logprobs[(batch.sample_ids == i) & batch.loss_mask].detach() for i in ids}
     return out.loss.detach(), grads, per_sample
 
 

@@ -4,7 +4,6 @@ import os
 
 import pytest
 import torch
-
 from intellect.coordinator.trainer.checkpoint import complete_checkpoints, load_latest
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import token_logprobs
@@ -17,16 +16,26 @@ def tiny_llama(seed: int = 0):
 
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=1000, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, tie_word_embeddings=True,
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     )
     return LlamaForCausalLM(config)
 
 
 def samples(num: int = 12, seed: int = 0, advantage: float | None = None):
     g = torch.Generator().manual_seed(seed)
+
     def ids(low, high):
-        return torch.randint(1, 1000, (int(torch.randint(low, high, (1,), generator=g)),), generator=g).tolist()
+        return torch.randint(
+            1, 1000, (int(torch.randint(low, high, (1,), generator=g)),), generator=g
+        ).tolist()
+
     out = []
     for _ in range(num):
         adv = advantage if advantage is not None else float(torch.randn(1, generator=g))
@@ -35,15 +44,24 @@ def samples(num: int = 12, seed: int = 0, advantage: float | None = None):
 
 
 def config(**overrides) -> TrainerConfig:
-    base = dict(lr=3e-3, warmup_steps=0, grad_clip=1.0, seq_len=64, optimizer_steps_per_policy_step=2)
+    base = {
+        "lr": 3e-3,
+        "warmup_steps": 0,
+        "grad_clip": 1.0,
+        "seq_len": 64,
+        "optimizer_steps_per_policy_step": 2,
+    }
     return TrainerConfig(**(base | overrides))
 
 
 def completion_logprob(model, batch) -> float:
     """Mean log-prob of the completion tokens at tau = 0.6."""
     with torch.no_grad():
-        logits = model(input_ids=batch.input_ids, position_ids=batch.position_ids,
-                       attention_mask=segment_mask(batch.sample_ids)).logits
+        logits = model(
+            input_ids=batch.input_ids,
+            position_ids=batch.position_ids,
+            attention_mask=segment_mask(batch.sample_ids),
+        ).logits
     logprobs, _ = token_logprobs(logits, batch.input_ids, 0.6)
     return float(logprobs[batch.loss_mask].mean())
 
@@ -90,7 +108,9 @@ def test_micro_batching_does_not_change_the_update():
     results, metrics = [], []
     for rows in (1, 8):
         model = tiny_llama()
-        trainer = GRPOTrainer(model, config(seq_len=32, micro_batch_rows=rows, optimizer_steps_per_policy_step=1))
+        trainer = GRPOTrainer(
+            model, config(seq_len=32, micro_batch_rows=rows, optimizer_steps_per_policy_step=1)
+        )
         metrics.append(trainer.train_step(data))
         results.append([p.detach() for p in model.parameters()])
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)

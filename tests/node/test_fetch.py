@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of  # noqa: E402
+from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of
 
 COORD = "coord-seed"
 SHARD_KB = 256

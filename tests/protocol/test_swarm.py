@@ -10,10 +10,16 @@ import time
 from collections import Counter
 
 import pytest
-
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import ShardAnnounce, encode_body
-from intellect.protocol.swarm import RemoteError, RequestRefused, SwarmConfig, SwarmError, SwarmJoinError, setup_swarm
+from intellect.protocol.swarm import (
+    RemoteError,
+    RequestRefused,
+    SwarmConfig,
+    SwarmError,
+    SwarmJoinError,
+    setup_swarm,
+)
 from intellect.protocol.swarm.keys import dht_key, manifest_key, shards_key, verify_record
 from intellect.protocol.swarm.shard_server import TokenBucket
 from intellect.protocol.wire import MessageKind, run_id_for, seal
@@ -33,7 +39,7 @@ def test_record_rules_drop_and_count_everything_not_allowed():
     def check(key, subkey, value):
         return verify_record(key, subkey, value, run_id=RUN, coordinator_key=COORD.public_key, stats=stats)
 
-    manifest_by = lambda ident: seal(ident, MessageKind.POLICY_MANIFEST, RUN, b"\x80")  # noqa: E731
+    manifest_by = lambda ident: seal(ident, MessageKind.POLICY_MANIFEST, RUN, b"\x80")
     assert check(shards_key(1), PEER.public_key_hex, announce(PEER)) is not None
     assert check(manifest_key(1), COORD.public_key_hex, manifest_by(COORD)) is not None
     assert check(manifest_key(1), EVIL.public_key_hex, manifest_by(EVIL)) is None  # only the coordinator
