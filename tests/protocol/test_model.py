@@ -60,7 +60,7 @@ def test_concurrent_builds_share_one_folder(model_cache_dir, tiny_model_path):
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] == str(model_cache_dir / "tiny-llama-seed7")
-    assert not [p for p in model_cache_dir.iterdir() if p.name.startswith(".tiny-llama-seed7.")]
+    assert not [p for p in model_cache_dir.iterdir() if p.is_dir() and p.name.startswith(".tiny-llama-seed7.")]
     load_model(model_cache_dir / "tiny-llama-seed7")
 
 
