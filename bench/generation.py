@@ -43,7 +43,6 @@ def best_time(fn, reps: int) -> float:
 
 def bench_torch(model_dir: Path, prompts, args) -> dict:
     import torch
-
     from intellect.node.engine import SamplingParams, TorchEngineConfig, setup_engine
 
     eng = setup_engine(TorchEngineConfig(dtype=args.dtype, max_batch_size=args.batch, threads=args.threads),
@@ -106,6 +105,7 @@ def main() -> None:
                         default=Path(os.environ.get("INTELLECT_MODEL_CACHE", "~/.cache/intellect-node/models")))
     args = parser.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # vLLM logs to stdout; keep the JSON line last
 
     from intellect.protocol.model import default_model_dir
 

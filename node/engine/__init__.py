@@ -11,11 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
-from typing import Annotated, Literal, Union
-
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from typing import Annotated, Literal
 
 from intellect.node.engine.base import Completion, Engine, EngineStats, FinishReason, SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 __all__ = [
     "AutoEngineConfig", "Completion", "Engine", "EngineConfig", "EngineStats", "FinishReason",
@@ -58,9 +57,7 @@ class AutoEngineConfig(_CommonEngineConfig, _VllmFields):
     type: Literal["auto"] = "auto"
 
 
-EngineConfig = Annotated[
-    Union[TorchEngineConfig, VllmEngineConfig, AutoEngineConfig], Field(discriminator="type")
-]
+EngineConfig = Annotated[TorchEngineConfig | VllmEngineConfig | AutoEngineConfig, Field(discriminator="type")]
 _adapter: TypeAdapter = TypeAdapter(EngineConfig)
 
 

