@@ -21,9 +21,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-
 from intellect.protocol import toploc
-from intellect.protocol.toploc import ChunkCheck, ProofRejected, Thresholds
+from intellect.protocol.toploc import DEFAULT_THRESHOLDS, ChunkCheck, ProofRejected, Thresholds
 
 
 def _decoder(model: torch.nn.Module) -> torch.nn.Module:
@@ -101,7 +100,9 @@ class Completion:
     stop: str  # "eos" or "length"
 
 
-def _sample(logits: torch.Tensor, temperature: float, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _sample(
+    logits: torch.Tensor, temperature: float, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [B, V] -> (tokens [B], log-probs [B])."""
     logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
     if temperature == 0:
@@ -168,7 +169,9 @@ def generate_with_proofs(
 
 
 @torch.inference_mode()
-def prefill_final_norm(model: torch.nn.Module, prompt_tokens: list[int], output_tokens: list[int]) -> torch.Tensor:
+def prefill_final_norm(
+    model: torch.nn.Module, prompt_tokens: list[int], output_tokens: list[int]
+) -> torch.Tensor:
     """The n_out - 1 decode rows [n_out - 1, H] recomputed by one prefill (A.10 steps 2-3)."""
     seq = torch.tensor([list(prompt_tokens) + list(output_tokens[:-1])], dtype=torch.int64)
     hidden = _decoder(model)(input_ids=seq).last_hidden_state[0]
@@ -243,19 +246,22 @@ def _prefill_batch(
     for i, s in enumerate(seqs):
         ids[i, : len(s)] = torch.tensor(s)
         mask[i, : len(s)] = 1
-    hidden = _decoder(model)(input_ids=ids, attention_mask=mask).last_hidden_state  # [B, T, H]
+    device = next(model.parameters()).device
+    hidden = _decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, H]
     head = _head(model)
     results = []
     for i, it in enumerate(items):
         p_len, n_out = len(it.prompt), len(it.output)
         rows = hidden[i, p_len - 1 : p_len + n_out - 1]  # [n_out, H]: predict output[0..n_out-1]
         logp = torch.log_softmax(head(rows).float() / (temperature or 1.0), dim=-1)  # [n_out, V]
-        token_lp = logp.gather(1, torch.tensor(it.output).unsqueeze(1)).squeeze(1).tolist()
+        token_lp = logp.gather(1, torch.tensor(it.output, device=device).unsqueeze(1)).squeeze(1).tolist()
         eos_prob = float(logp[-1, eos_ids].exp().sum()) if eos_ids else None
         p = logp.exp()
         entropy = -(p * logp).sum(-1)
         surprise_var = (p * logp.square()).sum(-1) - entropy.square()
-        results.append((rows[1:].to(torch.bfloat16), token_lp, eos_prob, entropy.tolist(), surprise_var.tolist()))
+        results.append(
+            (rows[1:].to(torch.bfloat16), token_lp, eos_prob, entropy.tolist(), surprise_var.tolist())
+        )
     return results
 
 
@@ -264,7 +270,7 @@ def verify_completions(
     prompts: list[list[int]],
     outputs: list[list[int]],
     proofs: list[bytes],
-    thresholds: Thresholds = Thresholds(),
+    thresholds: Thresholds = DEFAULT_THRESHOLDS,
     batch_size: int = 8,
     temperature: float = 1.0,
     eos_token_id: int | list[int] | None = None,
@@ -291,9 +297,18 @@ def verify_completions(
     for start in range(0, len(runnable), batch_size):
         group = runnable[start : start + batch_size]
         for i, (rows, token_lp, eos_prob, entropy, surprise_var) in zip(
-                group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids)):
-            chunk_checks = toploc.verify_proofs(rows, items[i].proofs, chunk_size, topk) if rows.shape[0] else []
+            group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids)
+        ):
+            chunk_checks = (
+                toploc.verify_proofs(rows, items[i].proofs, chunk_size, topk) if rows.shape[0] else []
+            )
             checks[i] = CompletionCheck(
-                toploc.passes(chunk_checks, thresholds), chunk_checks, None, token_lp, eos_prob, entropy, surprise_var
+                toploc.passes(chunk_checks, thresholds),
+                chunk_checks,
+                None,
+                token_lp,
+                eos_prob,
+                entropy,
+                surprise_var,
             )
     return checks
