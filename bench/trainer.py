@@ -1,6 +1,6 @@
 """Benchmark: one GRPO policy step on SmolLM2-135M (CPU, fp32), packed rows vs naive padded batches.
 
-Both runs train the same 32 variable-length completions (prompt 30-60, completion 10-200 tokens,
+Both runs train the same 16 (--num-samples) variable-length completions (prompt 30-60, completion 10-200 tokens,
 random ids, random advantages) from the same starting weights with the same trainer; only
 `collate` differs. Baseline: micro-batches of `--pad-rows` consecutive samples, each right-padded to
 its longest. Packed: first-fit-decreasing rows of `--seq-len` (one row per forward, so the token
@@ -51,9 +51,9 @@ def run(model, snapshot, samples, collate: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-samples", type=int, default=32)
-    parser.add_argument("--seq-len", type=int, default=1024)
-    parser.add_argument("--pad-rows", type=int, default=4, help="samples per padded micro-batch")
+    parser.add_argument("--num-samples", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--pad-rows", type=int, default=2, help="samples per padded micro-batch")
     parser.add_argument("--trainable", default="last_n_layers:4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)

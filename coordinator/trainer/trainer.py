@@ -32,7 +32,7 @@ class OptimizerBatch:
 
     micro_batches: list[PackedBatch]
     weights: list[Tensor]  # per micro-batch [r, S]; over the whole optimizer batch they sum like the loss
-    old_logprobs: list[Tensor]  # per micro-batch [r, S], log pi_old at the start of the policy step
+    old_logprobs: list[Tensor | None]  # per micro-batch [r, S], log pi_old; None: the loss's own forward
     ref_logprobs: list[Tensor | None]  # per micro-batch [r, S] when a KL reference is used
 
 
@@ -66,9 +66,10 @@ class GRPOTrainer:
         metrics = _sample_metrics(samples, num_dropped)
         if not kept:
             return metrics
-        batches = [
-            self._prepare(chunk) for chunk in _split(kept, self.config.optimizer_steps_per_policy_step)
-        ]
+        chunks = _split(kept, self.config.optimizer_steps_per_policy_step)
+        # With one optimizer step the model is still at the step's start when it computes the loss,
+        # so log pi_old is that same forward, detached: skip the separate no-grad pass (B.9).
+        batches = [self._prepare(chunk, need_old=len(chunks) > 1) for chunk in chunks]
         step_metrics = [self._optimizer_step(batch) for batch in batches]
         self.policy_step += 1
         elapsed = time.perf_counter() - start
@@ -99,7 +100,7 @@ class GRPOTrainer:
         self.policy_step, self.optimizer_step = loaded.step, int(loaded.extra["optimizer_step"])
         return True
 
-    def _prepare(self, samples: list[TrainSample]) -> OptimizerBatch:
+    def _prepare(self, samples: list[TrainSample], need_old: bool = True) -> OptimizerBatch:
         cfg = self.config
         if cfg.collate == "packing":
             layout = pack(samples, cfg.seq_len, cfg.pad_token_id)
@@ -115,7 +116,7 @@ class GRPOTrainer:
             micro.append(mb.columns(width).to(self.device))
             weights_mb.append(weights[start : start + cfg.micro_batch_rows, :width].to(self.device))
         with torch.no_grad():
-            old = [self._logprobs(self.model, mb)[0] for mb in micro]
+            old = [self._logprobs(self.model, mb)[0] if need_old else None for mb in micro]
             ref = [
                 self._logprobs(self.ref_model, mb)[0] if self.ref_model is not None else None for mb in micro
             ]
@@ -127,6 +128,7 @@ class GRPOTrainer:
             batch.micro_batches, batch.weights, batch.old_logprobs, batch.ref_logprobs
         ):
             logprobs, entropy = self._logprobs(self.model, mb)
+            old = logprobs.detach() if old is None else old
             out = policy_loss(logprobs, entropy, old, mb.advantages, weights, self.config.loss, ref)
             out.loss.backward()  # weights are global to the optimizer batch: plain accumulation
             outputs.append(out)

@@ -105,18 +105,20 @@ def test_all_zero_advantages_take_no_step():
 
 def test_micro_batching_does_not_change_the_update():
     data = samples(10, seed=3)
-    results, metrics = [], []
+    initial = [p.detach().clone() for p in tiny_llama().parameters()]
+    updates, metrics = [], []
     for rows in (1, 8):
         model = tiny_llama()
         trainer = GRPOTrainer(
             model, config(seq_len=32, micro_batch_rows=rows, optimizer_steps_per_policy_step=1)
         )
         metrics.append(trainer.train_step(data))
-        results.append([p.detach() for p in model.parameters()])
+        updates.append(torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(model.parameters(), initial)]))
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], rel=1e-5)
     assert metrics[0]["grad_norm"] == pytest.approx(metrics[1]["grad_norm"], rel=1e-5)
-    for a, b in zip(*results):  # Adam's first step amplifies float noise of near-zero grads a little
-        assert torch.allclose(a, b, atol=1e-5)
+    # Adam's first step is ~lr * sign(g): float noise can flip a few near-zero gradients, so compare
+    # the whole update rather than every element
+    assert (updates[0] - updates[1]).norm() < 1e-2 * updates[0].norm()
 
 
 def test_last_n_layers_trains_only_those():
@@ -222,3 +224,21 @@ def test_padding_collate_matches_packing():
         metrics.append(GRPOTrainer(tiny_llama(), cfg).train_step(data))
     for key in ("loss", "grad_norm", "entropy"):
         assert metrics[0][key] == pytest.approx(metrics[1][key], rel=1e-4), key
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_step_matches_layouts():
+    # On CUDA the forward runs under bf16 autocast and sdpa gets the bool block mask.
+    from intellect.coordinator.trainer.config import LossConfig
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    data = samples(16, seed=5)
+    metrics = []
+    for collate, rows in (("packing", 1), ("padding", 4)):
+        cfg = config(collate=collate, micro_batch_rows=rows, loss=LossConfig(aggregation="token_mean"))
+        model = tiny_llama().cuda()
+        metrics.append(GRPOTrainer(model, cfg).train_step(data))
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=2e-2)
+    assert metrics[0]["entropy"] == pytest.approx(metrics[1]["entropy"], rel=1e-2)
