@@ -148,7 +148,7 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{cfg} is larger than {_MAX_CONFIG_BYTES} bytes")
     data = json.loads(cfg.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{cfg} is not a JSON object")
+        raise ValueError(f"{cfg} is not a JSON object")  # noqa: TRY004 -- bad user input (STYLE 8)
     return data
 
 
@@ -162,8 +162,8 @@ def model_config_hash(path: Path) -> str:
 
 
 def load_model(
-    path: Path, dtype: "torch.dtype | None" = None, device: str = "cpu"
-) -> "tuple[PreTrainedModel, PreTrainedTokenizerBase]":
+    path: Path, dtype: torch.dtype | None = None, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """(model in eval mode, tokenizer) from a checkpoint folder; dtype defaults to bf16, the
     dtype TOPLOC proofs are made in."""
     import torch

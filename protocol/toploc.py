@@ -62,7 +62,10 @@ class Thresholds:
         )
 
 
-def passes(checks: list[ChunkCheck], thresholds: Thresholds = Thresholds()) -> bool:
+DEFAULT_THRESHOLDS = Thresholds()
+
+
+def passes(checks: list[ChunkCheck], thresholds: Thresholds = DEFAULT_THRESHOLDS) -> bool:
     """True iff every chunk passes (an empty list passes: a completion with n_out <= 1)."""
     return all(thresholds.accepts(c) for c in checks)
 
@@ -140,7 +143,7 @@ def interpolate(xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor:
 
     xs: [C, n] int64, pairwise distinct mod P per row, in [0, P). ys: [C, n] int64. -> [C, n].
     """
-    c, n = xs.shape
+    n = xs.shape[1]
     m = _vanishing_poly(xs)  # [C, n+1]
     pw = _powers(xs, n)  # [C, n, n]
     deriv = (m[:, 1:] * torch.arange(1, n + 1, dtype=torch.int64)) % P  # M'(X), [C, n]
@@ -358,7 +361,7 @@ def verify_chunk_proofs(
         raise ProofRejected(f"{len(plist)} proofs for {len(chunks)} chunks")
     moduli, coeffs = parse_proofs(plist, topk)
     out: list[ChunkCheck] = [ChunkCheck(0, 0.0, 0.0)] * len(chunks)
-    for numel, members in _group_by_length(chunks).items():
+    for members in _group_by_length(chunks).values():
         flat = torch.stack([chunks[i].reshape(-1) for i in members])
         _require_bf16(flat)
         idx, vals = _topk(flat, topk)

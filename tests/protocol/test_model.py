@@ -6,17 +6,24 @@ import sys
 
 import pytest
 import torch
-
 from intellect.protocol.model import load_model, model_config_hash, tiny_model_dir
 
 
 def test_tiny_model_loads_like_a_checkpoint(tiny_model_path, tiny_model):
     model, tok = tiny_model
-    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in tiny_model_path.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {
+        p.name for p in tiny_model_path.iterdir()
+    }
     assert model.dtype == torch.bfloat16 and not model.training
-    assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (49152, 64, 2)
+    assert (model.config.vocab_size, model.config.hidden_size, model.config.num_hidden_layers) == (
+        49152,
+        64,
+        2,
+    )
     assert len(tok) == 49152 and tok.eos_token_id == model.config.eos_token_id
-    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True
+    )
     assert "<|im_start|>user\nhi<|im_end|>" in chat
 
 
@@ -54,13 +61,17 @@ def test_concurrent_builds_share_one_folder(model_cache_dir, tiny_model_path):
         "print(tiny_model_dir(Path(sys.argv[1]), seed=7))"
     )
     procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(model_cache_dir)], stdout=subprocess.PIPE, text=True)
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(model_cache_dir)], stdout=subprocess.PIPE, text=True
+        )
         for _ in range(2)
     ]
     outs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(p.returncode == 0 for p in procs)
     assert outs[0] == outs[1] == str(model_cache_dir / "tiny-llama-seed7")
-    assert not [p for p in model_cache_dir.iterdir() if p.is_dir() and p.name.startswith(".tiny-llama-seed7.")]
+    assert not [
+        p for p in model_cache_dir.iterdir() if p.is_dir() and p.name.startswith(".tiny-llama-seed7.")
+    ]
     load_model(model_cache_dir / "tiny-llama-seed7")
 
 

@@ -5,7 +5,6 @@ import hashlib
 
 import pytest
 import torch
-
 from intellect.protocol import toploc
 from intellect.protocol.toploc import (
     ChunkCheck,
