@@ -16,6 +16,7 @@ where policies come from (`policy_for(step)` is given).
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.protocol.identity import peer_id_of
 from intellect.protocol.messages import Verdict, decode_submission
+from intellect.protocol.model import eos_token_ids
 from intellect.protocol.rollouts import RolloutBatch, RolloutFormatError, read_rollouts
 from intellect.protocol.tasks import (
     Task,
@@ -42,7 +44,30 @@ from intellect.protocol.tasks import (
 )
 from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireRejected, open_envelope
 
+logger = logging.getLogger(__name__)
+
 UNKNOWN_SENDER = "unknown"
+PAUSE_AT_ENV = "INTELLECT_COORD_PAUSE_AT"
+PAUSE_FILE_ENV = "INTELLECT_COORD_PAUSE_FILE"
+
+
+def pause_point(name: str) -> None:
+    """Crash-test hook, a no-op unless the environment variable INTELLECT_COORD_PAUSE_AT names this
+    point (comma-separated list). Then the thread that reaches it writes the name to the file
+    $INTELLECT_COORD_PAUSE_FILE and stops there for good, so that a test can SIGKILL the process at
+    exactly this moment (tests/coordinator/test_crash.py). Points: intake.validating, intake.stored,
+    intake.recorded (intake), train.trained, train.saved (service)."""
+    wanted = os.environ.get(PAUSE_AT_ENV)
+    if not wanted or name not in wanted.split(","):
+        return
+    marker = os.environ.get(PAUSE_FILE_ENV)
+    if marker:
+        tmp = f"{marker}.tmp-{os.getpid()}-{threading.get_ident()}"
+        with open(tmp, "w") as f:
+            f.write(name)
+        os.replace(tmp, marker)
+    logger.warning("paused at %s (%s): waiting to be killed", name, PAUSE_AT_ENV)
+    threading.Event().wait()
 
 
 class Reason(StrEnum):
@@ -141,26 +166,31 @@ class Intake:
         self.rejected_dir = Path(state_dir) / "rejected"
         for d in (self.inbox, self.accepted_dir, self.rejected_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self._record_lock = threading.Lock()
-        self.eos_ids = _eos_ids(tokenizer)
+        # held while a verdict is recorded; the trainer holds it to switch the train step collected
+        self.record_lock = threading.Lock()
+        self.eos_ids = set(eos_token_ids(tokenizer))
 
     # ------------------------------------------------------------------ entry point
 
     def submit(self, data: bytes, on_accept: Callable[[int], None] | None = None) -> Outcome:
         """Validate one submission and record its verdict. Never raises for bad input."""
         sender: bytes | None = None
+        file_sha: str | None = None
         file_path: Path | None = None
         batch = None
         try:
             envelope = self._authenticate(data)
             sender = envelope.sender
             header, rollout_file = self._decode(envelope)
+            file_sha = header.file_sha256  # from here on the verdict names the file
+            self._check_duplicate(header.file_sha256)
             file_path = self._store(self.inbox, header.file_sha256, rollout_file)
+            pause_point("intake.validating")
             batch = self._parse(envelope, header, rollout_file)
             self._check_content(envelope, batch)
             self._check_with_model(batch, header.file_sha256)
         except Rejected as r:
-            return self._reject(r, sender, file_path)
+            return self._reject(r, sender, file_path, file_sha)
         return self._accept(sender, header, batch, file_path, on_accept)
 
     # ------------------------------------------------------------------ checks, in order
@@ -188,9 +218,11 @@ class Intake:
             header, rollout_file = decode_submission(envelope.body, self.config.max_submission_bytes)
         except WireRejected as e:
             raise Rejected(Reason.BAD_SCHEMA, str(e)) from None
-        if self.ledger.is_duplicate(header.file_sha256):
-            raise Rejected(Reason.REPLAY, f"file {header.file_sha256[:12]} was already submitted")
         return header, rollout_file
+
+    def _check_duplicate(self, file_sha256: str) -> None:
+        if self.ledger.is_duplicate(file_sha256):
+            raise Rejected(Reason.REPLAY, f"file {file_sha256[:12]} was already submitted")
 
     def _parse(self, envelope: Envelope, header, rollout_file: bytes) -> RolloutBatch:
         rules = self.rules
@@ -360,7 +392,7 @@ class Intake:
     def _accept(self, sender: bytes, header, batch: RolloutBatch, inbox_path: Path,
                 on_accept: Callable[[int], None] | None) -> Outcome:
         final = self.accepted_dir / inbox_path.name
-        with self._record_lock:
+        with self.record_lock:
             train_step, _ = self.steps()
             try:
                 # re-check under the lock: the train step may have moved while the model ran
@@ -369,24 +401,27 @@ class Intake:
                 return self._reject(r, sender, inbox_path)
             os.replace(inbox_path, final)
             _fsync_dir(self.accepted_dir)
+            pause_point("intake.stored")
             submission = Submission(header.file_sha256, sender.hex(), batch.meta.policy_step, train_step,
                                     len(batch.rows), batch.num_output_tokens, str(final),
                                     _batch_key(sender, batch.meta.policy_step, batch.meta.batch_counter))
             try:
                 self.ledger.record_submission(submission, LedgerVerdict(True, Reason.ACCEPTED))
             except DuplicateSubmission as e:
-                return self._reject(Rejected(Reason.REPLAY, str(e)), sender, None)
+                return self._reject(Rejected(Reason.REPLAY, str(e)), sender, None, header.file_sha256)
             self.ledger.node_seen(sender.hex(), peer_id_of(sender))
             if on_accept is not None:
                 on_accept(train_step)
+        pause_point("intake.recorded")
         verdict = Verdict(file_sha256=header.file_sha256, accepted=True, reason=Reason.ACCEPTED.value,
                           train_step=train_step, credit_tokens=batch.num_output_tokens)
         return Outcome(verdict, sender, batch, final)
 
-    def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None) -> Outcome:
-        file_sha = file_path.stem if file_path is not None else "0" * 64
+    def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None,
+                file_sha: str | None = None) -> Outcome:
+        file_sha = file_path.stem if file_path is not None else file_sha or "0" * 64
         node = sender.hex() if sender is not None else UNKNOWN_SENDER
-        with self._record_lock:
+        with self.record_lock:
             if file_path is not None and file_path.exists():
                 os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
             self.ledger.record_rejection(node, r.reason.value, r.detail,
@@ -395,12 +430,17 @@ class Intake:
         return Outcome(verdict, sender)
 
     def recover_inbox(self) -> int:
-        """After a crash: files in the inbox never got a verdict; the nodes were not acknowledged and
-        will resubmit, so drop them. Returns how many were dropped."""
+        """After a crash: files in the inbox never got a verdict, and a file moved to accepted/ whose
+        verdict never reached the ledger was not accepted either; their nodes were not acknowledged
+        and will resubmit, so drop them. Returns how many were dropped."""
         dropped = 0
         for p in list(self.inbox.glob("*.parquet")) + list(self.inbox.glob("*.part")):
             p.unlink(missing_ok=True)
             dropped += 1
+        for p in self.accepted_dir.glob("*.parquet"):
+            if not self.ledger.is_duplicate(p.stem):
+                p.unlink(missing_ok=True)
+                dropped += 1
         return dropped
 
 
@@ -413,17 +453,6 @@ def _worst_chunk(chunks) -> str:
 
 def _batch_key(sender: bytes, policy_step: int, batch_counter: int) -> str:
     return f"{sender.hex()}:{policy_step}:{batch_counter}"
-
-
-def _eos_ids(tokenizer) -> set[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    for name in ("<|im_end|>", "<|endoftext|>", "<|eot_id|>"):
-        tid = tokenizer.convert_tokens_to_ids(name) if name in tokenizer.get_vocab() else None
-        if tid is not None:
-            ids.add(int(tid))
-    return ids
 
 
 def _fsync_dir(path: Path) -> None:

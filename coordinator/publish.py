@@ -10,7 +10,6 @@ What this module does not know: training; it is handed a checkpoint folder and a
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -18,6 +17,7 @@ from pathlib import Path
 from intellect.protocol.identity import Identity
 from intellect.protocol.manifest import ShardStore, manifest_digest, shard_checkpoint, sign_manifest
 from intellect.protocol.messages import PolicyManifest, ShardAnnounce, encode_body
+from intellect.protocol.model import model_config_hash
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.keys import latest_key, manifest_key, shards_key
@@ -25,12 +25,6 @@ from intellect.protocol.swarm.shard_server import ShardServer
 from intellect.protocol.wire import MessageKind, seal
 
 logger = logging.getLogger(__name__)
-
-
-def model_config_hash(checkpoint: Path) -> str:
-    """sha256 of the folder's config.json (what the engine builds the model from), or of nothing."""
-    config = Path(checkpoint) / "config.json"
-    return hashlib.sha256(config.read_bytes() if config.is_file() else b"").hexdigest()
 
 
 class Publisher:

@@ -175,3 +175,23 @@ def load_model(
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model.to(device).eval(), tokenizer
+
+
+# End-of-turn markers of common chat templates: a chat model ends its answer with these even when
+# the tokenizer's `eos_token` is the document end (e.g. `<|endoftext|>`).
+_END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>")
+
+
+def eos_token_ids(tokenizer, model_dir: str | Path | None = None) -> frozenset[int]:
+    """Token ids that end a completion: the tokenizer's EOS, generation_config.json's
+    `eos_token_id` (int or list) and any chat end-of-turn token the vocabulary has."""
+    ids: set[int] = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen_cfg = Path(model_dir) / "generation_config.json" if model_dir is not None else None
+    if gen_cfg is not None and gen_cfg.is_file():
+        eos = json.loads(gen_cfg.read_text()).get("eos_token_id")
+        ids.update([eos] if isinstance(eos, int) else (eos or []))
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in _END_OF_TURN if t in vocab)
+    return frozenset(ids)

@@ -22,7 +22,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from intellect.node.engine.base import Completion, Engine, SamplingParams, eos_token_ids
+from intellect.node.engine.base import Completion, Engine, SamplingParams
+from intellect.protocol.model import eos_token_ids
 
 CHUNK = 32  # decode rows per TOPLOC proof (spec A.1)
 TOPK = 128

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from intellect.node.engine.base import Completion, Engine, SamplingParams, eos_token_ids
+from intellect.node.engine.base import Completion, Engine, SamplingParams
+from intellect.protocol.model import eos_token_ids
 
 CHUNK = 32
 TOPK = 128
