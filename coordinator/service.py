@@ -3,10 +3,13 @@ next policy, the publisher puts it into the swarm. The async policy loop:
 
     train step s waits for `batches_per_step` accepted batches made by policies >= s - async_level,
     trains, checkpoints (atomically), publishes policy s + 1, announces the new step, repeats.
+    Once step s has taken its batches, newly accepted ones are queued for step s + 1, so nothing
+    accepted while the trainer runs is left behind.
 
 Crash safety: a rollout is acknowledged only after its file is fsynced and its verdict committed
 to the ledger; a checkpoint folder appears only whole. Restarted, the coordinator resumes at the
-last complete checkpoint and finds every accepted rollout of the steps after it in the ledger.
+last complete checkpoint and finds every accepted rollout of the steps after it in the ledger;
+metrics lines of the steps it redoes are dropped, so metrics.jsonl holds each step once.
 
 What this module does not know: how the screen looks (dashboard) or what the CLI flags are.
 """
@@ -15,13 +18,14 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
 from pathlib import Path
 
 from intellect.coordinator.config import CoordinatorConfig
-from intellect.coordinator.intake import Intake, Outcome, RunRules
+from intellect.coordinator.intake import Intake, Outcome, RunRules, pause_point
 from intellect.coordinator.ledger import Ledger
 from intellect.protocol.identity import Identity, load_identity
 from intellect.protocol.messages import RunInfo, encode_body
@@ -87,8 +91,12 @@ class Coordinator:
             logger.info("resumed at policy step %s", self.trainer.policy_step)
         else:
             self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
-        self.train_step = self.trainer.policy_step
-        self.history = _read_jsonl(self.metrics_path)[: self.train_step]
+        self.train_step = self.trainer.policy_step  # the next step to train = the latest policy
+        self.collect_step = self.train_step  # the train step newly accepted rollouts are queued for
+        lines = _read_jsonl(self.metrics_path)
+        self.history = [m for m in lines if m.get("step", -1) < self.train_step]
+        if len(self.history) != len(lines):  # a crash after the metrics line, before its checkpoint
+            _write_jsonl(self.metrics_path, self.history)
 
     def _setup_intake(self) -> None:
         rules = RunRules(run_id=self.run_id, task=setup_task(self.config.task), task_config=self.config.task,
@@ -97,7 +105,7 @@ class Coordinator:
                          max_new_tokens=self.config.rollouts.max_new_tokens,
                          temperature=self.config.rollouts.temperature, async_level=self.config.async_level)
         self.intake = Intake(self.config.intake, rules, self.ledger, self.state_dir, self.tokenizer,
-                             policy_for=self.policy_for, steps=lambda: (self.train_step, self.train_step))
+                             policy_for=self.policy_for, steps=lambda: (self.collect_step, self.train_step))
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
@@ -152,7 +160,7 @@ class Coordinator:
         r = self.config.rollouts
         return RunInfo(run_id=self.run_id, run_name=self.config.run_name, coordinator_peer_id=self.identity.peer_id,
                        coordinator_addrs=self.swarm.visible_addrs()[:16] if self.swarm else [],
-                       task=self.config.task, train_step=self.train_step, latest_policy_step=self.train_step,
+                       task=self.config.task, train_step=self.collect_step, latest_policy_step=self.train_step,
                        async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
                        completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
                        temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir))
@@ -186,25 +194,14 @@ class Coordinator:
 
     def train_once(self) -> dict:
         step = self.train_step
-        submissions = self.ledger.accepted_for_train_step(step)
-        samples, rewards, lengths = [], [], []
-        for sub in submissions:
-            try:
-                batch = read_rollouts(sub.stored_path)
-            except RolloutFormatError as e:  # it was valid when accepted: the disk changed under us
-                logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
-                continue
-            for row in batch.rows:
-                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward))
-                rewards.append(row.reward)
-                lengths.append(len(row.output_tokens))
+        with self.intake.record_lock:  # from here on, accepted rollouts are queued for step + 1
+            submissions = self.ledger.accepted_for_train_step(step)
+            self.collect_step = step + 1
+        samples, rewards, lengths = self._load_samples(submissions)
         started = time.perf_counter()
         metrics = self.trainer.train_step(samples)
+        pause_point("train.trained")
         self.trainer.policy_step = step + 1  # a step with only zero advantages still moves the policy version
-        self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
-        self.train_step = step + 1
-        self.publisher.publish(self.policy_dir(self.train_step), self.train_step, shard_size=self.config.shard_size)
-        self.announce()
         counts = self.ledger.counts_by_reason()
         metrics = {
             "step": step,
@@ -218,10 +215,31 @@ class Coordinator:
             "step_s": time.perf_counter() - started,
             "at": time.time(),
         } | {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-        self.history.append(metrics)
+        # the line goes first: a crash before the checkpoint is whole redoes the step, and the
+        # restart drops this line, so the file never skips a step
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+        pause_point("train.saved")
+        self.train_step = step + 1
+        self.publisher.publish(self.policy_dir(self.train_step), self.train_step, shard_size=self.config.shard_size)
+        self.announce()
+        self.history.append(metrics)
         return metrics
+
+    def _load_samples(self, submissions) -> tuple[list, list[float], list[int]]:
+        samples, rewards, lengths = [], [], []
+        for sub in submissions:
+            try:
+                batch = read_rollouts(sub.stored_path)
+            except RolloutFormatError as e:  # it was valid when accepted: the disk changed under us
+                logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
+                continue
+            for row in batch.rows:
+                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward))
+                rewards.append(row.reward)
+                lengths.append(len(row.output_tokens))
+        return samples, rewards, lengths
 
     def join_command(self) -> str:
         addrs = self.swarm.visible_addrs() if self.swarm else []
@@ -249,3 +267,9 @@ def _read_jsonl(path: Path) -> list[dict]:
         return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     except (OSError, ValueError):
         return []
+
+
+def _write_jsonl(path: Path, lines: list[dict]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    os.replace(tmp, path)

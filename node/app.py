@@ -7,6 +7,7 @@ and a clean shutdown. The screen is `tui`; `--headless` logs instead.
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
@@ -29,6 +30,7 @@ class NodeApp:
         config.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity, created = load_identity(config.state_dir, create=True)
         self.status = NodeStatus(peer_id=self.identity.peer_id, run_id=config.run_id)
+        self._restore_totals(config.state_dir / "verdicts.jsonl")
         self.status_path = config.state_dir / "status.json"
         self.stop = threading.Event()
         self.swarm = None
@@ -52,6 +54,28 @@ class NodeApp:
         self.worker = Worker(self.config, self.identity, self.swarm, self.fetcher, self.status)
         self._spawn(self.worker.run, "work-loop")
         self._spawn(self._housekeeping, "housekeeping")
+
+    def _restore_totals(self, verdict_log) -> None:
+        """Carry submitted / accepted / rejected / credit over from earlier sessions of this key: the
+        volunteer's contribution must not read 0 after a restart. The worker appends one line per verdict."""
+        try:
+            lines = verdict_log.read_text().splitlines()
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            logger.warning("cannot read %s: %s", verdict_log, e)
+            return
+        s = self.status
+        for line in lines:
+            try:
+                v = json.loads(line)
+                accepted, credit = bool(v["accepted"]), int(v.get("credit_tokens", 0))
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash
+            s.submitted += 1
+            s.accepted += accepted
+            s.rejected += not accepted
+            s.credit += credit if accepted else 0
 
     def _spawn(self, target, name: str) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -109,9 +133,17 @@ class NodeApp:
             self._threads[0].join(0.2)
         return True
 
-    def close(self) -> None:
+    def close(self, grace_s: float = 30.0) -> None:
+        """Stop: the work loop finishes its current step (a batch being generated is kept in the outbox)
+        before the engine goes. Waiting for it matters: a daemon thread still inside torch when Python
+        exits aborts the process ("terminate called without an active exception", exit 134). After
+        `grace_s` we go on anyway; by then the loop waits on the network, which is safe to abandon."""
         self.stop.set()
         if self.worker is not None:
+            self.worker.stop.set()  # no new turn, no restart backoff
+            self.worker.resume.set()  # leave the pause wait
+            if not self.wait(grace_s):
+                logger.warning("the work loop did not stop within %.0f s; exiting anyway", grace_s)
             self.worker.close()
         self._write_status()
         if self.fetcher is not None:

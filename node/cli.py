@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 keys_app = typer.Typer(help="Manage this node's Ed25519 identity key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
-console = Console()
+console = Console(soft_wrap=True)  # no line breaks inside printed paths, addresses, join lines
 
 StateDir = typer.Option(
     None, "--state-dir", envvar="INTELLECT_NODE_STATE_DIR",

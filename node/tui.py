@@ -6,6 +6,7 @@ It only reads `NodeStatus`; key presses call back into the app.
 
 from __future__ import annotations
 
+import os
 import select
 import sys
 import termios
@@ -51,11 +52,14 @@ def render(s: NodeStatus) -> Panel:
         grid.add_row("last rejection", Text(s.last_rejection, style="red"))
     reward = "-" if s.last_reward is None else f"{s.last_reward:.3f}"
     grid.add_row("credit", f"{s.credit:,} tokens accepted   last reward {reward}")
-    state = Text(s.state.upper(), style=STATE_STYLE.get(s.state, "white"))
+    # a pause takes effect between batches: until then say so, or the key press looks ignored
+    pausing = s.paused and s.state not in ("paused", "error", "stopping", "stopped")
+    label, look = ("PAUSING (finishing this batch)", "paused") if pausing else (s.state.upper(), s.state)
+    state = Text(label, style=STATE_STYLE.get(look, "white"))
     body = [grid]
     if s.error:
         body.append(Text(f"\n{s.error}", style="bold red"))
-    body.append(Text("\n[p] pause/resume   [q] quit", style="dim"))
+    body.append(Text(f"\n[p] {'resume' if s.paused else 'pause'}   [q] quit", style="dim"))
     return Panel(Group(*body), title=Text.assemble("intellect-node · ", state), border_style="cyan")
 
 
@@ -64,19 +68,22 @@ def run_tui(status: NodeStatus, on_pause: Callable[[bool], None], should_stop: C
     fd = sys.stdin.fileno()
     old = termios.tcgetattr(fd)
     tty.setcbreak(fd)
+    quit_pressed = False
     try:
         with Live(render(status), refresh_per_second=4, screen=True) as live:
-            while not should_stop():
-                ready, _, _ = select.select([sys.stdin], [], [], 0.25)
-                if ready:
-                    key = sys.stdin.read(1).lower()
+            while not quit_pressed and not should_stop():
+                ready, _, _ = select.select([fd], [], [], 0.25)
+                # os.read, not sys.stdin.read: the text layer would buffer a second key out of select's sight
+                for key in os.read(fd, 64).decode(errors="ignore").lower() if ready else "":
                     if key == "q":
+                        quit_pressed = True
                         status.state = "stopping"
-                        live.update(render(status))
-                        return
+                        break
                     if key == "p":
                         on_pause(not status.paused)
                 live.update(render(status))
                 time.sleep(0.05)
     finally:
         termios.tcsetattr(fd, termios.TCSADRAIN, old)
+    if quit_pressed:
+        live.console.print("stopping: finishing the current batch ...")

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions that need them
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
+MODEL_CACHE_ENV = "INTELLECT_MODEL_CACHE"
 _MAX_CONFIG_BYTES = 1 << 20  # config.json is a few KB; refuse anything absurd
 
 
@@ -102,6 +103,11 @@ def _convert_smollm2(out: Path) -> None:
     fresh.load_state_dict(src.state_dict())
     fresh.save_pretrained(out)
     _write_smollm2_tokenizer(out)
+
+
+def model_cache_dir() -> Path:
+    """Where converted models are kept across runs: $INTELLECT_MODEL_CACHE or ~/.cache/intellect-node/models."""
+    return Path(os.environ.get(MODEL_CACHE_ENV) or Path.home() / ".cache" / "intellect-node" / "models")
 
 
 def default_model_dir(cache_dir: Path) -> Path:

@@ -27,6 +27,9 @@ class TaskConfig(BaseModel):
     thinking: bool = Field(False, description="open the answer with <think>; reward 0 without </think>")
     max_operand: int = Field(20, ge=1, le=10**6, description="arithmetic: operands in 0..max_operand")
     operators: str = Field("+", description="arithmetic: operator characters drawn from '+-*'")
+    pool: int = Field(0, ge=0, le=10**7, description="arithmetic: use a fixed subset of this many problems (0: all)")
+    instruction: str = Field("", max_length=200,
+                             description='arithmetic: sentence after the question, e.g. "Answer with just the number."')
 
     @field_validator("length_targets")
     @classmethod
@@ -45,7 +48,7 @@ class TaskConfig(BaseModel):
 
 def setup_task(config: TaskConfig) -> Task:
     if config.name == "arithmetic":
-        task: Task = Arithmetic(config.max_operand, config.operators)
+        task: Task = Arithmetic(config.max_operand, config.operators, config.instruction, config.pool)
     else:
         task = MathJsonl(config.name.removeprefix("jsonl:"))
     return ThinkingFormat(task) if config.thinking else task

@@ -329,3 +329,19 @@ def test_prompt_rendering_without_template_falls_back_to_plain_text():
     ids = prompt_token_ids(tok, problem, 0, thinking=False)
     assert tok.convert_ids_to_tokens(ids) == ["What", "is", "3", "+", "4", "?"]
     assert ids == tok("What is 3 + 4?\n")["input_ids"]  # with the tokenizer's own special tokens
+
+
+def test_arithmetic_pool_is_a_fixed_subset_with_an_instruction():
+    from intellect.protocol.tasks import TaskConfig, setup_task
+
+    task = setup_task(TaskConfig(name="arithmetic", pool=40, instruction="Answer with just the number."))
+    again = setup_task(TaskConfig(name="arithmetic", pool=40, instruction="Answer with just the number."))
+    assert task.num_problems == 40
+    problems = [task.problem(i) for i in range(40)]
+    assert [p.prompt for p in problems] == [again.problem(i).prompt for i in range(40)]
+    assert len({p.prompt for p in problems}) == 40
+    assert all(p.prompt.endswith("? Answer with just the number.") for p in problems)
+    p = problems[7]
+    a, b = (int(x) for x in p.prompt.removeprefix("What is ").split("?")[0].split(" + "))
+    assert p.answer == str(a + b) and p.index == 7
+    assert task.score(p, f"The answer is {a + b}.") == 1.0

@@ -1,0 +1,288 @@
+"""The validation pipeline against dishonest nodes: every rejection reason, triggered by a real node.
+
+One coordinator per module (in this process, with its swarm on 127.0.0.1) and three node processes:
+two honest `intellect-node join` nodes and `crafted_node.py`, a node built from the same `Worker` code
+that tampers with its batches before signing them (one key per case). Some crafted submissions go over
+the swarm; the rest come back as signed files that the test hands to `Coordinator.rpc_submit` in the
+order it needs (e.g. the stale batch after two train steps). Each verdict is checked three ways: the
+signed Verdict the node gets, the ledger's record (reason, which key it is charged to) and the strikes.
+
+The tiny random model gives EOS a probability of about 2e-5 everywhere, so the spec's EOS threshold of
+0.1 would reject an honest batch whenever a completion happens to sample EOS (about 1 batch in 100);
+the run uses 1e-6, and the improbable-EOS case is judged with 0.1 switched on for it alone.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+from pathlib import Path
+
+import pytest
+
+from intellect.coordinator.intake import NO_STRIKE, Reason
+from intellect.protocol.identity import Identity, peer_id_of
+from intellect.protocol.messages import Verdict, decode_body
+from intellect.protocol.rollouts import read_rollouts
+from intellect.protocol.wire import MessageKind, open_envelope
+from tests.coordinator.procs import Procs, node_cmd, wait_for
+
+pytestmark = pytest.mark.slow  # one ~60 s set-up (coordinator, three node processes) shared by the module
+
+CRAFTED = Path(__file__).with_name("crafted_node.py")
+OVER_SWARM = ["honest_swarm", "wrong_model", "swapped_proofs", "forged_reward", "bad_signature_swarm"]
+STRIKES_TO_BAN = 3
+
+# every verdict of a case, in order
+EXPECTED = {
+    "honest_swarm": ["accepted"],
+    "wrong_model": ["toploc_failed"],
+    "edited_tokens": ["toploc_failed"],
+    "swapped_proofs": ["toploc_failed"],
+    "forged_reward": ["reward_mismatch"],
+    "forged_advantage": ["advantage_mismatch"],
+    "cherry_picked": ["prompt_mismatch"],
+    "bad_target_length": ["bad_target_length"],
+    "stale_policy": ["stale_policy"],
+    "during_training": ["accepted"],
+    "unknown_policy": ["unknown_policy"],
+    "replay": ["accepted", "replay", "replay"],  # same bytes again, then the same file signed anew
+    "batch_reused": ["accepted", "batch_reused"],
+    "oversize": ["oversize"],
+    "bad_signature": ["bad_envelope"] * 4 + ["accepted"],  # forged as the victim, then the victim itself
+    "bad_signature_swarm": ["bad_envelope"],
+    "wrong_run": ["wrong_run"],
+    "malformed_parquet": ["bad_schema"],
+    "wrong_temperature": ["bad_schema"],
+    "banned": ["reward_mismatch"] * STRIKES_TO_BAN + ["banned"],
+    "stop_without_eos": ["bad_termination"],
+    "length_short": ["bad_termination"],
+    "improbable_eos": ["bad_termination"],
+    "forged_logprobs": ["token_prob_mismatch"],
+}
+# failures that do not prove who sent the bytes are charged to nobody ...
+UNATTRIBUTED = {"oversize", "bad_envelope", "wrong_run", "replay", "banned"}
+# ... except a file that was already accepted, signed anew: an authenticated resend (e.g. a node whose
+# verdict got lost in a crash), charged to its key but without a strike
+CHARGED = {("replay", 2)}
+LEDGER_BATCH_KEY_BUG = pytest.mark.xfail(
+    strict=True, reason="Ledger.record_submission does not store batch_key, so Ledger.batch_seen never "
+                        "finds an accepted batch (coordinator/ledger.py)")
+
+
+def settings(state_dir: Path, model: Path) -> dict:
+    return {
+        "state_dir": state_dir, "run_name": "intake", "model": str(model), "async_level": 1,
+        "batches_per_step": 10_000,  # the test trains when it wants to (train_once)
+        "ban_after_failures": STRIKES_TO_BAN, "threads": 1, "shard_size": 16_000_000,
+        "rollouts": {"prompts_per_batch": 4, "completions_per_prompt": 4, "max_new_tokens": 24, "temperature": 1.0},
+        "task": {"name": "arithmetic", "max_operand": 20, "operators": "+", "length_targets": [16, 24]},
+        "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
+                    "seq_len": 1024},
+        "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 600.0},
+        "intake": {"max_submission_bytes": 256 * 1024, "eos_min_prob": 1e-6, "toploc_fraction": 1.0},
+    }
+
+
+class Run:
+    """The module's coordinator, node processes and every crafted submission's outcome."""
+
+    def __init__(self, tmp: Path, coordinator, procs: Procs) -> None:
+        self.tmp, self.coordinator, self.procs = tmp, coordinator, procs
+        self.crafted: dict = {}
+        self.verdicts: dict[str, list[Verdict]] = {}  # case -> signed verdicts, in order
+        self.ledger_rows: dict[str, list] = {}  # case -> the ledger's VerdictRow for each in-process one
+        self.honest_dirs: list[Path] = []
+
+    def submit(self, case: str, data: bytes) -> Verdict:
+        c = self.coordinator
+        sealed = c.rpc_submit(bytes.fromhex(self.crafted["node_key"]), data)
+        envelope = open_envelope(sealed, run_id=c.run_id, kinds={MessageKind.VERDICT},
+                                 expected_sender=c.identity.public_key)
+        verdict = decode_body(Verdict, envelope.body)
+        self.verdicts.setdefault(case, []).append(verdict)
+        self.ledger_rows.setdefault(case, []).append(c.ledger.recent_verdicts(1)[0])
+        return verdict
+
+    def files(self, case: str) -> list[bytes]:
+        return [Path(f).read_bytes() for f in self.crafted["cases"][case]["files"]]
+
+    def key(self, case: str) -> str:
+        return self.crafted["cases"][case]["key"]
+
+    def strikes(self, key_hex: str) -> int:
+        db = sqlite3.connect(f"file:{self.coordinator.ledger.path}?mode=ro", uri=True)
+        try:
+            row = db.execute("SELECT strikes FROM nodes WHERE public_key = ?", (key_hex,)).fetchone()
+        finally:
+            db.close()
+        return row[0] if row else 0
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, tiny_model_path, model_cache_dir):
+    from intellect.coordinator.config import CoordinatorConfig
+    from intellect.coordinator.runner import start_coordinator
+    from intellect.protocol.model import tiny_model_dir
+
+    tmp = tmp_path_factory.mktemp("intake")
+    wrong_model = tiny_model_dir(model_cache_dir, seed=1)
+    coordinator = start_coordinator(CoordinatorConfig(**settings(tmp / "coordinator", tiny_model_path)))
+    procs = Procs(tmp)
+    r = Run(tmp, coordinator, procs)
+    try:
+        run_file = tmp / "coordinator" / "run.toml"
+        for i in range(2):
+            r.honest_dirs.append(tmp / f"honest{i}")
+            procs.start(f"honest{i}", node_cmd(run_file, r.honest_dirs[-1], max_batches=1))
+        result = tmp / "crafted.json"
+        procs.start("crafted", [sys.executable, str(CRAFTED), "--run-file", str(run_file), "--state-dir",
+                                str(tmp / "crafted"), "--wrong-model", str(wrong_model), "--result", str(result),
+                                "--over-swarm", ",".join(OVER_SWARM)])
+        wait_for(result.exists, 420, "the crafted node's submissions", procs, watch=("crafted",))
+        r.crafted = json.loads(result.read_text())
+        for name in ("crafted", "honest0", "honest1"):
+            assert procs.wait_exit(name, 240) == 0, procs.log_tail(name)
+        submit_crafted(r)
+        yield r
+    finally:
+        procs.close()
+        coordinator.close()
+
+
+def submit_crafted(r: Run) -> None:
+    """Hand the signed files to the coordinator, in the order each case needs."""
+    c = r.coordinator
+    for case in EXPECTED:
+        if case in OVER_SWARM or case in ("stale_policy", "during_training"):
+            continue
+        files = r.files(case)
+        if case == "replay":
+            files = [files[0], files[0], files[1]]
+        if case == "improbable_eos":
+            relaxed = c.intake.config
+            c.intake.config = relaxed.model_copy(update={"eos_min_prob": 0.1})  # the spec's threshold (A.12)
+        try:
+            for data in files:
+                r.submit(case, data)
+        finally:
+            if case == "improbable_eos":
+                c.intake.config = relaxed
+    # A batch arrives while the trainer works on step 0 (it has taken its batches): it must be queued
+    # for step 1. The real trainer runs; the test only slips a real submission in before it.
+    train_step = c.trainer.train_step
+    c.trainer.train_step = lambda samples: (r.submit("during_training", r.files("during_training")[0]),
+                                            train_step(samples))[1]
+    try:
+        c.train_once()
+    finally:
+        del c.trainer.train_step
+    # a second train step: policy 0 falls out of the async window (train step 2 - async level 1 > 0)
+    c.train_once()
+    assert c.train_step == 2
+    for data in r.files("stale_policy"):
+        r.submit("stale_policy", data)
+
+
+def verdicts_of(r: Run, case: str) -> list[dict]:
+    if case in OVER_SWARM:
+        return r.crafted["cases"][case]["verdicts"]
+    return [v.model_dump() for v in r.verdicts[case]]
+
+
+def test_honest_nodes_are_accepted(run):
+    """Both `intellect-node join` processes got their batch accepted, and the ledger credits them."""
+    ledger = run.coordinator.ledger
+    for d in run.honest_dirs:
+        lines = [json.loads(x) for x in (d / "verdicts.jsonl").read_text().splitlines()]
+        assert [v["reason"] for v in lines] == ["accepted"], lines
+        assert lines[0]["credit_tokens"] > 0
+        key = Identity.from_pem((d / "node_key.pem").read_bytes()).public_key_hex
+        node = next(n for n in ledger.node_table() if n.public_key == key)
+        assert (node.accepted, node.rejected, node.banned) == (1, 0, False)
+        assert ledger.credit_of(key) == lines[0]["credit_tokens"]
+        stored = run.coordinator.state_dir / "accepted" / f"{lines[0]['file_sha256']}.parquet"
+        assert read_rollouts(stored).meta.node_public_key == key
+
+
+CASES = [pytest.param(c, marks=LEDGER_BATCH_KEY_BUG) if c == "batch_reused" else c for c in EXPECTED]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_crafted_submission_gets_its_reason(run, case):
+    """The node gets a signed verdict with the expected reason, and the ledger records that reason,
+    charged to the signing key unless the failure does not prove who sent the bytes."""
+    got = verdicts_of(run, case)
+    assert [v["reason"] for v in got] == EXPECTED[case], [(v["reason"], v["detail"]) for v in got]
+    for v in got:
+        assert v["accepted"] == (v["reason"] == "accepted")
+        assert v["accepted"] or v["detail"]
+    rows = run.ledger_rows.get(case)
+    if rows is None:  # sent over the swarm: find the ledger's verdicts of this key
+        rows = [v for v in run.coordinator.ledger.recent_verdicts(10_000)[::-1] if v.node == run.key(case)]
+        if EXPECTED[case] == ["bad_envelope"]:  # charged to nobody; the detail names the claimed key
+            claimed = peer_id_of(bytes.fromhex(run.key(case)))
+            rows = [v for v in run.coordinator.ledger.recent_verdicts(10_000) if claimed in v.detail]
+    assert [row.reason for row in rows] == EXPECTED[case]
+    for i, (row, reason) in enumerate(zip(rows, EXPECTED[case])):
+        charged = reason not in UNATTRIBUTED or (case, i) in CHARGED
+        assert row.node == (run.key(case) if charged else "unknown"), (reason, row)
+
+
+def test_strikes_count_only_proven_failures(run):
+    """Strikes per key = its rejections that prove misbehaviour; bans only after ban_after_failures."""
+    ledger = run.coordinator.ledger
+    for case, reasons in EXPECTED.items():
+        striking = [r for r in reasons if r != "accepted" and Reason(r) not in NO_STRIKE]
+        if case == "batch_reused":
+            continue  # see LEDGER_BATCH_KEY_BUG
+        assert run.strikes(run.key(case)) == len(striking), case
+        assert ledger.is_banned(run.key(case)) == (len(striking) >= STRIKES_TO_BAN), case
+
+
+def test_forged_signatures_do_not_strike_the_claimed_key(run):
+    """Four envelopes claiming the victim's key with bad signatures (more than ban_after_failures), and
+    replays of someone's bytes: no strike, no ban; the victim's own batch is accepted afterwards."""
+    victim = run.key("bad_signature")
+    assert run.strikes(victim) == 0 and not run.coordinator.ledger.is_banned(victim)
+    assert run.verdicts["bad_signature"][-1].accepted
+    assert run.strikes(run.key("replay")) == 0
+
+
+def test_banned_key_is_refused(run):
+    ledger = run.coordinator.ledger
+    striker = run.key("banned")
+    assert ledger.is_banned(striker)
+    assert "reward_mismatch" in ledger.ban_reason(striker)
+    assert run.verdicts["banned"][-1].reason == "banned"
+    assert run.strikes(striker) == STRIKES_TO_BAN  # the refused submission is not a strike
+
+
+def test_only_accepted_files_can_reach_the_trainer(run):
+    """accepted/ holds exactly the ledger's accepted files, each readable; rejected ones are kept
+    apart for audit; the first train step took every batch accepted before it."""
+    c = run.coordinator
+    accepted = {Path(s.stored_path) for step in range(c.train_step + 1) for s in c.ledger.accepted_for_train_step(step)}
+    assert accepted == set((c.state_dir / "accepted").glob("*.parquet"))
+    for path in accepted:
+        read_rollouts(path)
+    assert not accepted & {c.state_dir / "accepted" / p.name for p in (c.state_dir / "rejected").glob("*.parquet")}
+    assert c.history[0]["num_batches"] == len(c.ledger.accepted_for_train_step(0))
+    assert not list((c.state_dir / "inbox").iterdir())
+
+
+def test_batch_accepted_while_training_is_trained_next_step(run):
+    """Accepted after step 0 took its batches: queued for step 1 and trained there, not left behind."""
+    c = run.coordinator
+    verdict = run.verdicts["during_training"][0]
+    assert verdict.accepted and verdict.train_step == 1
+    assert verdict.file_sha256 in {s.content_hash for s in c.ledger.accepted_for_train_step(1)}
+    for step in (0, 1):
+        assert c.history[step]["num_batches"] == len(c.ledger.accepted_for_train_step(step))
+
+
+def test_every_rejection_reason_is_exercised(run):
+    counts = run.coordinator.ledger.counts_by_reason()
+    missing = {r.value for r in Reason} - set(counts) - {"batch_reused"}  # see LEDGER_BATCH_KEY_BUG
+    assert not missing
