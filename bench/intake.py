@@ -46,7 +46,7 @@ def make_coordinator(state_dir: Path, model: Path, args):
                   "max_new_tokens": args.max_tokens, "temperature": 1.0},
         task={"name": "arithmetic", "max_operand": 20, "operators": "+", "length_targets": [16, 24]},
         trainer={"temperature": 1.0}, swarm={"host": "127.0.0.1"},
-        intake={"eos_min_prob": 1e-6})  # the tiny random model puts ~2e-5 on EOS everywhere
+        intake={"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6})  # the tiny random model: P(EOS) ~ 2e-5 everywhere
     return Coordinator(config)
 
 
@@ -132,7 +132,6 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
-
     from intellect.protocol.model import tiny_model_dir
 
     torch.set_num_threads(args.threads)

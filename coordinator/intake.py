@@ -25,8 +25,6 @@ from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
-
 from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.protocol.identity import peer_id_of
@@ -43,6 +41,7 @@ from intellect.protocol.tasks import (
     sample_batch,
 )
 from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireRejected, open_envelope
+from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 

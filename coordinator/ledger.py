@@ -257,6 +257,12 @@ class Ledger:
                 (node, f"automatic: {strikes} failed submissions, last {verdict.reason}", at),
             )
 
+    def requeue(self, submission_ids: list[int], train_step: int) -> None:
+        """Move accepted submissions to a later train step (the trainer took enough for this one)."""
+        with self._transaction():
+            self._db.executemany("UPDATE submissions SET train_step = ? WHERE id = ?",
+                                 [(train_step, i) for i in submission_ids])
+
     def ban(self, node: str, reason: str, at: float | None = None) -> None:
         at = time.time() if at is None else at
         with self._transaction():

@@ -75,7 +75,6 @@ class Coordinator:
 
     def _setup_model(self) -> None:
         import torch
-
         from intellect.coordinator.trainer.trainer import GRPOTrainer
         from intellect.protocol.model import load_model
 
@@ -195,7 +194,12 @@ class Coordinator:
     def train_once(self) -> dict:
         step = self.train_step
         with self.intake.record_lock:  # from here on, accepted rollouts are queued for step + 1
-            submissions = self.ledger.accepted_for_train_step(step)
+            queued = self.ledger.accepted_for_train_step(step)
+            # oldest first: later batches wait for the next step (while fresh enough) instead of
+            # making this one longer than configured
+            submissions, later = queued[: self.config.batches_per_step], queued[self.config.batches_per_step:]
+            fresh = [s.id for s in later if s.policy_step >= step + 1 - self.config.async_level]
+            self.ledger.requeue(fresh, step + 1)
             self.collect_step = step + 1
         samples, rewards, lengths = self._load_samples(submissions)
         started = time.perf_counter()

@@ -12,6 +12,7 @@ or how tokens are sampled (`Engine`).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -26,7 +27,8 @@ from intellect.node.engine import SamplingParams, setup_engine
 from intellect.node.status import NodeStatus
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import RunInfo, SubmissionHeader, Verdict, decode_body, encode_submission
-from intellect.protocol.rollouts import RolloutBatch, RolloutMeta, RolloutRow, rollouts_to_bytes
+from intellect.node.fetch import ShardUnavailable
+from intellect.protocol.rollouts import RolloutBatch, RolloutMeta, RolloutRow, read_rollouts, rollouts_to_bytes
 from intellect.protocol.rollouts import SamplingParams as RolloutSampling
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.keys import run_info_key
@@ -121,7 +123,7 @@ class Worker:
         self.status.state = "fetching"
         try:
             folder = self.fetcher.fetch(step, timeout_s=self.config.policy_wait_s)
-        except Exception as e:  # ShardUnavailable / SwarmError: the swarm may heal; say what is missing
+        except (ShardUnavailable, SwarmError, TimeoutError, OSError) as e:  # the swarm may heal: retry later
             raise WorkError(f"could not fetch policy step {step}: {e}") from e
         if self.engine is None:
             from transformers import AutoTokenizer
@@ -185,8 +187,6 @@ class Worker:
 
     def write(self, batch: RolloutBatch) -> Path:
         data = rollouts_to_bytes(batch)
-        import hashlib
-
         path = self.outbox / f"{batch.meta.policy_step:08d}-{batch.meta.batch_counter:06d}-" \
                              f"{hashlib.sha256(data).hexdigest()[:16]}.parquet"
         tmp = path.with_suffix(".part")
@@ -202,10 +202,6 @@ class Worker:
 
     def submit(self, path: Path, info: RunInfo) -> Verdict | None:
         """Sign and send one rollout file; the file leaves the outbox only once a verdict came back."""
-        import hashlib
-
-        from intellect.protocol.rollouts import read_rollouts
-
         self.status.state = "submitting"
         data = path.read_bytes()
         batch = read_rollouts(data)

@@ -21,7 +21,7 @@ from tests.cli_harness import Procs, command, coordinator_nodes, wait_for
 NODE_FLAGS = ("--engine", "torch", "--threads", "1", "--host", "127.0.0.1", "--headless")
 NODE_ENV = {"INTELLECT_NODE_RESTART_BACKOFF_S": "1"}
 # Refusals an honest node can get on the tiny model: its near-uniform next-token distribution samples EOS
-# now and then (about 1 batch in 30 here) with probability < 0.1, which the termination check refuses.
+# now and then (about 1 batch in 30 here) at a probability below the termination check's floor.
 NO_FAULT = {"bad_termination"}
 
 

@@ -7,10 +7,10 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from intellect.coordinator.ledger import Ledger
 from intellect.protocol.identity import Identity
-from tests.coordinator.procs import Procs, coordinator_cmd, node_cmd, wait_for, write_toml
+
+from tests.coordinator.procs import NODE_ENV, Procs, coordinator_cmd, node_cmd, wait_while_alive, write_toml
 
 ASYNC_LEVEL = 1
 MAX_STEPS = 5
@@ -28,16 +28,16 @@ def run(tmp_path_factory, tiny_model_path):
         "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                     "seq_len": 1024},
         "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0},
-        "intake": {"eos_min_prob": 1e-6},  # see tests/coordinator/test_intake.py
+        "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
     })
     procs = Procs(tmp)
     try:
         procs.start("coordinator", coordinator_cmd(config))
-        wait_for((state / "run.toml").exists, 120, "the coordinator's run file", procs, ("coordinator",))
+        wait_while_alive(procs, (state / "run.toml").exists, 120, "the coordinator's run file", "coordinator")
         nodes = [tmp / "node0", tmp / "node1"]
         for i, d in enumerate(nodes):
-            procs.start(f"node{i}", node_cmd(state / "run.toml", d))
-        assert procs.wait_exit("coordinator", 240) == 0, procs.log_tail("coordinator")  # max_steps reached
+            procs.start(f"node{i}", node_cmd(state / "run.toml", d), env=NODE_ENV)
+        assert procs.wait_exit("coordinator", 240) == 0, procs.tails("coordinator")  # max_steps reached
         for i in range(2):
             procs.kill(f"node{i}")
         yield tmp, state, nodes

@@ -27,15 +27,14 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
-
 from intellect.node.config import NodeConfig
 from intellect.node.engine import TorchEngineConfig, setup_engine
 from intellect.node.fetch import ShardFetcher
 from intellect.node.status import NodeStatus
-from intellect.node.worker import SUBMIT, WorkError, Worker
+from intellect.node.worker import SUBMIT, Worker, WorkError
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import SubmissionHeader, Verdict, decode_body, encode_submission
-from intellect.protocol.rollouts import RolloutBatch, read_rollouts, rollouts_to_bytes
+from intellect.protocol.rollouts import RolloutBatch, rollouts_to_bytes
 from intellect.protocol.swarm import SwarmConfig, setup_swarm
 from intellect.protocol.tasks import completion_reward, group_advantages, setup_task
 from intellect.protocol.toploc_torch import verify_completions
@@ -145,8 +144,15 @@ class CraftedNode:
         self.emit(case, w, self.generate(w))
 
     def case_wrong_model(self, case: str) -> None:
-        w = self.worker(case, engine=self.wrong_engine)  # same architecture, another random init
-        self.emit(case, w, self.generate(w))
+        """Sampled from another model (same architecture, another random init), claiming the log-probs
+        the real policy gives those tokens (one prefill): only the proofs can tell."""
+        w = self.worker(case, engine=self.wrong_engine)
+        batch = self.generate(w)
+        checks = verify_completions(self.base.engine.model, [r.input_tokens for r in batch.rows],
+                                    [r.output_tokens for r in batch.rows], [r.proof for r in batch.rows],
+                                    temperature=self.info.temperature)
+        rows = [dataclasses.replace(r, output_logprobs=c.token_logprobs) for r, c in zip(batch.rows, checks)]
+        self.emit(case, w, dataclasses.replace(batch, rows=rows))
 
     def case_edited_tokens(self, case: str) -> None:
         """After proving, rewrite completion 0 (same length) to end in the right answer (reward 1),

@@ -19,17 +19,29 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
-
 from intellect.coordinator.intake import PAUSE_AT_ENV, PAUSE_FILE_ENV
 from intellect.coordinator.ledger import Ledger
-from intellect.coordinator.trainer.checkpoint import POLICY_DIR, STATE_FILE, WEIGHTS_FILE, complete_checkpoints
+from intellect.coordinator.trainer.checkpoint import (
+    POLICY_DIR,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    complete_checkpoints,
+)
 from intellect.protocol.identity import Identity
 from intellect.protocol.rollouts import read_rollouts
-from tests.coordinator.procs import Procs, coordinator_cmd, free_port, node_cmd, wait_for, write_toml
+
+from tests.coordinator.procs import (
+    NODE_ENV,
+    Procs,
+    coordinator_cmd,
+    free_port,
+    node_cmd,
+    wait_while_alive,
+    write_toml,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +70,7 @@ class Cluster:
             "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                         "seq_len": 1024},
             "swarm": {"host": "127.0.0.1", "port": free_port(), "record_ttl_s": 30.0},
-            "intake": {"eos_min_prob": 1e-6},  # see tests/coordinator/test_intake.py
+            "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
         }
         self.starts = 0
 
@@ -75,9 +87,9 @@ class Cluster:
 
     def start_nodes(self) -> None:
         run_file = self.state / "run.toml"
-        wait_for(run_file.exists, 120, "the coordinator's run file", self.procs, ("coordinator",))
+        wait_while_alive(self.procs, run_file.exists, 120, "the coordinator's run file", "coordinator")
         for i, d in enumerate(self.node_dirs):
-            self.procs.start(f"node{i}", node_cmd(run_file, d) + ["--port", str(self.node_ports[i])])
+            self.procs.start(f"node{i}", node_cmd(run_file, d, "--port", str(self.node_ports[i])), env=NODE_ENV)
 
     def node_addr(self, i: int) -> str:
         from intellect.protocol.swarm.hivemind_backend import libp2p_peer_id
@@ -86,8 +98,8 @@ class Cluster:
         return f"/ip4/127.0.0.1/tcp/{self.node_ports[i]}/p2p/{libp2p_peer_id(key)}"
 
     def wait_paused(self, point: str, timeout: float = 180) -> None:
-        wait_for(lambda: self.marker.exists() and self.marker.read_text() == point, timeout,
-                 f"the coordinator to reach {point}", self.procs, ("coordinator", "node0", "node1"))
+        wait_while_alive(self.procs, lambda: self.marker.exists() and self.marker.read_text() == point, timeout,
+                         f"the coordinator to reach {point}", "coordinator", "node0", "node1")
 
     def kill_coordinator(self) -> None:
         self.procs.kill("coordinator")
@@ -193,8 +205,8 @@ def history(cluster):
         stale = set((c.state / "checkpoints").glob(".tmp-*"))
         c.start_coordinator(None)
         before = c.checkpoint_steps()[-1]
-        tmp_dirs = wait_for(lambda: set((c.state / "checkpoints").glob(".tmp-step_*")) - stale, 180,
-                            "a checkpoint being written", c.procs, ("coordinator",), interval=0.001)
+        tmp_dirs = wait_while_alive(c.procs, lambda: set((c.state / "checkpoints").glob(".tmp-step_*")) - stale,
+                                    180, "a checkpoint being written", "coordinator", interval=0.001)
         c.kill_coordinator()
         c.check_disk()
         left = [p for p in tmp_dirs if p.exists()]
@@ -211,7 +223,7 @@ def history(cluster):
 
     # 7. the rest of the run, to max_steps, without interruption
     c.start_coordinator(None)
-    assert c.procs.wait_exit("coordinator", 300) == 0, c.procs.log_tail("coordinator")
+    assert c.procs.wait_exit("coordinator", 300) == 0, c.procs.tails("coordinator")
     h["final_accepted"] = c.check_disk()
     for i in range(2):
         c.procs.kill(f"node{i}")

@@ -7,9 +7,10 @@ the swarm; the rest come back as signed files that the test hands to `Coordinato
 order it needs (e.g. the stale batch after two train steps). Each verdict is checked three ways: the
 signed Verdict the node gets, the ledger's record (reason, which key it is charged to) and the strikes.
 
-The tiny random model gives EOS a probability of about 2e-5 everywhere, so the spec's EOS threshold of
-0.1 would reject an honest batch whenever a completion happens to sample EOS (about 1 batch in 100);
-the run uses 1e-6, and the improbable-EOS case is judged with 0.1 switched on for it alone.
+The tiny random model gives EOS a probability of about 2e-5 everywhere, below every EOS threshold of
+the defaults (eos_min_prob 0.1, eos_floor_prob 1e-3), so an honest batch in which a completion happens
+to sample EOS (a few batches in 100) would be rejected; the run uses 1e-6 for both, and the
+improbable-EOS case is judged with the defaults switched on for it alone.
 """
 
 from __future__ import annotations
@@ -20,13 +21,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from intellect.coordinator.intake import NO_STRIKE, Reason
+from intellect.coordinator.intake import NO_STRIKE, IntakeConfig, Reason
 from intellect.protocol.identity import Identity, peer_id_of
 from intellect.protocol.messages import Verdict, decode_body
 from intellect.protocol.rollouts import read_rollouts
 from intellect.protocol.wire import MessageKind, open_envelope
-from tests.coordinator.procs import Procs, node_cmd, wait_for
+
+from tests.coordinator.procs import NODE_ENV, Procs, node_cmd, wait_while_alive
 
 pytestmark = pytest.mark.slow  # one ~60 s set-up (coordinator, three node processes) shared by the module
 
@@ -81,7 +82,8 @@ def settings(state_dir: Path, model: Path) -> dict:
         "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                     "seq_len": 1024},
         "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 600.0},
-        "intake": {"max_submission_bytes": 256 * 1024, "eos_min_prob": 1e-6, "toploc_fraction": 1.0},
+        "intake": {"max_submission_bytes": 256 * 1024, "eos_min_prob": 1e-6, "eos_floor_prob": 1e-6,
+                   "toploc_fraction": 1.0},
     }
 
 
@@ -135,15 +137,15 @@ def run(tmp_path_factory, tiny_model_path, model_cache_dir):
         run_file = tmp / "coordinator" / "run.toml"
         for i in range(2):
             r.honest_dirs.append(tmp / f"honest{i}")
-            procs.start(f"honest{i}", node_cmd(run_file, r.honest_dirs[-1], max_batches=1))
+            procs.start(f"honest{i}", node_cmd(run_file, r.honest_dirs[-1], "--max-batches", "1"), env=NODE_ENV)
         result = tmp / "crafted.json"
         procs.start("crafted", [sys.executable, str(CRAFTED), "--run-file", str(run_file), "--state-dir",
                                 str(tmp / "crafted"), "--wrong-model", str(wrong_model), "--result", str(result),
                                 "--over-swarm", ",".join(OVER_SWARM)])
-        wait_for(result.exists, 420, "the crafted node's submissions", procs, watch=("crafted",))
+        wait_while_alive(procs, result.exists, 420, "the crafted node's submissions", "crafted")
         r.crafted = json.loads(result.read_text())
         for name in ("crafted", "honest0", "honest1"):
-            assert procs.wait_exit(name, 240) == 0, procs.log_tail(name)
+            assert procs.wait_exit(name, 240) == 0, procs.tails(name)
         submit_crafted(r)
         yield r
     finally:
@@ -160,9 +162,10 @@ def submit_crafted(r: Run) -> None:
         files = r.files(case)
         if case == "replay":
             files = [files[0], files[0], files[1]]
-        if case == "improbable_eos":
-            relaxed = c.intake.config
-            c.intake.config = relaxed.model_copy(update={"eos_min_prob": 0.1})  # the spec's threshold (A.12)
+        if case == "improbable_eos":  # the default thresholds (spec A.12), for this case alone
+            relaxed, defaults = c.intake.config, IntakeConfig()
+            c.intake.config = relaxed.model_copy(update={"eos_min_prob": defaults.eos_min_prob,
+                                                         "eos_floor_prob": defaults.eos_floor_prob})
         try:
             for data in files:
                 r.submit(case, data)

@@ -172,3 +172,15 @@ def test_sigkill_during_writes_loses_nothing_committed(tmp_path):
         credited = db.execute("SELECT SUM(accepted_completions) FROM credit").fetchone()[0]
         assert credited == 4 * accepted
         db.close()
+
+
+def test_requeue_moves_accepted_submissions_to_a_later_step(tmp_path):
+    from intellect.coordinator.ledger import ACCEPTED, Ledger, Submission, Verdict
+
+    with Ledger(tmp_path / "l.sqlite") as ledger:
+        for i in range(3):
+            ledger.record_submission(Submission(f"{i:064x}", "ab" * 32, 0, 5, 4, 10), Verdict(True, ACCEPTED))
+        rows = ledger.accepted_for_train_step(5)
+        ledger.requeue([r.id for r in rows[1:]], 6)
+        assert [r.content_hash for r in ledger.accepted_for_train_step(5)] == [rows[0].content_hash]
+        assert [r.content_hash for r in ledger.accepted_for_train_step(6)] == [r.content_hash for r in rows[1:]]
