@@ -25,6 +25,8 @@ from enum import StrEnum
 from pathlib import Path
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
 from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.protocol.identity import peer_id_of
@@ -41,7 +43,6 @@ from intellect.protocol.tasks import (
     sample_batch,
 )
 from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireRejected, open_envelope
-from pydantic import BaseModel, ConfigDict, Field
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +120,8 @@ class IntakeConfig(BaseModel):
                                     description="...but honest sampling sometimes picks a less likely EOS, so a batch "
                                                 "fails only when more than this share of its EOS endings are below "
                                                 "eos_min_prob (a node cutting answers short fails most of them)...")
-    eos_floor_prob: float = Field(1e-3, ge=0.0, le=1.0,
-                                  description="...or when any EOS ending is below this floor.")
+    eos_floor_prob: float = Field(0.0, ge=0.0, le=1.0,
+                                  description="...or when any EOS ending is below this floor (0: off).")
     max_logprob_abs_err: float = Field(0.25, gt=0,
                                        description="Largest mean |claimed - recomputed| sampled-token log-prob.")
     max_surprise_z: float = Field(6.0, gt=0,
@@ -173,7 +174,7 @@ class Intake:
         for d in (self.inbox, self.accepted_dir, self.rejected_dir):
             d.mkdir(parents=True, exist_ok=True)
         # held while a verdict is recorded; the trainer holds it to switch the train step collected
-        self.record_lock = threading.Lock()
+        self.record_lock = threading.RLock()  # _accept may call _reject while holding it
         self.eos_ids = set(eos_token_ids(tokenizer))
 
     # ------------------------------------------------------------------ entry point
@@ -362,11 +363,11 @@ class Intake:
         endings = [(i, check.eos_prob) for i, row, check in zip(chosen, rows, checks, strict=True)
                    if row.finish_reason == "stop"]
         for i, p in endings:
-            if p <= cfg.eos_floor_prob:
+            if p < cfg.eos_floor_prob:
                 raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability {p:.2g}, below the "
                                                        f"floor {cfg.eos_floor_prob}")
         low = [i for i, p in endings if p <= cfg.eos_min_prob]
-        if endings and len(low) > cfg.eos_low_fraction * len(endings):
+        if len(low) > 1 + cfg.eos_low_fraction * len(endings):  # one unlikely ending per batch is free
             raise Rejected(Reason.BAD_TERMINATION, f"{len(low)} of {len(endings)} EOS endings have probability <= "
                                                    f"{cfg.eos_min_prob} (rows {low[:8]}); allowed "
                                                    f"{cfg.eos_low_fraction:.0%}")

@@ -198,7 +198,7 @@ class Ledger:
             try:
                 cur = self._db.execute(
                     "INSERT INTO submissions(content_hash, node, policy_step, train_step, num_completions,"
-                    " num_tokens, received_at, stored_path) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    " num_tokens, received_at, stored_path, batch_key) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (
                         s.content_hash,
                         s.node,
@@ -208,6 +208,7 @@ class Ledger:
                         s.num_tokens,
                         at,
                         s.stored_path,
+                        s.batch_key,
                     ),
                 )
             except sqlite3.IntegrityError as e:

@@ -75,6 +75,7 @@ class Coordinator:
 
     def _setup_model(self) -> None:
         import torch
+
         from intellect.coordinator.trainer.trainer import GRPOTrainer
         from intellect.protocol.model import load_model
 

@@ -25,7 +25,7 @@ from rich.text import Text
 
 DEMO_SETTINGS = {
     "run_name": "demo",
-    "async_level": 1,
+    "async_level": 2,  # INTELLECT-2's; 1 wastes batches that finish just after a step change
     "batches_per_step": 2,  # 2 nodes x 4 prompts x 4 completions = 32 completions per step
     "threads": 2,
     "shard_size": 4_000_000,  # small shards: frozen layers keep their hashes, so nodes fetch only what changed

@@ -94,20 +94,24 @@ class Procs:
             if self.procs[n].poll() is not None:
                 raise AssertionError(f"{n} exited with {self.procs[n].returncode}\n{self.tails(n)}")
 
-    def wait_exit(self, name: str, timeout: float) -> int:
-        """The exit status; a process still running after `timeout` prints its threads' stacks (SIGABRT
-        with the fault handler on) and the test fails with them."""
+    def stacks(self, name: str) -> str:
+        """End a stuck process with SIGABRT so that the fault handler prints every thread's stack into
+        its log, and return that log's end. For failure messages only: the process is gone after it."""
         proc = self.procs[name]
-        try:
-            return proc.wait(timeout)
-        except subprocess.TimeoutExpired:
+        if proc.poll() is None:
             proc.send_signal(signal.SIGABRT)
             try:
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 pass
-            raise AssertionError(f"{name} still running {timeout:.0f} s later; its stacks:\n"
-                                 f"{self.tails(name, num_chars=12000)}") from None
+        return f"--- stacks of {name}:\n{self.log(name)[-12000:]}"
+
+    def wait_exit(self, name: str, timeout: float) -> int:
+        """The exit status; a process still running after `timeout` fails the test with its stacks."""
+        try:
+            return self.procs[name].wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running {timeout:.0f} s later\n{self.stacks(name)}") from None
 
     def kill(self, name: str) -> None:
         """SIGKILL the process and its whole group (DHT process, p2pd), as a crash of the machine would."""

@@ -121,7 +121,7 @@ def _run_and_restart(procs: Procs, tmp_path: Path) -> None:
         return len(_steps(procs.log("coordinator"))) >= 3 and all(ledger.get(p, (0, 0))[0] >= 1 for p in peers)
 
     wait_for(everyone_working, 300, "3 train steps with accepted batches from all three nodes",
-             lambda: procs.tails())
+             lambda: procs.tails() + procs.stacks("coordinator"))
     ledger = coordinator_nodes(coord_state)
     assert len(ledger) == 3, ledger
     for state in nodes.values():
@@ -143,7 +143,8 @@ def _run_and_restart(procs: Procs, tmp_path: Path) -> None:
         # the totals on its screen carry on from before the crash (the verdict log is the record)
         return accepted >= accepted_before + 2 and status.get("accepted") == accepted and status
 
-    status = wait_for(back_at_work, 240, "accepted batches from the restarted node", lambda: procs.tails("node2"))
+    status = wait_for(back_at_work, 240, "accepted batches from the restarted node",
+                      lambda: procs.tails() + procs.stacks("coordinator"))
     assert status["peer_id"] == before["peer_id"], "the restart must keep the node's identity"
     ledger = coordinator_nodes(coord_state)
     assert len(ledger) == 3, f"the restarted node must not register as a new peer: {ledger}"

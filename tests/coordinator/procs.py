@@ -1,6 +1,7 @@
 """What the coordinator tests add to `tests/cli_harness.py`: the command lines of a coordinator and a
 node as the demo runs them (one torch thread, loopback, headless), a settings dict written as TOML, a
-free port, and waiting that fails at once when a watched process dies."""
+free port, waiting that fails at once when a watched process dies, and the check of what a train step
+took from the ledger."""
 
 from __future__ import annotations
 
@@ -53,5 +54,15 @@ def wait_while_alive(procs: Procs, check: Callable[[], object], timeout: float, 
     return wait_for(checked, timeout, what, lambda: procs.tails(*watch), interval=interval)
 
 
-__all__ = ["NODE_ENV", "Procs", "coordinator_cmd", "free_port", "node_cmd", "wait_for", "wait_while_alive",
-           "write_toml"]
+def assert_step_took_its_batches(ledger, metrics: dict, batches_per_step: int, async_level: int) -> None:
+    """A step trains the oldest `batches_per_step` batches queued for it; the rest moved on to the next
+    step, except those too old for it (policy < step + 1 - async level), which stay unused."""
+    step = metrics["step"]
+    queued = ledger.accepted_for_train_step(step)
+    assert metrics["num_batches"] == batches_per_step <= len(queued), (metrics, queued)
+    assert all(s.policy_step < step + 1 - async_level for s in queued[batches_per_step:]), queued
+    assert all(step - async_level <= s.policy_step <= step for s in queued), queued
+
+
+__all__ = ["NODE_ENV", "Procs", "assert_step_took_its_batches", "coordinator_cmd", "free_port", "node_cmd",
+           "wait_for", "wait_while_alive", "write_toml"]

@@ -7,10 +7,9 @@ the swarm; the rest come back as signed files that the test hands to `Coordinato
 order it needs (e.g. the stale batch after two train steps). Each verdict is checked three ways: the
 signed Verdict the node gets, the ledger's record (reason, which key it is charged to) and the strikes.
 
-The tiny random model gives EOS a probability of about 2e-5 everywhere, below every EOS threshold of
-the defaults (eos_min_prob 0.1, eos_floor_prob 1e-3), so an honest batch in which a completion happens
-to sample EOS (a few batches in 100) would be rejected; the run uses 1e-6 for both, and the
-improbable-EOS case is judged with the defaults switched on for it alone.
+The tiny random model gives EOS a probability of about 2e-5 everywhere, below eos_min_prob (0.1), so
+honest batches in which completions happen to sample EOS could be rejected; the run uses 1e-6, and the
+improbable-EOS case (one completion cut short with an EOS) is judged with 0.1 and a floor of 1e-3.
 """
 
 from __future__ import annotations
@@ -67,9 +66,7 @@ UNATTRIBUTED = {"oversize", "bad_envelope", "wrong_run", "replay", "banned"}
 # ... except a file that was already accepted, signed anew: an authenticated resend (e.g. a node whose
 # verdict got lost in a crash), charged to its key but without a strike
 CHARGED = {("replay", 2)}
-LEDGER_BATCH_KEY_BUG = pytest.mark.xfail(
-    strict=True, reason="Ledger.record_submission does not store batch_key, so Ledger.batch_seen never "
-                        "finds an accepted batch (coordinator/ledger.py)")
+
 
 
 def settings(state_dir: Path, model: Path) -> dict:
@@ -162,10 +159,10 @@ def submit_crafted(r: Run) -> None:
         files = r.files(case)
         if case == "replay":
             files = [files[0], files[0], files[1]]
-        if case == "improbable_eos":  # the default thresholds (spec A.12), for this case alone
+        if case == "improbable_eos":  # spec A.12's 0.1 and a per-completion floor, for this case alone
             relaxed, defaults = c.intake.config, IntakeConfig()
             c.intake.config = relaxed.model_copy(update={"eos_min_prob": defaults.eos_min_prob,
-                                                         "eos_floor_prob": defaults.eos_floor_prob})
+                                                         "eos_floor_prob": 1e-3})
         try:
             for data in files:
                 r.submit(case, data)
@@ -209,10 +206,7 @@ def test_honest_nodes_are_accepted(run):
         assert read_rollouts(stored).meta.node_public_key == key
 
 
-CASES = [pytest.param(c, marks=LEDGER_BATCH_KEY_BUG) if c == "batch_reused" else c for c in EXPECTED]
-
-
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case", list(EXPECTED))
 def test_crafted_submission_gets_its_reason(run, case):
     """The node gets a signed verdict with the expected reason, and the ledger records that reason,
     charged to the signing key unless the failure does not prove who sent the bytes."""
@@ -238,8 +232,6 @@ def test_strikes_count_only_proven_failures(run):
     ledger = run.coordinator.ledger
     for case, reasons in EXPECTED.items():
         striking = [r for r in reasons if r != "accepted" and Reason(r) not in NO_STRIKE]
-        if case == "batch_reused":
-            continue  # see LEDGER_BATCH_KEY_BUG
         assert run.strikes(run.key(case)) == len(striking), case
         assert ledger.is_banned(run.key(case)) == (len(striking) >= STRIKES_TO_BAN), case
 
@@ -287,5 +279,5 @@ def test_batch_accepted_while_training_is_trained_next_step(run):
 
 def test_every_rejection_reason_is_exercised(run):
     counts = run.coordinator.ledger.counts_by_reason()
-    missing = {r.value for r in Reason} - set(counts) - {"batch_reused"}  # see LEDGER_BATCH_KEY_BUG
+    missing = {r.value for r in Reason} - set(counts)
     assert not missing
