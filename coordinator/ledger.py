@@ -5,7 +5,8 @@ moment (and a power cut), and readers (dashboard) never block the writer. A subm
 verdict, the node's strike count, credit and any automatic ban are written in ONE transaction,
 so a crash can never leave a verdict without its credit or a strike without its ban. The ledger
 does not decide anything: intake hands it verdicts; it only records, counts and bans after
-`max_failures` rejected submissions. Safe to share between threads: one connection behind a lock
+`max_failures` consecutive rejected submissions (an accepted one resets the count). Safe to share
+between threads: one connection behind a lock
 (intake handlers and the trainer loop record from different threads).
 """
 
@@ -215,6 +216,8 @@ class Ledger:
                 raise DuplicateSubmission(f"submission {s.content_hash} is already recorded") from e
             self._verdict(s.node, cur.lastrowid, verdict, at)
             if verdict.accepted:
+                # strikes count consecutive failures: a node that delivers again starts over
+                self._db.execute("UPDATE nodes SET strikes = 0 WHERE public_key = ?", (s.node,))
                 self._db.execute(
                     "INSERT INTO credit(node, accepted_tokens, accepted_completions) VALUES (?, ?, ?) "
                     "ON CONFLICT(node) DO UPDATE SET accepted_tokens = accepted_tokens + excluded.accepted_tokens,"

@@ -95,9 +95,11 @@ def test_automatic_ban_after_max_failures_and_unban(tmp_path):
     with Ledger(tmp_path / "l.sqlite", max_failures=3) as ledger:
         ledger.record_submission(sub("h1"), Verdict(False, "bad_reward"))
         ledger.record_rejection(A, "replay")
-        ledger.record_submission(sub("h2"), OK)  # accepted work does not erase strikes
-        assert not ledger.is_banned(A)
+        ledger.record_submission(sub("h2"), OK)  # accepted work starts the count over
         ledger.record_submission(sub("h3"), Verdict(False, "proof_mismatch"))
+        ledger.record_rejection(A, "replay")
+        assert not ledger.is_banned(A)
+        ledger.record_rejection(A, "bad_schema")  # the third failure in a row
         assert ledger.is_banned(A)
         assert "3 failed submissions" in ledger.ban_reason(A)
         assert not ledger.is_banned(B)
