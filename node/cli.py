@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -195,6 +196,9 @@ def _run_node(cfg, headless: bool) -> None:
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     try:
+        if not headless and not sys.stdin.isatty():
+            console.print("no terminal on stdin: logging status lines instead of the screen (--headless)")
+            headless = True
         if headless:
             _headless_node(node, done)
         else:

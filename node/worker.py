@@ -93,6 +93,7 @@ class Worker:
         batch = self.generate(info, step)
         path = self.write(batch)
         self.submit(path, info)
+        self.status.error = ""  # the last failure's message stays up until a turn succeeds
 
     # ------------------------------------------------------------------ follow_policy -> fetch
 
@@ -278,8 +279,6 @@ class Worker:
         self.status.error = message
         self.status.restarts += 1
         self.stop.wait(self.config.restart_backoff_s)
-        if not self.stop.is_set():
-            self.status.error = ""
 
     def _done(self) -> bool:
         return self.config.max_batches is not None and self.num_batches >= self.config.max_batches

@@ -41,6 +41,7 @@ def run(tmux, tmp_path_factory) -> SimpleNamespace:
     return SimpleNamespace(state=state, run_file=run_file, run_id=info["run_id"], bootstrap=info["bootstrap"])
 
 
+@pytest.mark.slow  # starts the module's coordinator (10-30 s)
 def test_dashboard_shows_run_step_and_nodes_table(tmux, run):
     screen = tmux.wait_screen("coordinator", r"nodes", 60, "the dashboard").string
     assert "intellect-node coordinator" in screen
@@ -100,6 +101,7 @@ def test_node_screen_progress_pause_resume_and_quit(tmux, run, tmp_path):
     wait_for(lambda: not group_alive(pgid), 15, "the node's DHT process and p2pd daemon to end")
 
 
+@pytest.mark.slow  # starts the module's coordinator (10-30 s)
 def test_node_screen_says_the_coordinator_is_missing(tmux, run, tmp_path):
     """A live bootstrap peer but no coordinator for this run: the screen says so in plain words."""
     ghost = ["join", "--bootstrap", run.bootstrap[0], "--run", "no-such-run", "--coordinator", "ab" * 32,
