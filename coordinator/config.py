@@ -55,6 +55,10 @@ class CoordinatorConfig(LayeredSettings):
 
     @model_validator(mode="after")
     def _consistent(self) -> CoordinatorConfig:
+        if self.keep_checkpoints < self.async_level + 1:
+            raise ValueError(f"keep_checkpoints ({self.keep_checkpoints}) must be at least async_level + 1 "
+                             f"({self.async_level + 1}): submissions of every policy still accepted are verified "
+                             "against its checkpoint")
         if abs(self.trainer.temperature - self.rollouts.temperature) > 1e-9:
             raise ValueError(f"trainer.temperature ({self.trainer.temperature}) must equal rollouts.temperature "
                              f"({self.rollouts.temperature}): the loss uses the sampling temperature (spec B.9)")

@@ -344,7 +344,11 @@ class Intake:
         rows = [batch.rows[i] for i in chosen]
         thresholds = Thresholds(self.config.toploc_max_exp_mismatches, self.config.toploc_max_mant_err_mean,
                                 self.config.toploc_max_mant_err_median)
-        checks = verify_completions(self.policy_for(batch.meta.policy_step), [r.input_tokens for r in rows],
+        try:
+            policy = self.policy_for(batch.meta.policy_step)
+        except (OSError, ValueError) as e:  # pruned since the step check: as good as stale
+            raise Rejected(Reason.STALE_POLICY, f"policy step {batch.meta.policy_step} is no longer held: {e}") from None
+        checks = verify_completions(policy, [r.input_tokens for r in rows],
                                     [r.output_tokens for r in rows], [r.proof for r in rows],
                                     thresholds=thresholds, batch_size=self.config.prefill_batch_size,
                                     temperature=self.rules.temperature, eos_token_id=sorted(self.eos_ids))

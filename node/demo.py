@@ -29,7 +29,7 @@ DEMO_SETTINGS = {
     "batches_per_step": 2,  # 2 nodes x 4 prompts x 4 completions = 32 completions per step
     "threads": 2,
     "shard_size": 4_000_000,  # small shards: frozen layers keep their hashes, so nodes fetch only what changed
-    "keep_checkpoints": 2,
+    "keep_checkpoints": 3,  # async_level + 1: every policy still accepted can be verified
     "rollouts": {"prompts_per_batch": 4, "completions_per_prompt": 4, "max_new_tokens": 16, "temperature": 0.7},
     "task": {"name": "arithmetic", "max_operand": 20, "operators": "+", "pool": 40,
              "instruction": "Answer with just the number."},
