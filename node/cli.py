@@ -291,6 +291,49 @@ def report(
 
 
 @app.command()
+def ledger(
+    state_dir: Path = typer.Argument(..., help="A coordinator state dir (it holds ledger.sqlite)."),
+    verdicts: int = typer.Option(10, "--verdicts", help="How many recent verdicts to list."),
+    ban: str = typer.Option(None, "--ban", help="Ban a node by public key (hex)."),
+    unban: str = typer.Option(None, "--unban", help="Lift a node's ban (its strikes start over)."),
+    reason: str = typer.Option("manual", "--reason", help="Why, for --ban."),
+) -> None:
+    """Query a run's ledger: nodes with credit and bans, verdicts by reason, recent verdicts; ban/unban."""
+    from rich.table import Table
+
+    from intellect.coordinator.ledger import Ledger, LedgerError
+
+    path = state_dir / "ledger.sqlite"
+    if not path.is_file():
+        _fail(f"{path} not found: pass the coordinator's state dir")
+    try:
+        with Ledger(path) as led:
+            if ban:
+                led.ban(ban, reason)
+                console.print(f"banned {ban[:16]}...: {reason}")
+            if unban:
+                led.unban(unban)
+                console.print(f"unbanned {unban[:16]}...")
+            nodes = Table(title="nodes")
+            for col in ("peer id", "public key", "accepted", "rejected", "credit (tokens)", "banned"):
+                nodes.add_column(col)
+            for n in led.node_table():
+                nodes.add_row(n.peer_id, n.public_key[:16], str(n.accepted), str(n.rejected), f"{n.tokens:,}",
+                              "[red]yes[/]" if n.banned else "no")
+            console.print(nodes)
+            console.print("verdicts: " + ", ".join(f"{k} {v}" for k, v in sorted(led.counts_by_reason().items())))
+            recent = Table(title=f"last {verdicts} verdicts")
+            for col in ("node", "file", "verdict", "reason", "detail"):
+                recent.add_column(col)
+            for v in led.recent_verdicts(verdicts):
+                recent.add_row(v.node[:12], (v.content_hash or "-")[:12], "accepted" if v.accepted else "rejected",
+                               v.reason, v.detail[:80])
+            console.print(recent)
+    except LedgerError as e:
+        _fail(str(e))
+
+
+@app.command()
 def verify(
     file: Path = typer.Argument(..., help="A signed submission (STATE/sent/*.signed) or a rollout parquet."),
     coordinator_state: Path = typer.Option(..., "--coordinator-state", help="The run's coordinator state dir."),
