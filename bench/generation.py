@@ -43,6 +43,7 @@ def best_time(fn, reps: int) -> float:
 
 def bench_torch(model_dir: Path, prompts, args) -> dict:
     import torch
+
     from intellect.node.engine import SamplingParams, TorchEngineConfig, setup_engine
 
     eng = setup_engine(TorchEngineConfig(dtype=args.dtype, max_batch_size=args.batch, threads=args.threads),

@@ -132,6 +132,7 @@ def main() -> int:
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
+
     from intellect.protocol.model import tiny_model_dir
 
     torch.set_num_threads(args.threads)

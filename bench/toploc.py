@@ -19,6 +19,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
+
 from intellect.protocol import toploc
 from intellect.protocol.model import default_model_dir, load_model, tiny_model_dir
 from intellect.protocol.toploc_torch import generate_with_proofs, prefill_final_norm, verify_completions

@@ -62,6 +62,7 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     import torch
+
     from intellect.coordinator.trainer.packing import first_fit_decreasing
     from intellect.protocol.model import default_model_dir, load_model
 

@@ -24,11 +24,17 @@ import numpy as np
 
 from intellect.node.config import NodeConfig
 from intellect.node.engine import SamplingParams, setup_engine
+from intellect.node.fetch import ShardUnavailable
 from intellect.node.status import NodeStatus
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import RunInfo, SubmissionHeader, Verdict, decode_body, encode_submission
-from intellect.node.fetch import ShardUnavailable
-from intellect.protocol.rollouts import RolloutBatch, RolloutMeta, RolloutRow, read_rollouts, rollouts_to_bytes
+from intellect.protocol.rollouts import (
+    RolloutBatch,
+    RolloutMeta,
+    RolloutRow,
+    read_rollouts,
+    rollouts_to_bytes,
+)
 from intellect.protocol.rollouts import SamplingParams as RolloutSampling
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.keys import run_info_key

@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+
 from intellect.protocol import toploc
 from intellect.protocol.toploc import DEFAULT_THRESHOLDS, ChunkCheck, ProofRejected, Thresholds
 

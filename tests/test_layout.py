@@ -70,7 +70,7 @@ def test_settings_layering_toml_env_flags(tmp_path, monkeypatch):
     from intellect.protocol.settings import ConfigError, load_settings
 
     toml = tmp_path / "run.toml"
-    toml.write_text('run_name = "from-toml"\nasync_level = 3\n[trainer]\nlr = 0.5\n')
+    toml.write_text('run_name = "from-toml"\nasync_level = 3\nkeep_checkpoints = 10\n[trainer]\nlr = 0.5\n')
     assert load_settings(CoordinatorConfig, toml).async_level == 3
     monkeypatch.setenv("INTELLECT_COORD_ASYNC_LEVEL", "4")
     monkeypatch.setenv("INTELLECT_COORD_TRAINER__LR", "0.25")

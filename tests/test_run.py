@@ -7,9 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from intellect.coordinator.ledger import Ledger
 from intellect.protocol.identity import Identity
-
 from tests.coordinator.procs import (
     NODE_ENV,
     Procs,

@@ -12,8 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from intellect.coordinator.trainer.config import LossConfig
 from torch import Tensor
+
+from intellect.coordinator.trainer.config import LossConfig
 
 
 @dataclass

@@ -7,6 +7,7 @@ Knows a causal LM only as a torch module whose decoder layers are `model.get_dec
 from __future__ import annotations
 
 import torch
+
 from intellect.coordinator.trainer.config import TrainerConfig
 
 

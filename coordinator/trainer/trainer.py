@@ -17,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import Tensor
+
 from intellect.coordinator.trainer import checkpoint
 from intellect.coordinator.trainer._compat import attention_mask_for
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import LossOutput, aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.optim import select_trainable, setup_optimizer, setup_scheduler
 from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack, pad_each, segment_mask
-from torch import Tensor
 
 
 @dataclass

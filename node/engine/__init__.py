@@ -13,8 +13,9 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Literal
 
-from intellect.node.engine.base import Completion, Engine, EngineStats, FinishReason, SamplingParams
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from intellect.node.engine.base import Completion, Engine, EngineStats, FinishReason, SamplingParams
 
 __all__ = [
     "AutoEngineConfig", "Completion", "Engine", "EngineConfig", "EngineStats", "FinishReason",

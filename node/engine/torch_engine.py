@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
 from intellect.node.engine.base import Completion, Engine, SamplingParams
 from intellect.protocol.model import eos_token_ids
 

@@ -30,6 +30,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import msgpack
+
 from intellect.protocol.identity import Identity
 from intellect.protocol.swarm import (
     PeerKey,

@@ -27,6 +27,7 @@ import tomllib
 from pathlib import Path
 
 import numpy as np
+
 from intellect.node.config import NodeConfig
 from intellect.node.engine import TorchEngineConfig, setup_engine
 from intellect.node.fetch import ShardFetcher

@@ -22,6 +22,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from intellect.coordinator.intake import PAUSE_AT_ENV, PAUSE_FILE_ENV
 from intellect.coordinator.ledger import Ledger
 from intellect.coordinator.trainer.checkpoint import (
@@ -32,7 +33,6 @@ from intellect.coordinator.trainer.checkpoint import (
 )
 from intellect.protocol.identity import Identity
 from intellect.protocol.rollouts import read_rollouts
-
 from tests.coordinator.procs import (
     NODE_ENV,
     Procs,

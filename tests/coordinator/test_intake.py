@@ -20,12 +20,12 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from intellect.coordinator.intake import NO_STRIKE, IntakeConfig, Reason
 from intellect.protocol.identity import Identity, peer_id_of
 from intellect.protocol.messages import Verdict, decode_body
 from intellect.protocol.rollouts import read_rollouts
 from intellect.protocol.wire import MessageKind, open_envelope
-
 from tests.coordinator.procs import NODE_ENV, Procs, node_cmd, wait_while_alive
 
 pytestmark = pytest.mark.slow  # one ~60 s set-up (coordinator, three node processes) shared by the module

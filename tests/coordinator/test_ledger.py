@@ -10,6 +10,7 @@ import sys
 import textwrap
 
 import pytest
+
 from intellect.coordinator.ledger import (
     ACCEPTED,
     DuplicateSubmission,

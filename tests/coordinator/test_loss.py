@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+
 from intellect.coordinator.trainer.config import LossConfig
 from intellect.coordinator.trainer.loss import (
     aggregation_weights,

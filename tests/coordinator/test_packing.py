@@ -4,6 +4,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from intellect.coordinator.trainer._compat import attention_mask_for
 from intellect.coordinator.trainer.config import LossConfig
 from intellect.coordinator.trainer.loss import aggregation_weights, policy_loss, token_logprobs

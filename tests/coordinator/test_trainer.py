@@ -4,6 +4,7 @@ import os
 
 import pytest
 import torch
+
 from intellect.coordinator.trainer.checkpoint import complete_checkpoints, load_latest
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import token_logprobs

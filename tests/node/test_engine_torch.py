@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+
 from intellect.node.engine import (
     AutoEngineConfig,
     SamplingParams,

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+
 from intellect.node.engine import SamplingParams, TorchEngineConfig, VllmEngineConfig, setup_engine
 from intellect.protocol.model import load_model
 from intellect.protocol.toploc import expected_proof_bytes

@@ -7,7 +7,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from intellect.protocol.identity import Identity
-from intellect.protocol.manifest import ShardStore, check_shard, open_manifest, shard_checkpoint, sign_manifest
+from intellect.protocol.manifest import (
+    ShardStore,
+    check_shard,
+    open_manifest,
+    shard_checkpoint,
+    sign_manifest,
+)
 from intellect.protocol.messages import BODY_TYPES, ShardEntry, decode_body, encode_body
 from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, run_id_for, seal
 

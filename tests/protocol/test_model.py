@@ -6,6 +6,7 @@ import sys
 
 import pytest
 import torch
+
 from intellect.protocol.model import load_model, model_config_hash, tiny_model_dir
 
 

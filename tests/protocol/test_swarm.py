@@ -10,6 +10,7 @@ import time
 from collections import Counter
 
 import pytest
+
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import ShardAnnounce, encode_body
 from intellect.protocol.swarm import (

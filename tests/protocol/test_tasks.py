@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pydantic import ValidationError
+
 from intellect.protocol.tasks import (
     Arithmetic,
     MathJsonl,
@@ -26,7 +28,6 @@ from intellect.protocol.tasks import (
     setup_task,
 )
 from intellect.protocol.tasks.mathgrade import equivalent, extract_answer
-from pydantic import ValidationError
 
 # ---------------------------------------------------------------- arithmetic
 

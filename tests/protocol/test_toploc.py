@@ -5,6 +5,7 @@ import hashlib
 
 import pytest
 import torch
+
 from intellect.protocol import toploc
 from intellect.protocol.toploc import (
     ChunkCheck,

@@ -10,6 +10,7 @@ import copy
 
 import pytest
 import torch
+
 from intellect.protocol import toploc
 from intellect.protocol.model import load_model, tiny_model_dir
 from intellect.protocol.toploc_torch import (
