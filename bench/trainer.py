@@ -53,7 +53,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--num-samples", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--pad-rows", type=int, default=2, help="samples per padded micro-batch")
+    parser.add_argument("--pad-rows", type=int, default=8, help="samples per padded micro-batch (naive: each padded "
+                                                                "to the longest in it, like a padding collator)")
+    parser.add_argument("--random-init", type=Path, default=None,
+                        help="build the model from this folder's config.json with random weights (speed does not "
+                             "depend on weight values; for machines without the SmolLM2 package)")
+    parser.add_argument("--device", default="cpu")
     parser.add_argument("--trainable", default="last_n_layers:4")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -68,7 +73,12 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    model, _ = load_model(default_model_dir(args.cache_dir), dtype=torch.float32, device="cpu")
+    if args.random_init is not None:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(args.random_init)).to(args.device)
+    else:
+        model, _ = load_model(default_model_dir(args.cache_dir), dtype=torch.float32, device=args.device)
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     samples = make_samples(args.num_samples, model.config.vocab_size, args.seed)
     run(model, snapshot, samples[:2], "packing", args)  # warm-up: first-call allocations, kernels
@@ -80,7 +90,8 @@ def main() -> None:
     num_bins = len(first_fit_decreasing(lengths, args.seq_len))
     result = {
         "bench": "trainer",
-        "model": "SmolLM2-135M-Instruct (fp32, CPU)",
+        "model": f"SmolLM2-135M-Instruct ({'random init, ' if args.random_init else ''}fp32, {args.device})",
+        "pad_rows": args.pad_rows,
         "threads": args.threads,
         "num_samples": args.num_samples,
         "real_tokens": sum(lengths),
