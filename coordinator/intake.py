@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
+from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.identity import peer_id_of
 from intellect.protocol.messages import Verdict, decode_submission
 from intellect.protocol.model import eos_token_ids
@@ -412,12 +413,7 @@ class Intake:
 
     def _store(self, folder: Path, sha256: str, data: bytes) -> Path:
         path = folder / f"{sha256}.parquet"
-        tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, [data])
         return path
 
     def _accept(self, sender: bytes, header, batch: RolloutBatch, inbox_path: Path,
@@ -431,7 +427,7 @@ class Intake:
             except Rejected as r:
                 return self._reject(r, sender, inbox_path)
             os.replace(inbox_path, final)
-            _fsync_dir(self.accepted_dir)
+            fsync_dir(self.accepted_dir)
             pause_point("intake.stored")
             submission = Submission(header.file_sha256, sender.hex(), batch.meta.policy_step, train_step,
                                     len(batch.rows), batch.num_output_tokens, str(final),
@@ -484,12 +480,3 @@ def _worst_chunk(chunks) -> str:
 
 def _batch_key(sender: bytes, policy_step: int, batch_counter: int) -> str:
     return f"{sender.hex()}:{policy_step}:{batch_counter}"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-

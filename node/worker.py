@@ -26,6 +26,7 @@ from intellect.node.config import NodeConfig
 from intellect.node.engine import SamplingParams, setup_engine
 from intellect.node.fetch import ShardUnavailable
 from intellect.node.status import NodeStatus
+from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import RunInfo, SubmissionHeader, Verdict, decode_body, encode_submission
 from intellect.protocol.rollouts import (
@@ -196,12 +197,7 @@ class Worker:
         data = rollouts_to_bytes(batch)
         path = self.outbox / f"{batch.meta.policy_step:08d}-{batch.meta.batch_counter:06d}-" \
                              f"{hashlib.sha256(data).hexdigest()[:16]}.parquet"
-        tmp = path.with_suffix(".part")
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        atomic_write(path, [data])
         self.status.pending = len(list(self.outbox.glob("*.parquet")))
         return path
 

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import FileEntry, PolicyManifest, ShardEntry, decode_body, encode_body
 from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, seal
@@ -50,22 +51,6 @@ def checkpoint_files(src: Path) -> list[Path]:
     return files
 
 
-def _fsync_write(path: Path, chunks: Iterable[bytes]) -> None:
-    """Write atomically: temp file in the same folder, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            for chunk in chunks:
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 class ShardStore:
     """A folder of verified shards named by their sha256. Writes are atomic, so a shard file that
     exists is whole; `put` refuses bytes whose hash is not the name."""
@@ -84,7 +69,7 @@ class ShardStore:
         check_shard(entry, data)
         path = self.path(entry.sha256)
         if not path.exists():
-            _fsync_write(path, [data])
+            atomic_write(path, [data])
         return path
 
     def get(self, sha256: str) -> bytes | None:
@@ -172,12 +157,12 @@ def assemble(manifest: PolicyManifest, shard_path: Callable[[str], Path | None],
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.", suffix=".part"))
     try:
         for f in manifest.files:
-            _fsync_write(tmp / f.name, _verified_chunks(f, shard_path))
-        _fsync_dir(tmp)
+            atomic_write(tmp / f.name, _verified_chunks(f, shard_path))
+        fsync_dir(tmp)
         if out_dir.exists():
             _remove_tree(out_dir)
         os.replace(tmp, out_dir)
-        _fsync_dir(out_dir.parent)
+        fsync_dir(out_dir.parent)
     except BaseException:
         _remove_tree(tmp)
         raise
@@ -211,14 +196,6 @@ def verify_folder(manifest: PolicyManifest, folder: Path) -> bool:
         if not p.is_file() or p.stat().st_size != f.size or sha256_file(p) != f.sha256:
             return False
     return True
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _remove_tree(path: Path) -> None:

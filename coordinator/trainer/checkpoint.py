@@ -26,6 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from intellect.protocol.files import fsync_dir
+
 POLICY_DIR = "policy"
 WEIGHTS_FILE = "weights.safetensors"
 STATE_FILE = "trainer_state.pt"
@@ -143,7 +145,7 @@ def _replace_dir(tmp: Path, final: Path) -> None:
         old = final.with_name(f".tmp-old-{final.name}-{os.getpid()}")
         os.rename(final, old)
     os.rename(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     if old is not None:
         shutil.rmtree(old)
 
@@ -160,15 +162,7 @@ def _fsync_tree(root: Path) -> None:
         for name in files:
             with open(os.path.join(folder, name), "rb") as handle:
                 os.fsync(handle.fileno())
-        _fsync_dir(Path(folder))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fsync_dir(Path(folder))
 
 
 def _rng_state() -> dict[str, Any]:
