@@ -93,12 +93,13 @@ def _steps(log: str) -> list[int]:
 def test_coordinator_and_three_nodes_survive_a_killed_node(tmp_path):
     procs = Procs(tmp_path)
     try:
-        _run_and_restart(procs, tmp_path)
+        assert _run_and_restart(procs, tmp_path) >= 3
     finally:
         procs.close()
 
 
-def _run_and_restart(procs: Procs, tmp_path: Path) -> None:
+def _run_and_restart(procs: Procs, tmp_path: Path) -> int:
+    """Returns how many train steps the coordinator completed; asserts everything on the way."""
     coord_state = tmp_path / "coordinator"
     procs.start("coordinator", command("coordinator", "--model", "tiny", "--state-dir", str(coord_state),
                                        "--host", "127.0.0.1", "--port", "0", "--threads", "1", "--headless"))
@@ -166,3 +167,4 @@ def _run_and_restart(procs: Procs, tmp_path: Path) -> None:
         assert re.search(r"stopped: submitted \d+, accepted \d+", procs.log(name)), procs.tails(name)
     procs.procs["coordinator"].send_signal(signal.SIGTERM)
     assert procs.wait_exit("coordinator", timeout=90) == 0, procs.tails("coordinator")
+    return len(_steps(procs.log("coordinator")))

@@ -202,10 +202,12 @@ def test_fuzz_mutated_valid_file(edits):
 def test_every_single_byte_corruption_is_handled():
     """Deterministic sweep beside the random fuzzing: each byte of a valid file set to 0x80
     (invalid UTF-8 start byte, high bit set in lengths and ids) in turn."""
+    rejected = 0
     for pos in range(len(VALID)):
         data = bytearray(VALID)
         data[pos] = 0x80 if data[pos] != 0x80 else 0x00
         try:
             read_rollouts(bytes(data))
         except RolloutFormatError:
-            pass
+            rejected += 1
+    assert rejected > 0  # and nothing but RolloutFormatError escaped
