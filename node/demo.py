@@ -6,7 +6,7 @@ The recipe is chosen so that the mean reward of SmolLM2-135M-Instruct rises with
 right, on a fixed set of 40 such problems (so the first and last steps are scored on the same kind of
 problems, not on a luckier draw). The model is right about a third of the time at step 0, so GRPO has
 signal from the start.
-Answers are short (16 tokens at most), 8 prompts x 4 samples per step, temperature 0.7, and only the
+Answers are short (16 tokens at most), 8 prompts x 8 samples per step, temperature 0.7, and only the
 last 8 of 30 layers train (lr 1e-4), which keeps a CPU step short. No supervised warm start.
 Everything else is the real system: swarm, shards, proofs, validation.
 """
@@ -26,11 +26,12 @@ from rich.text import Text
 DEMO_SETTINGS = {
     "run_name": "demo",
     "async_level": 2,  # INTELLECT-2's; 1 wastes batches that finish just after a step change
-    "batches_per_step": 2,  # 2 nodes x 4 prompts x 4 completions = 32 completions per step
+    "batches_per_step": 2,  # 2 batches x 4 prompts x 8 completions = 64 completions per step
     "threads": 2,
     "shard_size": 4_000_000,  # small shards: frozen layers keep their hashes, so nodes fetch only what changed
     "keep_checkpoints": 3,  # async_level + 1: every policy still accepted can be verified
-    "rollouts": {"prompts_per_batch": 4, "completions_per_prompt": 4, "max_new_tokens": 16, "temperature": 0.7},
+    # groups of 8: with 4 samples a problem's answers were often all right or all wrong (no signal)
+    "rollouts": {"prompts_per_batch": 4, "completions_per_prompt": 8, "max_new_tokens": 16, "temperature": 0.7},
     "task": {"name": "arithmetic", "max_operand": 20, "operators": "+", "pool": 40,
              "instruction": "Answer with just the number."},
     "trainer": {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
