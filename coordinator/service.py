@@ -27,8 +27,8 @@ from pathlib import Path
 from intellect.coordinator.config import CoordinatorConfig
 from intellect.coordinator.intake import Intake, Outcome, RunRules, pause_point
 from intellect.coordinator.ledger import Ledger
-from intellect.protocol.identity import Identity, load_identity
-from intellect.protocol.messages import RunInfo, encode_body
+from intellect.protocol.identity import Identity, load_identity, peer_id_of
+from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
 from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
 from intellect.protocol.swarm.keys import run_info_key
 from intellect.protocol.tasks import setup_task
@@ -36,7 +36,6 @@ from intellect.protocol.wire import MessageKind, run_id_for, seal
 
 logger = logging.getLogger(__name__)
 
-SUBMIT = "submit"
 
 
 def base_model_dir(model: str, cache_dir: Path) -> Path:
@@ -136,7 +135,7 @@ class Coordinator:
         from intellect.protocol.swarm import setup_swarm
 
         self.swarm = setup_swarm(self.config.swarm, self.identity, self.run_id, self.identity.public_key)
-        self.swarm.register_request_handler(SUBMIT, self.rpc_submit,
+        self.swarm.register_request_handler(SUBMIT_RPC, self.rpc_submit,
                                             max_request_bytes=self.config.intake.max_submission_bytes)
         self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
         for step in range(max(0, self.train_step - self.config.async_level), self.train_step + 1):
@@ -147,7 +146,7 @@ class Coordinator:
     def rpc_submit(self, peer: bytes, request: bytes) -> bytes:
         outcome: Outcome = self.intake.submit(request, on_accept=self._on_accept)
         if outcome.sender is not None:
-            self.ledger.node_seen(outcome.sender.hex(), _peer_id(outcome.sender))
+            self.ledger.node_seen(outcome.sender.hex(), peer_id_of(outcome.sender))
         return seal(self.identity, MessageKind.VERDICT, self.run_id, encode_body(outcome.verdict))
 
     def _on_accept(self, train_step: int) -> None:
@@ -259,12 +258,6 @@ class Coordinator:
         if self.swarm is not None:
             self.swarm.close()
         self.ledger.close()
-
-
-def _peer_id(key: bytes) -> str:
-    from intellect.protocol.identity import peer_id_of
-
-    return peer_id_of(key)
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -28,7 +28,14 @@ from intellect.node.fetch import ShardUnavailable
 from intellect.node.status import NodeStatus
 from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
-from intellect.protocol.messages import RunInfo, SubmissionHeader, Verdict, decode_body, encode_submission
+from intellect.protocol.messages import (
+    SUBMIT_RPC,
+    RunInfo,
+    SubmissionHeader,
+    Verdict,
+    decode_body,
+    encode_submission,
+)
 from intellect.protocol.rollouts import (
     RolloutBatch,
     RolloutMeta,
@@ -51,7 +58,6 @@ from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, se
 
 logger = logging.getLogger(__name__)
 
-SUBMIT = "submit"  # the coordinator's request handler
 KEEP_SENT = 100
 
 
@@ -213,7 +219,7 @@ class Worker:
                                   file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
         envelope = seal(self.identity, MessageKind.SUBMISSION, self.swarm.run_id, encode_submission(header, data))
         try:
-            answer = self.swarm.call(self.coordinator_key, SUBMIT, envelope, timeout=self.config.submit_timeout_s)
+            answer = self.swarm.call(self.coordinator_key, SUBMIT_RPC, envelope, timeout=self.config.submit_timeout_s)
             signed = open_envelope(answer, run_id=self.swarm.run_id, kinds={MessageKind.VERDICT},
                                    expected_sender=self.coordinator_key)
             verdict = decode_body(Verdict, signed.body)

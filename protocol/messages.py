@@ -167,6 +167,7 @@ def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES
 
 
 MAX_SUBMISSION_FILE_BYTES = 64 * 1024 * 1024
+SUBMIT_RPC = "submit"  # the coordinator's request handler: a signed submission in, a signed verdict out
 
 
 def encode_submission(header: SubmissionHeader, rollout_file: bytes) -> bytes:

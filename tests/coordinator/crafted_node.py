@@ -32,9 +32,9 @@ from intellect.node.config import NodeConfig
 from intellect.node.engine import TorchEngineConfig, setup_engine
 from intellect.node.fetch import ShardFetcher
 from intellect.node.status import NodeStatus
-from intellect.node.worker import SUBMIT, Worker, WorkError
+from intellect.node.worker import Worker, WorkError
 from intellect.protocol.identity import Identity
-from intellect.protocol.messages import SubmissionHeader, Verdict, decode_body, encode_submission
+from intellect.protocol.messages import SUBMIT_RPC, SubmissionHeader, Verdict, decode_body, encode_submission
 from intellect.protocol.rollouts import RolloutBatch, rollouts_to_bytes
 from intellect.protocol.swarm import SwarmConfig, setup_swarm
 from intellect.protocol.tasks import completion_reward, group_advantages, setup_task
@@ -125,7 +125,7 @@ class CraftedNode:
         if corrupt_signature:
             envelope = envelope[:-1] + bytes([envelope[-1] ^ 0x01])  # the signature is the last field
         if case in self.over_swarm:
-            answer = self.swarm.call(self.config.coordinator_public_key, SUBMIT, envelope, timeout=120)
+            answer = self.swarm.call(self.config.coordinator_public_key, SUBMIT_RPC, envelope, timeout=120)
             signed = open_envelope(answer, run_id=self.swarm.run_id, kinds={MessageKind.VERDICT},
                                    expected_sender=self.config.coordinator_public_key)
             entry["verdicts"].append(decode_body(Verdict, signed.body).model_dump())
