@@ -30,7 +30,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.protocol.files import atomic_write, fsync_dir
-from intellect.protocol.identity import peer_id_of
 from intellect.protocol.messages import Verdict, decode_submission
 from intellect.protocol.model import eos_token_ids
 from intellect.protocol.rollouts import RolloutBatch, RolloutFormatError, read_rollouts
@@ -436,7 +435,6 @@ class Intake:
                 self.ledger.record_submission(submission, LedgerVerdict(True, Reason.ACCEPTED))
             except DuplicateSubmission as e:
                 return self._reject(Rejected(Reason.REPLAY, str(e)), sender, None, header.file_sha256)
-            self.ledger.node_seen(sender.hex(), peer_id_of(sender))
             if on_accept is not None:
                 on_accept(train_step)
         pause_point("intake.recorded")
