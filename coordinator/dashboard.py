@@ -1,14 +1,20 @@
-"""The coordinator's live screen (rich) and its Prometheus /metrics endpoint.
+"""The coordinator's live screen (rich) and its Prometheus /metrics endpoint (prometheus-client).
 
 Both only read: the coordinator's history and ledger, and the nodes' signed heartbeats.
 """
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    start_http_server,
+)
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from rich.console import Group
 from rich.panel import Panel
 from rich.table import Table
@@ -81,42 +87,46 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     return Group(Panel(head, title="intellect-node coordinator", border_style="cyan"), nodes, *extra_lines)
 
 
-def metrics_text(coordinator) -> str:
-    c = coordinator
-    last = c.history[-1] if c.history else {}
-    lines = [
-        "# TYPE intellect_train_step gauge", f"intellect_train_step {c.train_step}",
-        "# TYPE intellect_reward gauge", f"intellect_reward {last.get('reward', 0.0)}",
-        "# TYPE intellect_completion_length gauge", f"intellect_completion_length {last.get('length', 0.0)}",
-        "# TYPE intellect_step_seconds gauge", f"intellect_step_seconds {last.get('step_s', 0.0)}",
-        "# TYPE intellect_trainer_tokens_per_second gauge",
-        f"intellect_trainer_tokens_per_second {last.get('tokens_per_s', 0.0)}",
-        "# TYPE intellect_verdicts_total counter",
-    ]
-    lines += [f'intellect_verdicts_total{{reason="{k}"}} {v}' for k, v in sorted(c.ledger.counts_by_reason().items())]
-    sent = c.publisher.bytes_sent if c.publisher is not None else 0
-    lines += ["# TYPE intellect_origin_bytes_sent_total counter", f"intellect_origin_bytes_sent_total {sent}"]
-    return "\n".join(lines) + "\n"
+class _RunCollector:
+    """The run's numbers, read fresh from the coordinator at every scrape."""
+
+    def __init__(self, coordinator) -> None:
+        self.coordinator = coordinator
+
+    def collect(self):
+        c = self.coordinator
+        last = c.history[-1] if c.history else {}
+        yield GaugeMetricFamily("intellect_train_step", "The train step the coordinator is collecting rollouts for.",
+                                value=c.train_step)
+        for name, key, what in (
+            ("intellect_reward", "reward", "Mean reward of the last train step's completions."),
+            ("intellect_completion_length", "length", "Mean completion length (tokens) of the last train step."),
+            ("intellect_step_seconds", "step_s", "Seconds the last train step took."),
+            ("intellect_trainer_tokens_per_second", "tokens_per_s", "Trainer throughput in the last train step."),
+        ):
+            yield GaugeMetricFamily(name, what, value=float(last.get(key, 0.0)))
+        verdicts = CounterMetricFamily("intellect_verdicts", "Submissions judged, by verdict reason "
+                                       "('accepted' or why one was rejected).", labels=["reason"])
+        for reason, count in sorted(c.ledger.counts_by_reason().items()):
+            verdicts.add_metric([reason], count)
+        yield verdicts
+        sent = c.publisher.bytes_sent if c.publisher is not None else 0
+        yield CounterMetricFamily("intellect_origin_bytes_sent", "Checkpoint shard bytes the coordinator served "
+                                  "(peers serve the rest).", value=sent)
 
 
-def serve_metrics(coordinator, port: int) -> ThreadingHTTPServer:
-    """Prometheus text format at http://127.0.0.1:PORT/metrics, in a daemon thread."""
+def metrics_registry(coordinator) -> CollectorRegistry:
+    """The run's metrics plus the process's own (memory, CPU, open files, GC), in a registry of its own."""
+    registry = CollectorRegistry()
+    registry.register(_RunCollector(coordinator))
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            if self.path != "/metrics":
-                self.send_error(404)
-                return
-            body = metrics_text(coordinator).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "text/plain; version=0.0.4")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
 
-        def log_message(self, *args) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+def serve_metrics(coordinator, port: int):
+    """Prometheus text format at http://127.0.0.1:PORT/metrics, served by prometheus-client in a daemon
+    thread. Returns the server (`server_address` has the port when PORT is 0)."""
+    server, _thread = start_http_server(port, addr="127.0.0.1", registry=metrics_registry(coordinator))
     return server
