@@ -61,7 +61,10 @@ class Swarm(abc.ABC):
         """Verified envelopes under `key`; anything else is dropped and counted in `stats`."""
 
     @abc.abstractmethod
-    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536) -> None: ...
+    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536,
+                                 max_in_flight: int = 8) -> None:
+        """Answer `name` calls with `fn`. At most `max_in_flight` calls are held at once (a few per caller);
+        the rest are refused with `busy` before their request is read, so callers back off and retry."""
 
     @abc.abstractmethod
     def register_stream_handler(self, name: str, fn: StreamHandler, max_request_bytes: int = 4096) -> None: ...

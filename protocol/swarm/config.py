@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 Multiaddr = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/")]
 
@@ -38,6 +38,9 @@ class SwarmConfig(BaseModel):
     max_cache_bytes: int = Field(50 * 2**30, ge=1, description="Disk cap for the shard cache, bytes.")
     record_ttl_s: float = Field(300.0, ge=5, le=86400,
                                 description="Lifetime of our DHT records; they are refreshed at a third of it.")
+    max_record_ttl_s: float = Field(3600.0, ge=60, le=86400,
+                                    description="Refuse to store DHT records that expire later than this from now "
+                                                "(a vandal's record cannot outlive it). At least record_ttl_s.")
 
     @field_validator("host")
     @classmethod
@@ -49,6 +52,13 @@ class SwarmConfig(BaseModel):
         except ValueError:
             raise ValueError(f"host must be an IP address, got {value!r}") from None
         return value
+
+    @model_validator(mode="after")
+    def _ttl_within_cap(self) -> SwarmConfig:
+        if self.record_ttl_s > self.max_record_ttl_s:
+            raise ValueError(f"record_ttl_s ({self.record_ttl_s:.0f} s) exceeds max_record_ttl_s "
+                             f"({self.max_record_ttl_s:.0f} s): peers would refuse our records")
+        return self
 
     @property
     def upload_bytes_per_s(self) -> float | None:

@@ -5,6 +5,13 @@ same daemon, on an event loop in a background thread of this process).
 The daemon's libp2p key is our Ed25519 node key, so a libp2p peer id and a node key name the same peer
 and every connection is authenticated as that key. hivemind is imported here and only here.
 
+Our DHT stores only this run's sealed records (`RunRecordValidator`, the rules of `keys`): hivemind asks
+it before storing what a peer sends and before using what a peer returns, so junk, plain values, records
+of other keys or runs and expirations past `max_record_ttl_s` never enter an honest peer's storage.
+
+Request handlers take at most `max_in_flight` requests at once (and 2 per caller); more are refused
+with `busy` before their bytes are read.
+
 Stream framing (both directions over one libp2p stream, protocol id `intellect.<name>`):
   request:  u32 length, bytes
   answer:   frames of u32 length + bytes; u32 0 ends the answer; u32 0xFFFFFFFF, u32 length and a
@@ -30,6 +37,7 @@ from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 
 import msgpack
+from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
 from intellect.protocol.identity import Identity
 from intellect.protocol.swarm import (
@@ -43,8 +51,15 @@ from intellect.protocol.swarm import (
     SwarmJoinError,
 )
 from intellect.protocol.swarm.config import SwarmConfig
-from intellect.protocol.swarm.keys import MAX_RECORD_BYTES, dht_key, verify_record
-from intellect.protocol.wire import Envelope
+from intellect.protocol.swarm.keys import (
+    MAX_SEALED_BYTES,
+    RecordRejected,
+    dht_key,
+    open_record,
+    seal_record,
+    verify_record,
+)
+from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +69,7 @@ _MAX_ERROR_BYTES = 1024
 _REQUEST_READ_TIMEOUT_S = 30.0
 _ED25519_PUBKEY_PB = b"\x08\x01\x12\x20"  # libp2p PublicKey protobuf: type Ed25519, 32-byte data
 _PROTO_PREFIX = "intellect."
+_MAX_IN_FLIGHT_PER_PEER = 2
 
 
 def libp2p_peer_id(peer: PeerKey):
@@ -88,6 +104,56 @@ def _write_libp2p_key(identity: Identity, folder: str) -> str:
     return path
 
 
+class RunRecordValidator(RecordValidatorBase):
+    """hivemind's check of every record a peer asks us to store or returns to us: only this run's sealed
+    records (`keys.open_record`) under the key they were sealed for, expiring at most `max_ttl_s` (plus
+    clock skew) from now. Refuses plain (non-subkey) values, which would block every later subkey store.
+
+    Runs in the DHT's process; holds public data only. hivemind gives the key as its DHTID (a hash) and
+    key, subkey and value as msgpack, so the record names its key and we compare hashes."""
+
+    def __init__(self, run_id: str, coordinator_key: bytes, max_ttl_s: float) -> None:
+        self.run_id, self.coordinator_key, self.max_ttl_s = run_id, coordinator_key, max_ttl_s
+
+    def validate(self, record: DHTRecord) -> bool:
+        try:
+            self.check(record)
+        except RecordRejected as e:
+            logger.debug("refused a DHT record: %s", e)
+            return False
+        return True
+
+    def check(self, record: DHTRecord) -> str:
+        """The record's key name, or RecordRejected with the reason."""
+        from hivemind.dht.routing import DHTID
+        from hivemind.utils import get_dht_time
+
+        subkey = _unpack_small(record.subkey)
+        if subkey is None:
+            raise RecordRejected("no_subkey", "plain values are not stored (they would block subkey records)")
+        key, _ = open_record(_unpack_small(record.value, MAX_SEALED_BYTES), subkey=subkey,
+                             expiration=record.expiration_time, run_id=self.run_id,
+                             coordinator_key=self.coordinator_key,
+                             max_expiration=get_dht_time() + self.max_ttl_s + MAX_CLOCK_SKEW_S)
+        if DHTID.generate(source=dht_key(self.run_id, key)).to_bytes() != record.key:
+            raise RecordRejected("wrong_key", f"record sealed for {key!r} stored under another key")
+        return key
+
+    def merge_with(self, other: RecordValidatorBase) -> bool:
+        return False
+
+
+def _unpack_small(data: bytes, max_bytes: int = 256) -> object:
+    """One msgpack scalar as hivemind serialized it (bin, str or nil); anything else is a refusal."""
+    if not isinstance(data, bytes) or len(data) > max_bytes + 8:
+        raise RecordRejected("bad_record", "oversized or not bytes")
+    try:
+        return msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=0,
+                               max_map_len=0, max_ext_len=0)
+    except Exception as e:  # msgpack raises many types on garbage
+        raise RecordRejected("bad_record", f"not a msgpack scalar ({type(e).__name__})") from None
+
+
 @dataclass(frozen=True)
 class Reachability:
     reachable: bool | None  # None: could not tell (no peer to ask)
@@ -112,7 +178,7 @@ class HivemindSwarm(Swarm):
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="swarm-loop", daemon=True)
         self._thread.start()
-        self._workers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="swarm-handler")
+        self._workers = ThreadPoolExecutor(max_workers=_HANDLER_THREADS, thread_name_prefix="swarm-handler")
         self._closed = False
         self._dialback_lock = threading.Lock()
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
@@ -124,9 +190,10 @@ class HivemindSwarm(Swarm):
     @classmethod
     def start(cls, config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes) -> HivemindSwarm:
         keydir = tempfile.mkdtemp(prefix="intellect-p2p-")
+        validator = RunRecordValidator(run_id, coordinator_key, config.max_record_ttl_s)
         try:
             key_path = _write_libp2p_key(identity, keydir)
-            dht = _join(config, key_path)
+            dht = _join(config, key_path, validator)
         finally:
             shutil.rmtree(keydir, ignore_errors=True)
         return cls(config, identity, run_id, coordinator_key, dht)
@@ -150,11 +217,14 @@ class HivemindSwarm(Swarm):
     def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
         from hivemind.utils import get_dht_time
 
-        if len(envelope) > MAX_RECORD_BYTES:
-            raise ValueError(f"record of {len(envelope)} bytes exceeds {MAX_RECORD_BYTES}")
+        if ttl_s > self.config.max_record_ttl_s:
+            raise ValueError(f"a ttl of {ttl_s:.0f} s exceeds swarm.max_record_ttl_s "
+                             f"({self.config.max_record_ttl_s:.0f} s): peers would refuse the record")
+        expiration = get_dht_time() + ttl_s
+        record = seal_record(self.identity, self.run_id, key, bytes(envelope), expiration)
         with self._dht_lock:
-            future = self._dht.store(dht_key(self.run_id, key), bytes(envelope), get_dht_time() + ttl_s,
-                                     subkey=self.identity.public_key.hex(), return_future=True)
+            future = self._dht.store(dht_key(self.run_id, key), record, expiration,
+                                     subkey=self.identity.public_key_hex, return_future=True)
         ok = bool(future.result(timeout=max(30.0, ttl_s)))
         self._count("records_published" if ok else "records_publish_failed")
         return ok
@@ -172,7 +242,8 @@ class HivemindSwarm(Swarm):
         envelopes = []
         with self._stats_lock:
             for subkey, item in found.value.items():
-                envelope = verify_record(key, subkey, getattr(item, "value", None), run_id=self.run_id,
+                envelope = verify_record(key, subkey, getattr(item, "value", None),
+                                         getattr(item, "expiration_time", None), run_id=self.run_id,
                                          coordinator_key=self.coordinator_key, stats=self.stats)
                 if envelope is not None:
                     envelopes.append(envelope)
@@ -180,28 +251,35 @@ class HivemindSwarm(Swarm):
 
     # ---- handlers ---------------------------------------------------------------------------------
 
-    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536) -> None:
+    def register_request_handler(self, name: str, fn: RequestHandler, max_request_bytes: int = 65536,
+                                 max_in_flight: int = 8) -> None:
         async def one_answer(peer: PeerKey, request: bytes):
             yield await self._loop.run_in_executor(self._workers, fn, peer, request)
 
-        self.register_stream_handler(name, one_answer, max_request_bytes)
+        self._register(name, one_answer, max_request_bytes, InFlight(max_in_flight, _MAX_IN_FLIGHT_PER_PEER))
 
     def register_stream_handler(self, name: str, fn: StreamHandler, max_request_bytes: int = 4096) -> None:
+        self._register(name, fn, max_request_bytes, None)  # stream handlers bound their own work (upload slots)
+
+    def _register(self, name: str, fn: StreamHandler, max_request_bytes: int, in_flight: InFlight | None) -> None:
         async def handle(info, reader, writer) -> None:
-            await self._serve(name, fn, max_request_bytes, info, reader, writer)
+            await self._serve(name, fn, max_request_bytes, in_flight, info, reader, writer)
 
         self._run(self._p2p.add_binary_stream_handler(_PROTO_PREFIX + name, handle), timeout=30.0)
 
-    async def _serve(self, name, fn, max_request_bytes, info, reader, writer) -> None:
+    async def _serve(self, name, fn, max_request_bytes, in_flight, info, reader, writer) -> None:
         """Run one handler on one incoming stream. Never raises: every failure is answered or counted."""
         peer = node_key_of(info.peer_id)
+        admitted = False
         try:
             if peer is None:
                 raise RequestRefused("bad_request", "caller does not use an Ed25519 node key")
-            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(4), _REQUEST_READ_TIMEOUT_S), "big")
-            if size > max_request_bytes:
-                raise RequestRefused("too_large", f"request of {size} bytes exceeds {max_request_bytes}")
-            request = await asyncio.wait_for(reader.readexactly(size), _REQUEST_READ_TIMEOUT_S)
+            if in_flight is not None:
+                admitted = in_flight.enter(peer)
+                if not admitted:  # refused before a byte of the request is read
+                    raise RequestRefused("busy", f"{in_flight.max_total} requests in flight "
+                                                 f"({in_flight.max_per_peer} per peer): retry later")
+            request = await asyncio.wait_for(_read_request(reader, max_request_bytes), _REQUEST_READ_TIMEOUT_S)
             async for chunk in fn(peer, request):
                 if chunk:
                     writer.write(len(chunk).to_bytes(4, "big"))
@@ -224,6 +302,8 @@ class HivemindSwarm(Swarm):
             writer.write(_ERR.to_bytes(4, "big") + len(message).to_bytes(4, "big") + message)
             await _drain_quietly(writer)
         finally:
+            if admitted:
+                in_flight.leave(peer)
             writer.close()
 
     # ---- calls ------------------------------------------------------------------------------------
@@ -352,6 +432,42 @@ class HivemindSwarm(Swarm):
         self._workers.shutdown(wait=False, cancel_futures=True)
 
 
+_HANDLER_THREADS = 8  # request handlers run here; InFlight bounds what waits for them
+
+
+class InFlight:
+    """How many requests one handler holds (read, queued or running), in total and per caller. Used on
+    the swarm's event loop only, so plain counters suffice."""
+
+    def __init__(self, max_total: int, max_per_peer: int) -> None:
+        if max_total < 1 or max_per_peer < 1:
+            raise ValueError("in-flight limits must be at least 1")
+        self.max_total, self.max_per_peer = max_total, max_per_peer
+        self.total = 0
+        self._by_peer: Counter = Counter()
+
+    def enter(self, peer: PeerKey) -> bool:
+        if self.total >= self.max_total or self._by_peer[peer] >= self.max_per_peer:
+            return False
+        self.total += 1
+        self._by_peer[peer] += 1
+        return True
+
+    def leave(self, peer: PeerKey) -> None:
+        self.total -= 1
+        self._by_peer[peer] -= 1
+        if self._by_peer[peer] <= 0:
+            del self._by_peer[peer]
+
+
+async def _read_request(reader, max_request_bytes: int) -> bytes:
+    """u32 length, then that many bytes; a length over the handler's limit is refused unread."""
+    size = int.from_bytes(await reader.readexactly(4), "big")
+    if size > max_request_bytes:
+        raise RequestRefused("too_large", f"request of {size} bytes exceeds {max_request_bytes}")
+    return await reader.readexactly(size)
+
+
 async def _drain_quietly(writer) -> None:
     try:
         await writer.drain()
@@ -359,7 +475,7 @@ async def _drain_quietly(writer) -> None:
         pass  # the caller went away; nothing to answer
 
 
-def _join(config: SwarmConfig, key_path: str):
+def _join(config: SwarmConfig, key_path: str, validator):
     """Start the DHT (and its daemon), retrying with backoff until one bootstrap peer answers."""
     import hivemind
     from hivemind.p2p import P2PDaemonError
@@ -369,7 +485,7 @@ def _join(config: SwarmConfig, key_path: str):
         host_maddrs=[f"/{ip_version}/{config.host}/tcp/{config.port}"], identity_path=key_path,
         check_if_identity_free=False, startup_timeout=config.startup_timeout_s, client_mode=config.client_mode,
         use_relay=config.use_relay, use_auto_relay=config.use_auto_relay, ensure_bootstrap_success=True,
-        announce_maddrs=config.announce_addrs or None,
+        announce_maddrs=config.announce_addrs or None, record_validators=[validator],
     )
     deadline = time.monotonic() + config.join_timeout_s
     delay, attempts, last_error = 1.0, 0, ""

@@ -5,7 +5,9 @@ joining and reachability."""
 from __future__ import annotations
 
 import asyncio
+import pickle
 import socket
+import threading
 import time
 from collections import Counter
 
@@ -21,7 +23,15 @@ from intellect.protocol.swarm import (
     SwarmJoinError,
     setup_swarm,
 )
-from intellect.protocol.swarm.keys import dht_key, manifest_key, shards_key, verify_record
+from intellect.protocol.swarm.keys import (
+    RecordRejected,
+    dht_key,
+    manifest_key,
+    run_info_key,
+    seal_record,
+    shards_key,
+    verify_record,
+)
 from intellect.protocol.swarm.shard_server import TokenBucket
 from intellect.protocol.wire import MessageKind, run_id_for, seal
 
@@ -34,29 +44,99 @@ def announce(identity: Identity, run_id: str = RUN) -> bytes:
     return seal(identity, MessageKind.SHARD_ANNOUNCE, run_id, encode_body(body))
 
 
+def record(identity: Identity, key: str, envelope: bytes, expiration: float, run_id: str = RUN) -> bytes:
+    return seal_record(identity, run_id, key, envelope, expiration)
+
+
 def test_record_rules_drop_and_count_everything_not_allowed():
     stats = Counter()
+    exp = time.time() + 60
 
-    def check(key, subkey, value):
-        return verify_record(key, subkey, value, run_id=RUN, coordinator_key=COORD.public_key, stats=stats)
+    def check(key, subkey, value, expiration=exp):
+        return verify_record(key, subkey, value, expiration, run_id=RUN, coordinator_key=COORD.public_key,
+                             stats=stats)
 
     manifest_by = lambda ident: seal(ident, MessageKind.POLICY_MANIFEST, RUN, b"\x80")
-    assert check(shards_key(1), PEER.public_key_hex, announce(PEER)) is not None
-    assert check(manifest_key(1), COORD.public_key_hex, manifest_by(COORD)) is not None
-    assert check(manifest_key(1), EVIL.public_key_hex, manifest_by(EVIL)) is None  # only the coordinator
-    assert check(shards_key(1), PEER.public_key_hex, announce(EVIL)) is None  # someone else's subkey
-    assert check(shards_key(1), PEER.public_key_hex, announce(PEER, run_id="other-run")) is None
-    assert check(shards_key(1), PEER.public_key_hex, b"garbage") is None
-    assert check(shards_key(1), PEER.public_key_hex, "not bytes") is None
-    assert check(manifest_key(1), PEER.public_key_hex, announce(PEER)) is None  # wrong kind for the key
+    assert check(shards_key(1), PEER.public_key_hex, record(PEER, shards_key(1), announce(PEER), exp)) is not None
+    assert check(manifest_key(1), COORD.public_key_hex, record(COORD, manifest_key(1), manifest_by(COORD), exp))
+    refused = {
+        "not_allowed": check(manifest_key(1), EVIL.public_key_hex, record(EVIL, manifest_key(1), manifest_by(EVIL), exp)),
+        "subkey_mismatch": check(shards_key(1), EVIL.public_key_hex, record(EVIL, shards_key(1), announce(PEER), exp)),
+        "wrong_run": check(shards_key(1), PEER.public_key_hex,
+                           record(PEER, shards_key(1), announce(PEER, run_id="other-run"), exp)),
+        "bad_record": check(shards_key(1), PEER.public_key_hex, b"garbage"),
+        "not_bytes": check(shards_key(1), PEER.public_key_hex, "not bytes"),
+        "bad_envelope": check(manifest_key(1), PEER.public_key_hex, record(PEER, manifest_key(1), announce(PEER), exp)),
+        "wrong_key": check(shards_key(2), PEER.public_key_hex, record(PEER, shards_key(1), announce(PEER), exp)),
+        # a valid record of someone else, re-stored under our subkey, or with a later expiration
+        "bad_record_signature": check(shards_key(1), EVIL.public_key_hex,
+                                      record(PEER, shards_key(1), announce(PEER), exp), exp + 1e6),
+        "bad_subkey": check(shards_key(1), "peer", record(PEER, shards_key(1), announce(PEER), exp)),
+    }
     tampered = bytearray(announce(PEER))
     tampered[-70] ^= 1
-    assert check(shards_key(1), PEER.public_key_hex, bytes(tampered)) is None
-    assert stats["records_ok"] == 2 and stats["records_rejected"] == 7
-    for reason in ("not_allowed", "subkey_mismatch", "wrong_run", "unsigned", "not_bytes", "bad_envelope"):
-        assert stats[f"rejected_{reason}"] >= 1, reason
-    with pytest.raises(ValueError):
-        dht_key(RUN, "nonsense/1")
+    refused["unsigned"] = check(shards_key(1), PEER.public_key_hex, record(PEER, shards_key(1), bytes(tampered), exp))
+    assert all(v is None for v in refused.values()), refused
+    assert stats["records_ok"] == 2 and stats["records_rejected"] == len(refused)
+    for reason in refused:
+        assert stats[f"rejected_{reason}"] == 1, (reason, stats)
+    for bad in ("nonsense/1", "run_info/1", "manifest", "manifest/01", "manifest/-1", "shards/1/2"):
+        with pytest.raises(ValueError):
+            dht_key(RUN, bad)
+
+
+def test_store_time_validator_takes_only_our_sealed_records():
+    """The records exactly as hivemind hands them to a validator on a store or a find: key as its DHTID
+    bytes, subkey and value msgpack-serialized, the expiration beside them."""
+    from hivemind.dht.routing import DHTID
+    from hivemind.dht.validation import DHTRecord
+    from hivemind.utils import MSGPackSerializer, get_dht_time
+
+    from intellect.protocol.messages import RunInfo
+    from intellect.protocol.swarm.hivemind_backend import RunRecordValidator
+    from intellect.protocol.tasks.config import TaskConfig
+
+    validator = RunRecordValidator(RUN, COORD.public_key, max_ttl_s=600)
+    now = get_dht_time()
+
+    def as_stored(key: str, subkey, value, expiration: float, run_id: str = RUN) -> DHTRecord:
+        return DHTRecord(DHTID.generate(source=dht_key(run_id, key)).to_bytes(), MSGPackSerializer.dumps(subkey),
+                         MSGPackSerializer.dumps(value), expiration)
+
+    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
+                   task=TaskConfig(name="arithmetic"), train_step=3, latest_policy_step=3, async_level=1,
+                   prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
+                   model_config_hash="c" * 64)
+    run_info = seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
+    ours = record(COORD, run_info_key(), run_info, now + 300)
+    assert validator.validate(as_stored(run_info_key(), COORD.public_key_hex, ours, now + 300))
+    assert validator.validate(as_stored(shards_key(4), PEER.public_key_hex,
+                                        record(PEER, shards_key(4), announce(PEER), now + 300), now + 300))
+    key_id = DHTID.generate(source=dht_key(RUN, run_info_key())).to_bytes()
+    evil_info = record(EVIL, run_info_key(), seal(EVIL, MessageKind.RUN_INFO, RUN, encode_body(info)), now + 300)
+    refused = {  # what a vandal stores -> why it is refused
+        "bad_record": as_stored(run_info_key(), COORD.public_key_hex, b"junk", now + 300),
+        "no_subkey": DHTRecord(key_id, MSGPackSerializer.dumps(None), MSGPackSerializer.dumps(b"junk"), now + 1e9),
+        "not_allowed": as_stored(run_info_key(), EVIL.public_key_hex, evil_info, now + 300),
+        "expires_too_late": as_stored(run_info_key(), COORD.public_key_hex,
+                                      record(COORD, run_info_key(), run_info, now + 1e6), now + 1e6),
+        "bad_record_signature": as_stored(run_info_key(), COORD.public_key_hex, ours, now + 500),  # forged expiration
+        "wrong_key": DHTRecord(DHTID.generate(source=dht_key(RUN, manifest_key(1))).to_bytes(),
+                               MSGPackSerializer.dumps(COORD.public_key_hex), MSGPackSerializer.dumps(ours), now + 300),
+        "wrong_run": as_stored(run_info_key(), COORD.public_key_hex, record(
+            COORD, run_info_key(), seal(COORD, MessageKind.RUN_INFO, "other", encode_body(info)), now + 300), now + 300),
+        "bad_subkey": as_stored(run_info_key(), 7, ours, now + 300),
+    }
+    for reason, bad in refused.items():
+        assert not validator.validate(bad), reason
+        with pytest.raises(RecordRejected) as e:
+            validator.check(bad)
+        assert e.value.reason == reason
+    plain_ours = DHTRecord(key_id, MSGPackSerializer.dumps(None), MSGPackSerializer.dumps(ours), now + 300)
+    ext_type = DHTRecord(key_id, MSGPackSerializer.dumps(COORD.public_key_hex), b"\xd4\x01\x00", now + 300)
+    assert not validator.validate(plain_ours) and not validator.validate(ext_type)
+    assert pickle.loads(pickle.dumps(validator)).validate(as_stored(run_info_key(), COORD.public_key_hex, ours,
+                                                                    now + 300))  # crosses to the DHT process
 
 
 def test_config_is_validated_and_converts_the_upload_limit():
@@ -97,24 +177,39 @@ def pair():
 
 
 @pytest.mark.slow
-def test_records_are_verified_on_read(pair):
+def test_records_are_checked_when_stored(pair):
+    """What our DHT refuses to store, even from its own process, and what a plain hivemind peer (no
+    validator, no key of the run) cannot do to the records of honest peers: hide them behind a plain value
+    with a far expiration (which blocks every later subkey store), or replace them with junk."""
+    import hivemind
+    from hivemind.utils import get_dht_time
+
     a, b = pair
     assert b.publish(shards_key(7), announce(PEER), 60)
     assert a.publish(shards_key(7), announce(COORD), 60)
     assert {e.sender for e in a.read(shards_key(7))} == {PEER.public_key, COORD.public_key}
-    before = Counter(a.stats)
-    # a peer writes a manifest (coordinator only) and a record under another peer's subkey
-    assert b.publish(manifest_key(7), seal(PEER, MessageKind.POLICY_MANIFEST, RUN, b"\x80"), 60)
-    from hivemind.utils import get_dht_time
-
-    b._dht.store(dht_key(RUN, shards_key(7)), announce(PEER), get_dht_time() + 60, subkey=EVIL.public_key_hex)
-    b._dht.store(dht_key(RUN, shards_key(8)), b"not an envelope", get_dht_time() + 60, subkey=PEER.public_key_hex)
+    assert not b.publish(manifest_key(7), seal(PEER, MessageKind.POLICY_MANIFEST, RUN, b"\x80"), 60)  # coordinator's
     assert a.read(manifest_key(7)) == []
-    assert len(a.read(shards_key(7))) == 2
-    assert a.read(shards_key(8)) == []
-    assert a.stats["rejected_not_allowed"] == before["rejected_not_allowed"] + 1
-    assert a.stats["rejected_subkey_mismatch"] == before["rejected_subkey_mismatch"] + 1
-    assert a.stats["rejected_unsigned"] == before["rejected_unsigned"] + 1
+    with pytest.raises(ValueError):
+        b.publish(shards_key(7), announce(PEER), ttl_s=10**5)  # beyond max_record_ttl_s
+    now = get_dht_time()
+    assert not b._dht.store(dht_key(RUN, shards_key(7)), announce(PEER), now + 60, subkey=PEER.public_key_hex)
+    assert not b._dht.store(dht_key(RUN, shards_key(8)), b"junk", now + 60)
+
+    vandal = hivemind.DHT(initial_peers=a.visible_addrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
+    try:
+        for step in (7, 9):
+            key = dht_key(RUN, shards_key(step))
+            vandal.store(key, b"junk", now + 1e9)  # a plain value: today it blocks every later subkey store
+            vandal.store(key, b"junk", now + 1e9, subkey=PEER.public_key_hex)
+            vandal.store(key, announce(EVIL), now + 1e9, subkey=EVIL.public_key_hex)
+        assert b.publish(shards_key(9), announce(PEER), 60)
+        assert a.publish(shards_key(9), announce(COORD), 60)
+        for step in (7, 9):
+            assert {e.sender for e in a.read(shards_key(step))} == {PEER.public_key, COORD.public_key}
+            assert {e.sender for e in b.read(shards_key(step))} == {PEER.public_key, COORD.public_key}
+    finally:
+        vandal.shutdown()
 
 
 @pytest.mark.slow
@@ -151,6 +246,42 @@ def test_calls_streams_and_refusals(pair):
         b.call(COORD.public_key, "no-such-handler", b"", timeout=5)
     assert b.call(COORD.public_key, "echo", b"ok", timeout=10).endswith(b"ko")  # the handler still serves
     assert a.peers() == [PEER.public_key] and COORD.public_key in b.peers()
+
+
+def test_in_flight_counts_per_handler_and_per_caller():
+    from intellect.protocol.swarm.hivemind_backend import InFlight
+
+    limit = InFlight(max_total=3, max_per_peer=2)
+    assert limit.enter(b"p") and limit.enter(b"p") and not limit.enter(b"p")  # a caller's share
+    assert limit.enter(b"q") and not limit.enter(b"r")  # the handler's
+    limit.leave(b"p")
+    assert limit.enter(b"r") and limit.total == 3
+
+
+@pytest.mark.slow
+def test_requests_beyond_the_in_flight_limit_are_refused_busy(pair):
+    a, b = pair
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(peer, request):
+        entered.set()
+        release.wait(60)
+        return b"done"
+
+    a.register_request_handler("slow", slow, max_request_bytes=16, max_in_flight=1)
+    first = threading.Thread(target=lambda: results.append(b.call(COORD.public_key, "slow", b"1", timeout=60)))
+    results = []
+    first.start()
+    try:
+        assert entered.wait(30)
+        with pytest.raises(RemoteError) as e:  # refused before its (oversized) request is read
+            b.call(COORD.public_key, "slow", b"x" * 1000, timeout=30)
+        assert e.value.code == "busy" and a.stats["refused_slow_busy"] == 1
+    finally:
+        release.set()
+        first.join(60)
+    assert results == [b"done"]
+    assert b.call(COORD.public_key, "slow", b"2", timeout=30) == b"done"  # the slot is free again
 
 
 @pytest.mark.slow
