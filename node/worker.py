@@ -80,6 +80,7 @@ class Worker:
         self.engine = None
         self.tokenizer = None
         self.loaded_step: int | None = None
+        self.newest_run_info: tuple[int, RunInfo] | None = None  # (seq, info): never follow an older one
         self.resume = threading.Event()
         self.resume.set()
         self.stop = threading.Event()
@@ -124,7 +125,10 @@ class Worker:
         if not infos:
             raise WorkError("the coordinator is not in the swarm (no run info found): check that it is running "
                             "and that --bootstrap points at a live peer")
-        info = max(infos, key=lambda item: item[0])[1]
+        seq, info = max(infos, key=lambda item: item[0])
+        if self.newest_run_info is not None and seq < self.newest_run_info[0]:
+            seq, info = self.newest_run_info  # a replayed older record must not take the node back a step
+        self.newest_run_info = (seq, info)
         self.status.train_step = info.train_step
         self.status.coordinator = info.coordinator_peer_id
         return info

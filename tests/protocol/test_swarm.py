@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 
 from intellect.protocol.identity import Identity
-from intellect.protocol.messages import ShardAnnounce, encode_body
+from intellect.protocol.messages import RunInfo, ShardAnnounce, decode_body, encode_body
 from intellect.protocol.swarm import (
     RemoteError,
     RequestRefused,
@@ -92,7 +92,6 @@ def test_store_time_validator_takes_only_our_sealed_records():
     from hivemind.dht.validation import DHTRecord
     from hivemind.utils import MSGPackSerializer, get_dht_time
 
-    from intellect.protocol.messages import RunInfo
     from intellect.protocol.swarm.hivemind_backend import RunRecordValidator
     from intellect.protocol.tasks.config import TaskConfig
 
@@ -210,6 +209,37 @@ def test_records_are_checked_when_stored(pair):
             assert {e.sender for e in b.read(shards_key(step))} == {PEER.public_key, COORD.public_key}
     finally:
         vandal.shutdown()
+
+
+def run_info_envelope(train_step: int) -> bytes:
+    from intellect.protocol.tasks.config import TaskConfig
+
+    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
+                   task=TaskConfig(name="arithmetic"), train_step=train_step, latest_policy_step=train_step,
+                   async_level=1, prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
+                   model_config_hash="c" * 64)
+    return seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
+
+
+@pytest.mark.slow
+def test_a_node_never_follows_an_older_run_info(pair, tmp_path):
+    """An old, genuinely signed RunInfo that wins in the DHT (here: re-published with a later expiration)
+    must not take a node back to an old train step."""
+    from intellect.node.config import NodeConfig
+    from intellect.node.status import NodeStatus
+    from intellect.node.worker import Worker
+
+    a, b = pair
+    old, new = run_info_envelope(2), run_info_envelope(5)
+    worker = Worker(NodeConfig(state_dir=tmp_path, run_id=RUN, coordinator_key=COORD.public_key_hex), PEER, b,
+                    fetcher=None, status=NodeStatus())
+    assert a.publish(run_info_key(), new, 60)
+    assert worker.follow_policy().train_step == 5
+    assert a.publish(run_info_key(), old, 120)  # the later expiration wins in the DHT
+    assert [decode_body(RunInfo, e.body).train_step for e in b.read(run_info_key())] == [2]
+    assert worker.follow_policy().train_step == 5 and worker.status.train_step == 5
+    assert a.publish(run_info_key(), run_info_envelope(6), 180)
+    assert worker.follow_policy().train_step == 6
 
 
 @pytest.mark.slow
