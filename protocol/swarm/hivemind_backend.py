@@ -23,10 +23,15 @@ What this module does not know: what the records, requests and streams mean.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
+import glob
 import ipaddress
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -475,9 +480,74 @@ async def _drain_quietly(writer) -> None:
         pass  # the caller went away; nothing to answer
 
 
+# ---- no orphans -----------------------------------------------------------------------------------
+# The DHT runs in a forked child that starts p2pd. If our process dies (SIGKILL, OOM), neither may
+# outlive it: the child watches its parent and exits with its children; p2pd gets a parent-death signal
+# so that it also goes when the DHT child is killed outright. Linux only (prctl); elsewhere the watch
+# alone covers the child.
+
+_PR_SET_PDEATHSIG = 1
+_WATCH_INTERVAL_S = 0.5
+
+
+def _set_parent_death_signal(sig: int = signal.SIGKILL) -> None:
+    """In a child: ask the kernel to send `sig` when our parent exits (a no-op off Linux)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0)
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """preexec_fn of p2pd: SIGKILL when the DHT process goes (and at once if it already went)."""
+    _set_parent_death_signal()
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _kill_own_children() -> None:
+    for children in glob.glob(f"/proc/{os.getpid()}/task/*/children"):
+        try:
+            with open(children) as f:
+                pids = f.read().split()
+        except OSError:
+            continue
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _watch_parent(parent_pid: int) -> None:
+    """In the DHT child: exit, taking p2pd along, as soon as the process that started us is gone."""
+    while os.getppid() == parent_pid:
+        time.sleep(_WATCH_INTERVAL_S)
+    _kill_own_children()
+    os._exit(0)
+
+
+def _dht_process_class():
+    import hivemind
+
+    class OwnedDHT(hivemind.DHT):
+        """hivemind.DHT whose process and p2pd end with the process that started them."""
+
+        def run(self) -> None:
+            parent = self._parent_pid  # set by multiprocessing: the pid that created this Process
+            threading.Thread(target=_watch_parent, args=(parent,), name="parent-watch", daemon=True).start()
+            spawn = asyncio.subprocess.create_subprocess_exec  # hivemind starts p2pd through this
+
+            def with_parent_death(*args, **kwargs):
+                kwargs.setdefault("preexec_fn", functools.partial(_die_with_parent, os.getpid()))
+                return spawn(*args, **kwargs)
+
+            asyncio.subprocess.create_subprocess_exec = with_parent_death  # this forked child only
+            super().run()
+
+    return OwnedDHT
+
+
 def _join(config: SwarmConfig, key_path: str, validator):
     """Start the DHT (and its daemon), retrying with backoff until one bootstrap peer answers."""
-    import hivemind
     from hivemind.p2p import P2PDaemonError
 
     ip_version = "ip6" if ipaddress.ip_address(config.host).version == 6 else "ip4"
@@ -491,7 +561,7 @@ def _join(config: SwarmConfig, key_path: str, validator):
     delay, attempts, last_error = 1.0, 0, ""
     while True:
         attempts += 1
-        dht = hivemind.DHT(initial_peers=config.bootstrap or None, start=False, **kwargs)
+        dht = _dht_process_class()(initial_peers=config.bootstrap or None, start=False, **kwargs)
         try:
             dht.run_in_background(await_ready=True, timeout=config.startup_timeout_s + 30.0)
             return dht
