@@ -28,8 +28,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-STAGES = ["_authenticate", "_decode", "_store", "_parse", "_check_policy_step", "_check_prompts", "_check_rewards",
-          "_check_termination_tokens", "_check_with_model", "_accept"]
+STAGES = ["_authenticate", "_decode", "_store", "_accept"]  # Intake's own steps; then each of its checks
 
 
 def log(msg: str) -> None:
@@ -100,19 +99,21 @@ def timed_pass(coordinator, envelopes: list[bytes], toploc_fraction: float, work
     spent: dict[str, float] = defaultdict(float)
     config = coordinator.config.intake.model_copy(update={"toploc_fraction": toploc_fraction})
     with Ledger(workdir / "ledger.sqlite", max_failures=coordinator.config.ban_after_failures) as ledger:
-        intake = Intake(config, coordinator.intake.rules, ledger, workdir, coordinator.tokenizer,
+        intake = Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer,
                         policy_for=coordinator.policy_for, steps=lambda: (0, 0))
-        for name in STAGES:  # time each stage: an instance attribute shadows the method
-            method = getattr(intake, name)
-
-            def timed(*a, _method=method, _name=name, **kw):
+        def timed(fn, name):
+            def run(*a, **kw):
                 start = time.perf_counter()
                 try:
-                    return _method(*a, **kw)
+                    return fn(*a, **kw)
                 finally:
-                    spent[_name] += time.perf_counter() - start
+                    spent[name] += time.perf_counter() - start
+            return run
 
-            setattr(intake, name, timed)
+        for name in STAGES:  # an instance attribute shadows the method
+            setattr(intake, name, timed(getattr(intake, name), name))
+        # the first model check (proofs readable) pays for the one prefill all model checks share
+        intake.checks = [timed(check, check.__name__) for check in intake.checks]
         coordinator.policy_for(0)  # load the policy outside the timing (it is cached while the run goes)
         start = time.perf_counter()
         for data in envelopes:

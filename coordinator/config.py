@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from intellect.coordinator.intake import IntakeConfig
+from intellect.coordinator.rules import IntakeConfig
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.protocol.settings import LayeredSettings
 from intellect.protocol.swarm.config import SwarmConfig

@@ -293,9 +293,10 @@ class Ledger:
     def is_duplicate(self, content_hash: str) -> bool:
         return bool(self._read("SELECT 1 FROM submissions WHERE content_hash = ?", (content_hash,)))
 
-    def batch_seen(self, batch_key: str) -> bool:
-        """A file for this node:policy_step:batch_counter was already stored (accepted or not)."""
-        return bool(self._read("SELECT 1 FROM submissions WHERE batch_key = ?", (batch_key,)))
+    def batch_holder(self, batch_key: str) -> str | None:
+        """Content hash of the file recorded for this node:policy_step:batch_counter, if any."""
+        rows = self._read("SELECT content_hash FROM submissions WHERE batch_key = ?", (batch_key,))
+        return rows[0][0] if rows else None
 
     def credit_of(self, node: str) -> int:
         """Accepted completion tokens of a node."""

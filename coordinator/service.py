@@ -25,13 +25,14 @@ from collections import OrderedDict
 from pathlib import Path
 
 from intellect.coordinator.config import CoordinatorConfig
-from intellect.coordinator.intake import Intake, Outcome, RunRules, pause_point
+from intellect.coordinator.faults import pause_point
+from intellect.coordinator.intake import Intake, Outcome
 from intellect.coordinator.ledger import Ledger
+from intellect.coordinator.rules import run_rules
 from intellect.protocol.identity import Identity, load_identity, peer_id_of
 from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
 from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
 from intellect.protocol.swarm.keys import run_info_key
-from intellect.protocol.tasks import setup_task
 from intellect.protocol.wire import MessageKind, run_id_for, seal
 
 logger = logging.getLogger(__name__)
@@ -98,13 +99,8 @@ class Coordinator:
             _write_jsonl(self.metrics_path, self.history)
 
     def _setup_intake(self) -> None:
-        rules = RunRules(run_id=self.run_id, task=setup_task(self.config.task), task_config=self.config.task,
-                         prompts_per_batch=self.config.rollouts.prompts_per_batch,
-                         completions_per_prompt=self.config.rollouts.completions_per_prompt,
-                         max_new_tokens=self.config.rollouts.max_new_tokens,
-                         temperature=self.config.rollouts.temperature, async_level=self.config.async_level)
-        self.intake = Intake(self.config.intake, rules, self.ledger, self.state_dir, self.tokenizer,
-                             policy_for=self.policy_for, steps=lambda: (self.collect_step, self.train_step))
+        self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
+                             self.tokenizer, policy_for=self.policy_for, steps=lambda: (self.collect_step, self.train_step))
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)

@@ -5,7 +5,7 @@ complete checkpoint left it.
 One run per module: `intellect-node coordinator --config ... --headless` and two `intellect-node join`
 nodes that stay up throughout (their outboxes retry what got no verdict). The coordinator is started
 again and again with INTELLECT_COORD_PAUSE_AT naming one point of intake or training (see
-`intake.pause_point`); when it reaches the point it writes a marker and stops, and the test SIGKILLs its
+`coordinator/faults.py`); when it reaches the point it writes a marker and stops, and the test SIGKILLs its
 process group. Mid-checkpoint is caught without a hook: the test SIGKILLs as soon as the checkpoint's
 temp folder appears. After each kill the disk is checked (ledger, accepted files, checkpoints); after
 the last restart the run goes on to `max_steps` and the whole history is checked.
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from intellect.coordinator.intake import PAUSE_AT_ENV, PAUSE_FILE_ENV
+from intellect.coordinator.faults import PAUSE_AT_ENV, PAUSE_FILE_ENV
 from intellect.coordinator.ledger import Ledger
 from intellect.coordinator.trainer.checkpoint import (
     POLICY_DIR,

@@ -14,6 +14,7 @@ improbable-EOS case (one completion cut short with an EOS) is judged with 0.1 an
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import sys
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from intellect.coordinator.intake import NO_STRIKE, IntakeConfig, Reason
+from intellect.coordinator.rules import IntakeConfig
+from intellect.coordinator.verdicts import NO_STRIKE, Reason
 from intellect.protocol.identity import Identity, peer_id_of
 from intellect.protocol.messages import Verdict, decode_body
 from intellect.protocol.rollouts import read_rollouts
@@ -160,15 +162,15 @@ def submit_crafted(r: Run) -> None:
         if case == "replay":
             files = [files[0], files[0], files[1]]
         if case == "improbable_eos":  # spec A.12's 0.1 and a per-completion floor, for this case alone
-            relaxed, defaults = c.intake.config, IntakeConfig()
-            c.intake.config = relaxed.model_copy(update={"eos_min_prob": defaults.eos_min_prob,
-                                                         "eos_floor_prob": 1e-3})
+            relaxed, defaults = c.intake.ctx, IntakeConfig()
+            c.intake.ctx = dataclasses.replace(relaxed, config=relaxed.config.model_copy(
+                update={"eos_min_prob": defaults.eos_min_prob, "eos_floor_prob": 1e-3}))
         try:
             for data in files:
                 r.submit(case, data)
         finally:
             if case == "improbable_eos":
-                c.intake.config = relaxed
+                c.intake.ctx = relaxed
     # A batch arrives while the trainer works on step 0 (it has taken its batches): it must be queued
     # for step 1. The real trainer runs; the test only slips a real submission in before it.
     train_step = c.trainer.train_step
@@ -281,3 +283,27 @@ def test_every_rejection_reason_is_exercised(run):
     counts = run.coordinator.ledger.counts_by_reason()
     missing = {r.value for r in Reason} - set(counts)
     assert not missing
+
+
+def test_verify_runs_the_intake_checks(run):
+    """`verify` judges files with the intake's own check list: an accepted file passes every check;
+    a forged advantage fails exactly the rewards check; the second answer to one seed fails the batch
+    check (found in the coordinator's ledger), while the first answer, itself in the ledger, passes."""
+    from intellect.coordinator.checks import CHECKS
+    from intellect.coordinator.verify import check_name, verify_file
+
+    state = run.coordinator.state_dir
+    names = ["signature", "run"] + [check_name(c) for c in CHECKS]
+
+    def failures(data: bytes) -> dict[str, str]:
+        path = run.tmp / "verify.bin"
+        path.write_bytes(data)
+        results = verify_file(path, state)
+        assert [r.name for r in results] == names
+        return {r.name: r.detail for r in results if not r.ok}
+
+    first, second = run.files("batch_reused")
+    assert failures(first) == {}
+    assert list(failures(second)) == ["batch unseen"]
+    failed = failures(run.files("forged_advantage")[0])
+    assert list(failed) == ["rewards"] and failed["rewards"].startswith("advantage_mismatch")

@@ -1,0 +1,342 @@
+"""The checks every submission must pass, as one ordered list: `CHECKS`.
+
+A check is a function `check(ctx, sub) -> None` that raises `Rejected` with a reason: `ctx` is what
+the run judges by (shared by every submission), `sub` the one submission under validation (who
+signed it, its header, its decoded batch, and the model pass, computed once when a check first asks
+for it). Checks do not store, record or count anything, so the coordinator's intake and
+`intellect-node verify` run the very same list. Adding a check is adding a function to `CHECKS`.
+
+Order: cheap before expensive, and a check may rely on the ones before it having passed (the rows
+are the announced shape once `check_schema` passed):
+  schema and bounds -> batch not answered before -> policy step within the async level -> prompts
+  recomputed from the node's seed -> rewards and advantages recomputed -> termination tokens ->
+  [one bf16 prefill of the policy that generated the batch] proofs readable -> EOS probability ->
+  token probabilities -> token surprise -> TOPLOC proofs.
+
+What this module does not know: signatures, replays and bans (the intake does those before any check
+runs, on the envelope), storage, the ledger's writes, or where policies come from (`policy_for`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from intellect.coordinator.rules import IntakeConfig, RunRules
+from intellect.coordinator.verdicts import Reason, Rejected
+from intellect.protocol.messages import SubmissionHeader
+from intellect.protocol.rollouts import RolloutBatch, RolloutFormatError, RolloutRow, read_rollouts
+from intellect.protocol.tasks import (
+    completion_reward,
+    group_advantages,
+    node_seed_int,
+    prompt_token_ids,
+    sample_batch,
+)
+
+
+@dataclass(frozen=True)
+class CheckContext:
+    """What a check may consult. `policy_for(step)` gives the bf16 model of a published policy step;
+    `steps()` gives (train step now being collected, latest published policy step);
+    `batch_holder(batch_key)` gives the content hash of the file already recorded for that
+    node:policy_step:batch_counter, or None."""
+
+    run: RunRules
+    config: IntakeConfig
+    tokenizer: Any  # a transformers tokenizer of the run's model
+    eos_ids: frozenset[int]
+    policy_for: Callable[[int], object]
+    steps: Callable[[], tuple[int, int]]
+    batch_holder: Callable[[str], str | None]
+
+
+@dataclass(frozen=True)
+class Prefill:
+    """The model pass: which completions were re-run (`rows`, indices into the batch) and what the
+    policy says about each (`results`, one `CompletionCheck` per chosen row)."""
+
+    rows: list[int]
+    results: list
+
+    def evaluated(self):
+        """(row index, CompletionCheck) of the completions whose proofs and tokens could be read."""
+        return [(i, c) for i, c in zip(self.rows, self.results, strict=True) if c.rejection is None]
+
+
+@dataclass
+class Candidate:
+    """One submission under validation."""
+
+    sender: bytes  # the signing key (raw 32 bytes)
+    header: SubmissionHeader
+    batch: RolloutBatch
+    _prefill: Prefill | None = field(default=None, repr=False)
+
+    @property
+    def file_sha256(self) -> str:
+        return self.header.file_sha256
+
+    @property
+    def batch_key(self) -> str:
+        return batch_key(self.sender, self.batch.meta.policy_step, self.batch.meta.batch_counter)
+
+    def prefill(self, ctx: CheckContext) -> Prefill:
+        """One bf16 prefill per completion (a sampled share of them) serves every model check."""
+        if self._prefill is None:
+            self._prefill = _run_prefill(ctx, self)
+        return self._prefill
+
+
+Check = Callable[[CheckContext, Candidate], None]
+
+
+def batch_key(sender: bytes, policy_step: int, batch_counter: int) -> str:
+    return f"{sender.hex()}:{policy_step}:{batch_counter}"
+
+
+def read_batch(rollout_file: bytes, config: IntakeConfig) -> RolloutBatch:
+    """Decode the rollout file of a submission (bounded), or reject it as bad schema."""
+    try:
+        return read_rollouts(rollout_file, max_bytes=config.max_submission_bytes)
+    except RolloutFormatError as e:
+        raise Rejected(Reason.BAD_SCHEMA, str(e)) from None
+
+
+# ---------------------------------------------------------------------- the checks, in order
+
+def check_schema(ctx: CheckContext, sub: Candidate) -> None:
+    """The file was made for this run, by its signer, with the announced settings and shape."""
+    rules, meta, header, batch = ctx.run, sub.batch.meta, sub.header, sub.batch
+    expected = {
+        "run_id": (meta.run_id, rules.run_id),
+        "node_public_key": (meta.node_public_key, sub.sender.hex()),
+        "policy_step": (meta.policy_step, header.policy_step),
+        "batch_counter": (meta.batch_counter, header.batch_counter),
+        "task": (meta.task, rules.task_config.name),
+        "temperature": (meta.sampling.temperature, rules.temperature),
+        "max_tokens": (meta.sampling.max_tokens, rules.max_new_tokens),
+        "n": (meta.sampling.n, rules.completions_per_prompt),
+        "rows": (len(batch.rows), rules.prompts_per_batch * rules.completions_per_prompt),
+        "num_completions": (header.num_completions, len(batch.rows)),
+        "num_tokens": (header.num_tokens, batch.num_output_tokens),
+    }
+    for name, (got, want) in expected.items():
+        if got != want:
+            raise Rejected(Reason.BAD_SCHEMA, f"{name} is {got!r}, expected {want!r}")
+
+
+def check_batch_unseen(ctx: CheckContext, sub: Candidate) -> None:
+    """Answering one seed's prompts twice would let a node submit only its luckiest samples."""
+    holder = ctx.batch_holder(sub.batch_key)
+    if holder is not None and holder != sub.file_sha256:
+        meta = sub.batch.meta
+        raise Rejected(Reason.BATCH_REUSED, f"batch {meta.batch_counter} of policy step {meta.policy_step} "
+                                            "was already submitted")
+
+
+def check_policy_step(ctx: CheckContext, sub: Candidate) -> None:
+    policy_step = sub.batch.meta.policy_step
+    train_step, latest = ctx.steps()
+    if policy_step > latest:
+        raise Rejected(Reason.UNKNOWN_POLICY, f"policy step {policy_step} was never published (latest {latest})")
+    if policy_step < train_step - ctx.run.async_level:
+        raise Rejected(Reason.STALE_POLICY, f"policy step {policy_step} is older than train step {train_step} "
+                                            f"- async level {ctx.run.async_level}")
+
+
+def check_prompts(ctx: CheckContext, sub: Candidate) -> None:
+    """Each group answers the prompt the node's seed gives, rendered exactly, with its length target."""
+    rules, meta = ctx.run, sub.batch.meta
+    sampled = sample_batch(rules.task, node_seed_int(sub.sender), meta.policy_step, meta.batch_counter,
+                           rules.prompts_per_batch, rules.task_config.length_targets)
+    allowed_targets = set(rules.task_config.length_targets) or {0}
+    for rows, want in zip(_groups(rules), sampled, strict=True):
+        problem = rules.task.problem(want.problem_index)
+        tokens = prompt_token_ids(ctx.tokenizer, problem, want.target_length, rules.task_config.thinking)
+        for i in rows:
+            row = sub.batch.rows[i]
+            if row.problem_index != want.problem_index:
+                raise Rejected(Reason.PROMPT_MISMATCH, f"row {i}: problem {row.problem_index}, the seed gives "
+                                                       f"{want.problem_index}")
+            if row.target_length not in allowed_targets or row.target_length != want.target_length:
+                raise Rejected(Reason.BAD_TARGET_LENGTH, f"row {i}: target {row.target_length}, the seed gives "
+                                                         f"{want.target_length}")
+            if row.input_tokens != tokens:
+                raise Rejected(Reason.PROMPT_MISMATCH, f"row {i}: prompt tokens differ from the rendered prompt")
+
+
+def check_rewards(ctx: CheckContext, sub: Candidate) -> None:
+    """Rewards recomputed from the completions' text, advantages from the rewards of each group."""
+    rules, tol = ctx.run, ctx.config.reward_tolerance
+    groups = _groups(rules)
+    rewards = np.zeros((len(groups), rules.completions_per_prompt), dtype=np.float32)
+    for g, rows in enumerate(groups):
+        for j, i in enumerate(rows):
+            row = sub.batch.rows[i]
+            text = ctx.tokenizer.decode(row.output_tokens, skip_special_tokens=True)
+            problem = rules.task.problem(row.problem_index)
+            reward, task_reward, penalty = completion_reward(rules.task, rules.task_config, problem, text,
+                                                             row.target_length, len(row.output_tokens))
+            claimed = (row.reward, row.task_reward, row.length_penalty)
+            if any(abs(a - b) > tol for a, b in zip(claimed, (reward, task_reward, penalty), strict=True)):
+                raise Rejected(Reason.REWARD_MISMATCH, f"row {i}: claimed reward {claimed}, recomputed "
+                                                       f"{(reward, task_reward, penalty)}")
+            rewards[g, j] = reward
+    advantages = group_advantages(rewards)
+    for g, rows in enumerate(groups):
+        for j, i in enumerate(rows):
+            if abs(sub.batch.rows[i].advantage - advantages[g, j]) > ctx.config.advantage_tolerance:
+                raise Rejected(Reason.ADVANTAGE_MISMATCH, f"row {i}: claimed advantage "
+                                                          f"{sub.batch.rows[i].advantage:.6f}, recomputed "
+                                                          f"{advantages[g, j]:.6f}")
+
+
+def check_termination(ctx: CheckContext, sub: Candidate) -> None:
+    """EOS only at the end, "stop" only on EOS, "length" only at max_new_tokens."""
+    for i, row in enumerate(sub.batch.rows):
+        tokens = row.output_tokens
+        early_eos = [k for k, t in enumerate(tokens[:-1]) if t in ctx.eos_ids]
+        if early_eos:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: EOS at position {early_eos[0]} before the end")
+        if row.finish_reason == "stop" and tokens[-1] not in ctx.eos_ids:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: finish 'stop' without EOS")
+        if row.finish_reason == "length" and len(tokens) != ctx.run.max_new_tokens:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: finish 'length' after {len(tokens)} tokens, "
+                                                   f"the limit is {ctx.run.max_new_tokens}")
+
+
+def check_proofs_readable(ctx: CheckContext, sub: Candidate) -> None:
+    """Malformed proofs or tokens are refused before the prefill evaluates them."""
+    pre = sub.prefill(ctx)
+    for i, result in zip(pre.rows, pre.results, strict=True):
+        if result.rejection is not None:
+            raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {result.rejection}")
+
+
+def check_eos_probability(ctx: CheckContext, sub: Candidate) -> None:
+    """INTELLECT-2's termination rule: a completion ends on EOS where the policy makes EOS likely;
+    a node cutting answers short (saving compute) ends where it is not. Honest sampling picks an
+    unlikely EOS now and then, so the rule is judged over the batch."""
+    cfg = ctx.config
+    endings = [(i, result.eos_prob) for i, result in sub.prefill(ctx).evaluated()
+               if sub.batch.rows[i].finish_reason == "stop"]
+    for i, p in endings:
+        if p < cfg.eos_floor_prob:
+            raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability {p:.2g}, below the "
+                                                   f"floor {cfg.eos_floor_prob}")
+    low = [i for i, p in endings if p <= cfg.eos_min_prob]
+    if len(low) > 2 + cfg.eos_low_fraction * len(endings):  # two unlikely endings per batch are free
+        raise Rejected(Reason.BAD_TERMINATION, f"{len(low)} of {len(endings)} EOS endings have probability <= "
+                                               f"{cfg.eos_min_prob} (rows {low[:8]}); allowed "
+                                               f"{cfg.eos_low_fraction:.0%}")
+
+
+def check_claimed_logprobs(ctx: CheckContext, sub: Candidate) -> None:
+    """The log-probs the node claims (the trainer's importance ratios use them) are the policy's."""
+    for i, result in sub.prefill(ctx).evaluated():
+        row: RolloutRow = sub.batch.rows[i]
+        recomputed = np.asarray(result.token_logprobs, dtype=np.float64)
+        claimed = np.asarray(row.output_logprobs, dtype=np.float64)
+        err = float(np.abs(recomputed - claimed).mean())
+        if err > ctx.config.max_logprob_abs_err:
+            raise Rejected(Reason.TOKEN_PROB_MISMATCH, f"row {i}: claimed log-probs differ from the policy's by "
+                                                       f"{err:.3f} on average")
+
+
+def check_surprise(ctx: CheckContext, sub: Candidate) -> None:
+    """Honest sampling makes the sampled tokens' total surprise (-log p) match the policy's total
+    entropy, within sqrt(sum of variances); tokens chosen by another model (then proved by prefill)
+    are more surprising. Judged over the whole batch: one short completion is too few tokens for
+    the normal approximation, and a cheater's excess grows with every token while noise grows
+    with the square root."""
+    results = [result for _, result in sub.prefill(ctx).evaluated()]
+    if not results:
+        return
+    surprise = -sum(float(np.sum(c.token_logprobs)) for c in results)
+    entropy = sum(float(np.sum(c.entropies)) for c in results)
+    variance = sum(float(np.sum(c.surprise_vars)) for c in results)
+    z = (surprise - entropy) / np.sqrt(max(variance, 1e-6))
+    if z > ctx.config.max_surprise_z:
+        raise Rejected(Reason.TOKEN_PROB_MISMATCH, f"sampled tokens are unlikely under the policy (surprise "
+                                                   f"{surprise:.1f} vs entropy {entropy:.1f}: z = {z:.1f} > "
+                                                   f"{ctx.config.max_surprise_z})")
+
+
+def check_toploc(ctx: CheckContext, sub: Candidate) -> None:
+    """The proofs match the policy's hidden states: the tokens came from this policy."""
+    for i, result in sub.prefill(ctx).evaluated():
+        if not result.accepted:
+            why = _worst_chunk(result.chunks) if result.chunks else "the proofs do not match"
+            raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {why}")
+
+
+CHECKS: list[Check] = [
+    check_schema,
+    check_batch_unseen,
+    check_policy_step,
+    check_prompts,
+    check_rewards,
+    check_termination,
+    check_proofs_readable,
+    check_eos_probability,
+    check_claimed_logprobs,
+    check_surprise,
+    check_toploc,
+]
+
+
+def run_checks(ctx: CheckContext, sub: Candidate, checks: list[Check] = CHECKS) -> None:
+    """Every check in order; the first that fails raises its Rejected."""
+    for check in checks:
+        check(ctx, sub)
+
+
+# ---------------------------------------------------------------------- helpers
+
+def _groups(rules: RunRules) -> list[range]:
+    """Row indices of each prompt's group of completions (the schema check fixed the row count)."""
+    n = rules.completions_per_prompt
+    return [range(p * n, (p + 1) * n) for p in range(rules.prompts_per_batch)]
+
+
+def _run_prefill(ctx: CheckContext, sub: Candidate) -> Prefill:
+    from intellect.protocol.toploc import Thresholds
+    from intellect.protocol.toploc_torch import verify_completions
+
+    chosen = _sample_rows(len(sub.batch.rows), sub.file_sha256, ctx.config.toploc_fraction)
+    if not chosen:
+        return Prefill([], [])
+    try:
+        policy = ctx.policy_for(sub.batch.meta.policy_step)
+    except (OSError, ValueError) as e:  # pruned since the step check: as good as stale
+        raise Rejected(Reason.STALE_POLICY, f"policy step {sub.batch.meta.policy_step} is no longer held: "
+                                            f"{e}") from None
+    cfg = ctx.config
+    rows = [sub.batch.rows[i] for i in chosen]
+    results = verify_completions(policy, [r.input_tokens for r in rows], [r.output_tokens for r in rows],
+                                 [r.proof for r in rows],
+                                 thresholds=Thresholds(cfg.toploc_max_exp_mismatches, cfg.toploc_max_mant_err_mean,
+                                                       cfg.toploc_max_mant_err_median),
+                                 batch_size=cfg.prefill_batch_size, temperature=ctx.run.temperature,
+                                 eos_token_id=sorted(ctx.eos_ids))
+    return Prefill(chosen, list(results))
+
+
+def _sample_rows(num_rows: int, file_sha256: str, fraction: float) -> list[int]:
+    k = int(np.ceil(fraction * num_rows))
+    if k >= num_rows:
+        return list(range(num_rows))
+    # seeded by the file hash: the node cannot know which rows are checked before it commits
+    rng = np.random.default_rng(int(file_sha256[:16], 16))
+    return sorted(rng.choice(num_rows, size=k, replace=False).tolist())
+
+
+def _worst_chunk(chunks) -> str:
+    worst = max(range(len(chunks)), key=lambda k: (chunks[k].exp_mismatches, chunks[k].mant_err_mean))
+    c = chunks[worst]
+    return (f"TOPLOC chunk {worst} fails: {c.exp_mismatches} exponent mismatches, mantissa error mean "
+            f"{c.mant_err_mean:.1f} / median {c.mant_err_median:.0f}")

@@ -1,0 +1,71 @@
+"""What a submission is judged against: the run's rules (fixed when the run starts, announced to
+nodes in RunInfo) and the intake's validation settings (the coordinator's own thresholds).
+
+`run_rules(config, run_id)` is the one place RunRules is built from a coordinator config; the
+coordinator and `intellect-node verify` both use it, so they judge by the same rules.
+
+What this module does not know: how the rules are checked (coordinator/checks.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from intellect.protocol.tasks import Task, TaskConfig, setup_task
+
+if TYPE_CHECKING:  # config.py imports IntakeConfig from here
+    from intellect.coordinator.config import CoordinatorConfig
+
+
+class IntakeConfig(BaseModel):
+    """Validation settings of a run. Defaults check everything on every completion (small runs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_submission_bytes: int = Field(64 * 2**20, ge=1024, description="Largest submission accepted, bytes.")
+    toploc_fraction: float = Field(1.0, ge=0.0, le=1.0,
+                                   description="Share of completions re-run by prefill (TOPLOC, token and EOS checks).")
+    toploc_max_exp_mismatches: int = Field(38, ge=0, le=128, description="TOPLOC threshold (spec A.8).")
+    toploc_max_mant_err_mean: float = Field(10.0, ge=0, description="TOPLOC threshold (spec A.8).")
+    toploc_max_mant_err_median: float = Field(8.0, ge=0, description="TOPLOC threshold (spec A.8).")
+    eos_min_prob: float = Field(0.1, ge=0.0, le=1.0,
+                                description="INTELLECT-2's termination rule: EOS should come where the policy gives it "
+                                            "more than this...")
+    eos_low_fraction: float = Field(0.25, ge=0.0, le=1.0,
+                                    description="...but honest sampling sometimes picks a less likely EOS, so a batch "
+                                                "fails only when more than this share of its EOS endings are below "
+                                                "eos_min_prob (a node cutting answers short fails most of them)...")
+    eos_floor_prob: float = Field(0.0, ge=0.0, le=1.0,
+                                  description="...or when any EOS ending is below this floor (0: off).")
+    max_logprob_abs_err: float = Field(0.25, gt=0,
+                                       description="Largest mean |claimed - recomputed| sampled-token log-prob.")
+    max_surprise_z: float = Field(6.0, gt=0,
+                                  description="Token-sampling check: z-score of the sampled tokens' surprise "
+                                              "against the policy's entropy; tokens from another model score high.")
+    reward_tolerance: float = Field(1e-5, gt=0, description="Allowed |claimed - recomputed| reward.")
+    advantage_tolerance: float = Field(1e-3, gt=0, description="Allowed |claimed - recomputed| advantage.")
+    prefill_batch_size: int = Field(8, ge=1, le=256, description="Completions per verification forward.")
+
+
+@dataclass(frozen=True)
+class RunRules:
+    """What every submission of this run must have been made with."""
+
+    run_id: str
+    task: Task
+    task_config: TaskConfig
+    prompts_per_batch: int
+    completions_per_prompt: int
+    max_new_tokens: int
+    temperature: float
+    async_level: int
+
+
+def run_rules(config: CoordinatorConfig, run_id: str) -> RunRules:
+    r = config.rollouts
+    return RunRules(run_id=run_id, task=setup_task(config.task), task_config=config.task,
+                    prompts_per_batch=r.prompts_per_batch, completions_per_prompt=r.completions_per_prompt,
+                    max_new_tokens=r.max_new_tokens, temperature=r.temperature, async_level=config.async_level)

@@ -1,0 +1,43 @@
+"""How a check says no: the reason codes of every verdict, and the exception a check raises.
+
+Reason values are wire and ledger strings (nodes and `intellect-node ledger` read them): never rename.
+
+What this module does not know: which check raises which reason (coordinator/checks.py), or what a
+reason costs the node (the ledger's ban policy).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    ACCEPTED = "accepted"
+    OVERSIZE = "oversize"
+    BAD_ENVELOPE = "bad_envelope"
+    WRONG_RUN = "wrong_run"
+    REPLAY = "replay"
+    BATCH_REUSED = "batch_reused"
+    BANNED = "banned"
+    BAD_SCHEMA = "bad_schema"
+    STALE_POLICY = "stale_policy"
+    UNKNOWN_POLICY = "unknown_policy"
+    PROMPT_MISMATCH = "prompt_mismatch"
+    BAD_TARGET_LENGTH = "bad_target_length"
+    REWARD_MISMATCH = "reward_mismatch"
+    ADVANTAGE_MISMATCH = "advantage_mismatch"
+    BAD_TERMINATION = "bad_termination"
+    TOKEN_PROB_MISMATCH = "token_prob_mismatch"
+    TOPLOC_FAILED = "toploc_failed"
+
+
+# Rejections that do not prove the signer misbehaved: recorded, but no strike towards a ban.
+NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.BANNED,
+             Reason.STALE_POLICY}
+
+
+class Rejected(Exception):
+    def __init__(self, reason: Reason, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
