@@ -20,11 +20,21 @@ class LossConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    type: Literal["grpo_two_sided", "grpo_clip"] = Field(
+    type: Literal["grpo_two_sided", "grpo_clip", "token_mask"] = Field(
         "grpo_two_sided",
         description="grpo_two_sided: INTELLECT-2 clip with the ratio capped at delta (B.9); "
-        "grpo_clip: the standard PPO/GRPO clip, no cap.",
+        "grpo_clip: the standard PPO/GRPO clip, no cap; token_mask: plain ratio x A with the tokens "
+        "whose probability moved more than mask_high / mask_low dropped (prime-rl's DPPO mask).",
     )
+    ratio_against: Literal["behaviour", "step_start"] = Field(
+        "behaviour",
+        description="behaviour: rho = pi_theta / mu with mu the log-probs the rollout was sampled with "
+        "(off-policy correct); step_start: rho = pi_theta / pi_old recomputed by the trainer at the "
+        "start of the policy step (INTELLECT-2's B.9: rho = 1 on the first optimizer step). Samples "
+        "without behaviour log-probs always use step_start.",
+    )
+    mask_high: float = Field(0.2, gt=0, le=1, description="token_mask: A > 0 tokens whose p rose by more are dropped")
+    mask_low: float = Field(0.2, gt=0, le=1, description="token_mask: A < 0 tokens whose p fell by more are dropped")
     eps_low: float = Field(0.2, gt=0, lt=1, description="lower clip: ratio floor 1 - eps_low")
     eps_high: float = Field(0.2, gt=0, description="upper clip: ratio ceiling 1 + eps_high")
     delta: float = Field(4.0, description="cap on the ratio (clamp_log_prob_coef); only grpo_two_sided")
@@ -73,6 +83,17 @@ class TrainerConfig(BaseModel):
         "train (embeddings and LM head frozen), so CPU demos skip most of the backward pass.",
     )
     pad_token_id: int = Field(0, ge=0, description="token id written into the padded tail of a row")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto",
+        description="where the trainer runs: auto = cuda when a GPU is visible; on cuda the forward runs "
+        "under bf16 autocast over fp32 master weights.",
+    )
+    logprobs: Literal["chunked", "dense"] = Field(
+        "chunked",
+        description="chunked: log-probs and entropy from the final hidden states and the LM-head weight, "
+        "chunk_tokens at a time (never the whole [tokens, vocab] logits); dense: the model's full logits.",
+    )
+    chunk_tokens: int = Field(512, ge=1, description="tokens per LM-head chunk with logprobs = chunked")
     loss: LossConfig = Field(default_factory=LossConfig)
 
     @field_validator("trainable")

@@ -1,6 +1,9 @@
 """GRPO policy losses, token aggregation and the per-token log-prob/entropy they read (spec B.9).
 
-One function per loss type (`grpo_two_sided_loss`, `grpo_clip_loss`), picked by `LossConfig.type`.
+One function per loss type (`grpo_two_sided_loss`, `grpo_clip_loss`, `token_mask_loss`), picked by
+`LossConfig.type`. The ratio's denominator is the behaviour policy mu (the log-probs the rollout was
+sampled with) where the sample carries them and `ratio_against` is "behaviour", else pi_old as the
+trainer recomputed it at the start of the step; the mismatch KL between the two is a metric.
 Aggregation is expressed as per-token weights computed once for a whole optimizer batch
 (`aggregation_weights`), so a loss summed over micro-batches does not depend on how the batch was
 split or packed. This module sees tensors only: no model, no packing, no optimizer.
@@ -23,6 +26,7 @@ class TokenLoss:
 
     loss: Tensor  # [R, S] float
     clipped: Tensor  # [R, S] bool: -rho_bar*A < -c*A (B.9 clip_ratio)
+    masked: Tensor | None = None  # [R, S] bool: dropped by the token mask (token_mask only)
 
 
 @dataclass
@@ -31,6 +35,9 @@ class LossOutput:
 
     loss: Tensor  # [] float, differentiable
     num_clipped: Tensor  # [] masked tokens on the clipped branch
+    num_masked: Tensor  # [] completion tokens the token mask dropped (token_mask only)
+    mismatch_kl_sum: Tensor  # [] sum over tokens with a known mu of KL(mu || pi_old), k3 estimate
+    num_behaviour: Tensor  # [] completion tokens whose behaviour log-prob mu is known
     entropy_sum: Tensor  # [] sum of H_t over masked tokens
     kl_sum: Tensor  # [] sum of the KL estimate over masked tokens (0 without a reference)
     num_tokens: Tensor  # [] masked (completion) tokens
@@ -74,9 +81,30 @@ def grpo_clip_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, c
     return TokenLoss(torch.maximum(unclipped_loss, clipped_loss), unclipped_loss < clipped_loss)
 
 
+def token_mask_loss(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, cfg: LossConfig) -> TokenLoss:
+    """prime-rl's DPPO mask: l = -rho A, except tokens that left the trust region carry no loss.
+
+    A token with A > 0 is dropped when p_theta - p_old > mask_high (pushed up far enough already), one
+    with A < 0 when p_theta - p_old < -mask_low. Measured in probability, not ratio, so rare tokens
+    (tiny p, huge ratio swings) still train while a confident token cannot be moved far.
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    moved = torch.exp(logprobs.detach()) - torch.exp(old_logprobs)
+    masked = torch.where(advantages > 0, moved > cfg.mask_high, moved < -cfg.mask_low)
+    loss = torch.where(masked, torch.zeros_like(ratio), -ratio * advantages)
+    return TokenLoss(loss, torch.zeros_like(masked), masked)
+
+
+def mismatch_kl(old_logprobs: Tensor, behaviour_logprobs: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(mu || pi_old) on tokens sampled from mu: r - log r - 1, r = pi_old/mu."""
+    log_ratio = old_logprobs - behaviour_logprobs
+    return torch.exp(log_ratio) - log_ratio - 1
+
+
 LOSS_FUNCTIONS: dict[str, Callable[[Tensor, Tensor, Tensor, LossConfig], TokenLoss]] = {
     "grpo_two_sided": grpo_two_sided_loss,
     "grpo_clip": grpo_clip_loss,
+    "token_mask": token_mask_loss,
 }
 
 
@@ -108,14 +136,23 @@ def policy_loss(
     weights: Tensor,
     cfg: LossConfig,
     ref_logprobs: Tensor | None = None,
+    behaviour_logprobs: Tensor | None = None,
 ) -> LossOutput:
     """Weighted micro-batch loss: sum_t w_t (l_t - entropy_coef H_t + kl_coef KL_t); all inputs [R, S].
 
-    weights come from `aggregation_weights` and are zero off the completion tokens.
+    weights come from `aggregation_weights` and are zero off the completion tokens. old_logprobs is
+    pi_old at the start of the step (detached); behaviour_logprobs is mu, NaN where unknown.
     """
-    token = LOSS_FUNCTIONS[cfg.type](logprobs, old_logprobs, advantages, cfg)
-    per_token = token.loss - cfg.entropy_coef * entropy
     mask = weights > 0
+    if behaviour_logprobs is None:
+        known = torch.zeros_like(mask)
+        behaviour_logprobs = old_logprobs
+    else:
+        known = mask & ~torch.isnan(behaviour_logprobs)
+        behaviour_logprobs = torch.where(known, behaviour_logprobs, old_logprobs)  # no NaN reaches autograd
+    denominator = behaviour_logprobs if cfg.ratio_against == "behaviour" else old_logprobs
+    token = LOSS_FUNCTIONS[cfg.type](logprobs, denominator, advantages, cfg)
+    per_token = token.loss - cfg.entropy_coef * entropy
     kl = torch.zeros_like(logprobs)
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
@@ -126,6 +163,9 @@ def policy_loss(
     return LossOutput(
         loss=(weights * per_token).sum(),
         num_clipped=(token.clipped & mask).sum().detach(),
+        num_masked=(token.masked & mask).sum() if token.masked is not None else mask.new_zeros(()).sum(),
+        mismatch_kl_sum=(mismatch_kl(old_logprobs, behaviour_logprobs).detach() * known).sum(),
+        num_behaviour=known.sum(),
         entropy_sum=(entropy * mask).sum().detach(),
         kl_sum=(kl * mask).sum().detach(),
         num_tokens=mask.sum(),

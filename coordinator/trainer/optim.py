@@ -51,18 +51,19 @@ def setup_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def setup_fsdp(model: torch.nn.Module) -> torch.nn.Module:
-    """Shard `model` with FSDP2 under torchrun: one unit per decoder layer, bf16 params, fp32 reductions.
+def setup_fsdp(model: torch.nn.Module, bf16: bool = True) -> torch.nn.Module:
+    """Shard `model` with FSDP2 under torchrun: one unit per decoder layer plus the root (embeddings,
+    final norm, LM head); fp32 master shards, bf16 compute params when `bf16`, fp32 reductions.
 
-    Call after `torch.distributed.init_process_group` and before building the optimizer. Needs
-    several CUDA devices; nothing in the test suite can exercise it beyond import.
+    Call after `torch.distributed.init_process_group` and `select_trainable`, and before building
+    the optimizer (the parameters become DTensor shards). On CPU (gloo) pass bf16=False.
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     if not dist.is_initialized():
         raise ValueError("setup_fsdp needs torch.distributed initialised (run under torchrun)")
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     for layer in model.get_decoder().layers:
         fully_shard(layer, mp_policy=policy)
     fully_shard(model, mp_policy=policy)

@@ -2,7 +2,8 @@
 
 `pack` puts samples into rows of `seq_len` tokens by first-fit decreasing; position ids restart at 0
 for each sample and every token carries the index of its sample, from which `segment_mask` builds the
-block-diagonal causal mask that keeps packed samples from attending to each other. `pad_each` is the
+block-diagonal causal mask that keeps packed samples from attending to each other. A sample's
+behaviour log-probs (what the node sampled with) land on its completion tokens, NaN elsewhere. `pad_each` is the
 naive layout (one sample per row, right-padded) used as the baseline and as the reference in tests.
 This module knows token ids and advantages only: no model, no tokenizer, no loss.
 """
@@ -24,6 +25,8 @@ class TrainSample(NamedTuple):
     output_tokens: Sequence[int]
     advantage: float
     reward: float | None = None
+    behaviour_logprobs: Sequence[float] | None = None  # log mu(output_tokens[i]), at the loss's tau
+    policy_step: int | None = None  # the policy version that generated it
 
 
 @dataclass
@@ -35,6 +38,7 @@ class PackedBatch:
     loss_mask: Tensor  # bool, True on completion tokens
     advantages: Tensor  # float32, the sample's advantage on each of its tokens, 0 on padding
     sample_ids: Tensor  # long, index into the packed samples, -1 on padding
+    behaviour_logprobs: Tensor  # float32, mu of each completion token, NaN where unknown
 
     @property
     def num_rows(self) -> int:
@@ -67,7 +71,8 @@ class PackedBatch:
         return PackedBatch(*(t.to(device) for t in self._tensors()))
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return self.input_ids, self.position_ids, self.loss_mask, self.advantages, self.sample_ids
+        return (self.input_ids, self.position_ids, self.loss_mask, self.advantages, self.sample_ids,
+                self.behaviour_logprobs)
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -126,6 +131,9 @@ def _checked(samples: Sequence[Sequence[Any]]) -> list[TrainSample]:
         # harmless only because it is a prompt token and carries no loss.
         if len(sample.input_tokens) == 0:
             raise ValueError("every sample needs at least one input (prompt) token")
+        if sample.behaviour_logprobs is not None and len(sample.behaviour_logprobs) != len(sample.output_tokens):
+            raise ValueError(f"{len(sample.behaviour_logprobs)} behaviour log-probs for "
+                             f"{len(sample.output_tokens)} output tokens")
     return samples
 
 
@@ -138,6 +146,7 @@ def _layout(
     loss_mask = torch.zeros(shape, dtype=torch.bool)
     advantages = torch.zeros(shape, dtype=torch.float32)
     sample_ids = torch.full(shape, -1, dtype=torch.long)
+    behaviour = torch.full(shape, float("nan"), dtype=torch.float32)
     for row, members in enumerate(bins):
         cursor = 0
         for index in members:
@@ -150,6 +159,11 @@ def _layout(
             loss_mask[row, cursor + len(sample.input_tokens) : cursor + size] = True
             advantages[row, span] = float(sample.advantage)
             sample_ids[row, span] = index
+            num_out = size - len(sample.input_tokens)
+            if sample.behaviour_logprobs is not None and num_out > 0:
+                start = cursor + len(sample.input_tokens)
+                behaviour[row, start : start + num_out] = torch.tensor(
+                    list(sample.behaviour_logprobs[:num_out]), dtype=torch.float32)
             cursor += size
         position_ids[row, cursor:] = torch.arange(seq_len - cursor)  # B.11: pad positions 0..pad-1
-    return PackedBatch(input_ids, position_ids, loss_mask, advantages, sample_ids)
+    return PackedBatch(input_ids, position_ids, loss_mask, advantages, sample_ids, behaviour)

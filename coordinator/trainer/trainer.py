@@ -2,15 +2,22 @@
 
 A policy step drops zero-advantage samples, splits the rest into `optimizer_steps_per_policy_step`
 optimizer batches, packs each into rows, computes log pi_old for every row with one no-grad pass at
-the start (so the ratio measures drift within the step only), then takes the optimizer steps with
-gradient accumulation over micro-batches and global-norm clipping. It knows nothing about where
-samples come from, rollouts on disk, or publishing; checkpoints go through `checkpoint.py`.
+the start, then takes the optimizer steps with gradient accumulation over micro-batches and
+global-norm clipping. The importance ratio is taken against the behaviour log-probs mu the samples
+carry (`LossConfig.ratio_against`); pi_old serves the mismatch-KL metric and samples without mu.
+Log-probs come chunked from the final hidden states (`lm_head.py`) unless `logprobs = "dense"`.
+On CUDA the forward runs under bf16 autocast over fp32 weights. Under torchrun (world size > 1)
+the model is sharded with FSDP2 and every rank takes every W-th micro-batch (`distributed.py`).
+It knows nothing about where samples come from, rollouts on disk, or publishing; checkpoints go
+through `checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,12 +26,19 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from intellect.coordinator.trainer import checkpoint
+from intellect.coordinator.trainer import checkpoint, distributed
 from intellect.coordinator.trainer._compat import attention_mask_for
 from intellect.coordinator.trainer.config import TrainerConfig
+from intellect.coordinator.trainer.lm_head import chunked_logprobs, final_hidden_states, supports_chunking
 from intellect.coordinator.trainer.loss import LossOutput, aggregation_weights, policy_loss, token_logprobs
-from intellect.coordinator.trainer.optim import select_trainable, setup_optimizer, setup_scheduler
+from intellect.coordinator.trainer.optim import select_trainable, setup_fsdp, setup_optimizer, setup_scheduler
 from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack, pad_each, segment_mask
+
+logger = logging.getLogger(__name__)
+
+# per optimizer step, summed over micro-batches (and ranks): the order of the all-reduced vector
+_SUMS = ("loss", "num_clipped", "num_masked", "entropy_sum", "kl_sum", "mismatch_kl_sum", "num_behaviour",
+         "num_tokens")
 
 
 @dataclass
@@ -37,6 +51,17 @@ class OptimizerBatch:
     ref_logprobs: list[Tensor | None]  # per micro-batch [r, S] when a KL reference is used
 
 
+def resolve_device(name: str) -> torch.device:
+    """`trainer.device` -> a torch device; under torchrun on CUDA, this rank's GPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError("trainer.device is cuda but torch sees no CUDA device")
+    return torch.device("cuda", distributed.local_rank() % torch.cuda.device_count())
+
+
 def drop_zero_advantages(samples: Sequence[Any]) -> tuple[list[TrainSample], int]:
     """B.6 online filter: samples whose advantage is exactly 0 carry no gradient and are dropped."""
     kept = [TrainSample(*s) for s in samples if float(s[2]) != 0.0]
@@ -44,16 +69,32 @@ def drop_zero_advantages(samples: Sequence[Any]) -> tuple[list[TrainSample], int
 
 
 class GRPOTrainer:
-    """Owns the model's trainable parameters, optimizer and schedule; `train_step` is one policy step."""
+    """Owns the model's trainable parameters, optimizer and schedule; `train_step` is one policy step.
+
+    The model is moved to `config.device`. Under torchrun (world size > 1) it is sharded with FSDP2:
+    rank 0 calls `train_step`, every other rank calls `follow()`, which runs the same steps on the
+    samples rank 0 broadcasts until rank 0 calls `stop_followers()`.
+    """
 
     def __init__(
         self, model: torch.nn.Module, config: TrainerConfig, ref_model: torch.nn.Module | None = None
     ):
         if config.loss.kl_coef > 0 and ref_model is None:
             raise ValueError("loss.kl_coef > 0 needs a ref_model")
-        self.model, self.config, self.ref_model = model, config, ref_model
-        self.device = next(model.parameters()).device
+        self.rank, self.world_size = distributed.rank_and_world()
+        if self.world_size > 1 and ref_model is not None:
+            raise ValueError("a KL reference model is not supported under FSDP yet")
+        self.device = resolve_device(config.device)
+        self.model, self.config, self.ref_model = model.to(self.device), config, ref_model
+        if ref_model is not None:
+            ref_model.to(self.device)
+        why_dense = supports_chunking(model) if config.logprobs == "chunked" else None
+        if why_dense:
+            logger.warning("chunked log-probs off, using the full logits: %s", why_dense)
         self.parameters = select_trainable(model, config)
+        if self.world_size > 1:
+            setup_fsdp(model, bf16=self.device.type == "cuda")
+            self.parameters = [p for p in model.parameters() if p.requires_grad]  # now DTensors
         self.optimizer = setup_optimizer(self.parameters, config)
         self.scheduler = setup_scheduler(self.optimizer, config)
         self.policy_step = 0  # policy steps completed = version of the policy the model now holds
@@ -61,10 +102,28 @@ class GRPOTrainer:
         model.train()
 
     def train_step(self, samples: Sequence[Any]) -> dict[str, float]:
-        """One policy step on `samples` ((input_tokens, output_tokens, advantage[, reward]) each)."""
+        """One policy step on `samples` ((input_tokens, output_tokens, advantage[, reward[, behaviour
+        log-probs[, policy step]]]) each). Under FSDP only rank 0 calls it (the others `follow`)."""
+        if self.world_size > 1:
+            distributed.broadcast_object(("train", list(samples)))
+        return self._train_step(samples)
+
+    def follow(self) -> None:
+        """Ranks > 0 under torchrun: run what rank 0 runs until it calls `stop_followers()`."""
+        while True:
+            command = distributed.broadcast_object(None)
+            if command[0] == "stop":
+                return
+            self._train_step(command[1])
+
+    def stop_followers(self) -> None:
+        if self.world_size > 1:
+            distributed.broadcast_object(("stop",))
+
+    def _train_step(self, samples: Sequence[Any]) -> dict[str, float]:
         start = time.perf_counter()
         kept, num_dropped = drop_zero_advantages(samples)
-        metrics = _sample_metrics(samples, num_dropped)
+        metrics = _sample_metrics(samples, num_dropped) | staleness_histogram(samples, self.policy_step)
         if not kept:
             return metrics
         chunks = _split(kept, self.config.optimizer_steps_per_policy_step)
@@ -74,11 +133,12 @@ class GRPOTrainer:
         step_metrics = [self._optimizer_step(batch) for batch in batches]
         self.policy_step += 1
         elapsed = time.perf_counter() - start
-        num_real = sum(mb.num_real_tokens for b in batches for mb in b.micro_batches)
-        num_slots = sum(mb.input_ids.numel() for b in batches for mb in b.micro_batches)
+        real = [mb.num_real_tokens if w.any() else 0 for b in batches for mb, w in zip(b.micro_batches, b.weights)]
+        slots = [mb.input_ids.numel() if w.any() else 0 for b in batches for mb, w in zip(b.micro_batches, b.weights)]
+        num_real, num_slots = distributed.all_sum([float(sum(real)), float(sum(slots))])
         metrics |= _reduce(step_metrics)
         metrics |= {
-            "packing_efficiency": num_real / num_slots,
+            "packing_efficiency": num_real / max(num_slots, 1.0),
             "tokens_per_s": num_real / elapsed,
             "seconds": elapsed,
             "lr": self.scheduler.get_last_lr()[0],
@@ -88,6 +148,8 @@ class GRPOTrainer:
 
     def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None) -> Path:
         """Crash-safe checkpoint of the policy and the whole training state; returns its folder."""
+        if self.world_size > 1:
+            raise NotImplementedError("checkpoints under FSDP (gathering the sharded state) are not written yet")
         extra = {"optimizer_step": self.optimizer_step}
         return checkpoint.save_checkpoint(
             directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep
@@ -95,6 +157,8 @@ class GRPOTrainer:
 
     def resume(self, directory: str | Path) -> bool:
         """Restore the latest complete checkpoint under `directory`; False if there is none."""
+        if self.world_size > 1:
+            raise NotImplementedError("resuming under FSDP is not supported yet")
         loaded = checkpoint.load_latest(directory, self.model, self.optimizer, self.scheduler)
         if loaded is None:
             return False
@@ -116,6 +180,7 @@ class GRPOTrainer:
             width = mb.used_width
             micro.append(mb.columns(width).to(self.device))
             weights_mb.append(weights[start : start + cfg.micro_batch_rows, :width].to(self.device))
+        micro, weights_mb = distributed.this_ranks_share(micro, weights_mb)
         with torch.no_grad():
             old = [self._logprobs(self.model, mb)[0] if need_old else None for mb in micro]
             ref = [
@@ -129,9 +194,15 @@ class GRPOTrainer:
             batch.micro_batches, batch.weights, batch.old_logprobs, batch.ref_logprobs
         ):
             logprobs, entropy = self._logprobs(self.model, mb)
+            if self.config.loss.entropy_coef == 0:
+                entropy = entropy.detach()  # a metric only: no backward through the entropy
             old = logprobs.detach() if old is None else old
-            out = policy_loss(logprobs, entropy, old, mb.advantages, weights, self.config.loss, ref)
-            out.loss.backward()  # weights are global to the optimizer batch: plain accumulation
+            out = policy_loss(
+                logprobs, entropy, old, mb.advantages, weights, self.config.loss, ref, mb.behaviour_logprobs
+            )
+            # weights are global to the optimizer batch: plain accumulation; FSDP averages over
+            # ranks, so each rank's share is scaled back up to a sum
+            (out.loss * self.world_size).backward()
             outputs.append(out)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
@@ -140,15 +211,8 @@ class GRPOTrainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_step += 1
-        num_tokens = float(sum(o.num_tokens for o in outputs))
-        return {
-            "loss": float(sum(o.loss.detach() for o in outputs)),
-            "num_clipped": float(sum(o.num_clipped for o in outputs)),
-            "entropy_sum": float(sum(o.entropy_sum for o in outputs)),
-            "kl_sum": float(sum(o.kl_sum for o in outputs)),
-            "num_tokens": num_tokens,
-            "grad_norm": float(grad_norm),
-        }
+        local = [float(sum(getattr(o, name).detach() for o in outputs)) for name in _SUMS]
+        return dict(zip(_SUMS, distributed.all_sum(local))) | {"grad_norm": float(grad_norm)}
 
     def _logprobs(self, model: torch.nn.Module, mb: PackedBatch) -> tuple[Tensor, Tensor]:
         """(logprobs, entropy), each [r, S], at temperature tau, samples isolated by the block mask."""
@@ -156,11 +220,25 @@ class GRPOTrainer:
         compute_dtype = torch.bfloat16 if on_gpu else next(model.parameters()).dtype
         mask = attention_mask_for(model, segment_mask(mb.sample_ids), compute_dtype)
         autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+        inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "attention_mask": mask,
+                  "use_cache": False}
+        tau = self.config.temperature
         with autocast:
-            logits = model(
-                input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=mask, use_cache=False
-            ).logits
-        return token_logprobs(logits, mb.input_ids, self.config.temperature)
+            if self.config.logprobs == "dense" or supports_chunking(model) is not None:
+                return token_logprobs(model(**inputs).logits, mb.input_ids, tau)
+            hidden = final_hidden_states(model, **inputs)
+            weight = model.get_output_embeddings().weight
+            logprobs, entropy = chunked_logprobs(
+                hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, self.config.chunk_tokens
+            )
+        zero = logprobs.new_zeros(logprobs.shape[0], 1)  # column 0 has no prefix (as token_logprobs)
+        return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
+
+
+def staleness_histogram(samples: Sequence[Any], policy_step: int) -> dict[str, float]:
+    """Rows per policy-step lag (trainer's policy - the policy that sampled them): staleness_lag_K."""
+    lags = Counter(policy_step - int(s[5]) for s in samples if len(s) > 5 and s[5] is not None)
+    return {f"staleness_lag_{lag}": float(n) for lag, n in sorted(lags.items())}
 
 
 def _split(samples: list[TrainSample], num_chunks: int) -> list[list[TrainSample]]:
@@ -185,12 +263,18 @@ def _sample_metrics(samples: Sequence[Any], num_dropped: int) -> dict[str, float
 def _reduce(step_metrics: list[dict[str, float]]) -> dict[str, float]:
     """Policy-step metrics from per-optimizer-step ones: loss summed per step then averaged."""
     num_tokens = max(sum(m["num_tokens"] for m in step_metrics), 1.0)
-    return {
+    num_behaviour = sum(m["num_behaviour"] for m in step_metrics)
+    metrics = {
         "loss": sum(m["loss"] for m in step_metrics) / len(step_metrics),
         "clip_ratio": sum(m["num_clipped"] for m in step_metrics) / num_tokens,
+        "masked_ratio": sum(m["num_masked"] for m in step_metrics) / num_tokens,
         "entropy": sum(m["entropy_sum"] for m in step_metrics) / num_tokens,
         "kl": sum(m["kl_sum"] for m in step_metrics) / num_tokens,
         "grad_norm": sum(m["grad_norm"] for m in step_metrics) / len(step_metrics),
         "grad_norm_max": max(m["grad_norm"] for m in step_metrics),
         "num_optimizer_steps": float(len(step_metrics)),
+        "behaviour_fraction": num_behaviour / num_tokens,
     }
+    if num_behaviour:  # KL(mu || pi_old at the step's start), per token with a known mu
+        metrics["mismatch_kl"] = sum(m["mismatch_kl_sum"] for m in step_metrics) / num_behaviour
+    return metrics

@@ -51,6 +51,7 @@ def config(**overrides) -> TrainerConfig:
         "grad_clip": 1.0,
         "seq_len": 64,
         "optimizer_steps_per_policy_step": 2,
+        "device": "cpu",
     }
     return TrainerConfig(**(base | overrides))
 
