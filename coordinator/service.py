@@ -236,7 +236,10 @@ class Coordinator:
                 logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
                 continue
             for row in batch.rows:
-                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward))
+                # the claimed log-probs (checked against the policy at validation) are mu, the behaviour
+                # policy of the loss's importance ratio; row.step its version, for the staleness histogram
+                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward,
+                                row.output_logprobs, row.step))
                 rewards.append(row.reward)
                 lengths.append(len(row.output_tokens))
         return samples, rewards, lengths
