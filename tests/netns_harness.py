@@ -28,6 +28,7 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Self
 
 PREFIX = "inxt-"
 TEST_RANGE = "198.18.0.0/15"
@@ -92,13 +93,25 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def pids_in(ns: str) -> list[int]:
+    """Processes inside namespace `ns` (zombies not counted)."""
+    pids = []
+    for pid in _sh("ip", "netns", "pids", ns, check=False).stdout.split():
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                    pids.append(int(pid))
+        except (OSError, IndexError):
+            pass
+    return pids
+
+
 def _kill_inside(ns: str) -> None:
     """SIGKILL every process still inside namespace `ns` (all of them were started in it by us)."""
-    out = _sh("ip", "netns", "pids", ns, check=False).stdout.split()
-    for pid in out:
+    for pid in pids_in(ns):
         try:
-            os.kill(int(pid), signal.SIGKILL)
-        except (ProcessLookupError, ValueError):
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
             pass
 
 
@@ -142,7 +155,7 @@ class Network:
 
     # ---- set-up ---------------------------------------------------------------------------------
 
-    def __enter__(self) -> Network:
+    def __enter__(self) -> Self:
         try:
             self.start()
         except BaseException:
@@ -277,7 +290,7 @@ class Network:
             _kill_inside(ns)
         deadline = time.monotonic() + 10
         for ns in reversed(self.namespaces):
-            while _sh("ip", "netns", "pids", ns, check=False).stdout.strip() and time.monotonic() < deadline:
+            while pids_in(ns) and time.monotonic() < deadline:
                 time.sleep(0.1)
             _sh("ip", "netns", "del", ns, check=False)
         self.namespaces.clear()

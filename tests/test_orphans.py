@@ -56,9 +56,11 @@ def start_node(procs: Procs, run_file, state_dir, name: str) -> int:
     return pid
 
 
-def joined(state_dir) -> bool:
+def working(state_dir) -> bool:
+    """Joined and the engine loaded. Before that the work loop may sit in torch's imports for long on a
+    loaded machine, and a stop waits for the loop (up to 30 s: a thread inside torch at exit aborts)."""
     try:
-        return json.loads((state_dir / "status.json").read_text())["state"] not in ("starting", "joining")
+        return bool(json.loads((state_dir / "status.json").read_text())["engine"])
     except (OSError, ValueError, KeyError):
         return False
 
@@ -78,7 +80,7 @@ def test_sigkill_of_a_node_takes_its_dht_process_and_p2pd_along(run):
 def test_sigterm_stops_a_node_with_its_children(run):
     procs, run_file, tmp = run
     pid = start_node(procs, run_file, tmp / "node2", "node2")
-    wait_while_alive(procs, lambda: joined(tmp / "node2"), 120, "the node to join", "node2")
+    wait_while_alive(procs, lambda: working(tmp / "node2"), 240, "the node's engine", "node2")
     children = swarm_children(pid)
     started = time.monotonic()
     os.kill(pid, signal.SIGTERM)

@@ -1,0 +1,124 @@
+"""The swarm across hosts (tests/netns_harness.py): a coordinator and one node on public addresses, two
+nodes each behind its own NAT router (masquerade, nothing inbound), every link shaped. The real
+`intellect-node coordinator` and `join` commands run inside the namespaces. The tests share one run and
+go in file order: NATed nodes complete policy steps; each node's reachability line names its case; the
+coordinator's link goes down for 30 s and the nodes carry on by themselves; a SIGKILLed coordinator
+leaves no process behind in its namespace.
+
+Skipped (with the reason) only where namespaces cannot be made: not root, or no `ip`/`nft`."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from tests import netns_harness
+from tests.cli_harness import command, wait_for
+from tests.coordinator.procs import NODE_ENV, write_toml
+
+_why_not = netns_harness.unavailable()
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(_why_not is not None, reason=str(_why_not))]
+
+PORT = 31337
+LINK_DOWN_S = 30.0
+NODES = ("pub", "nat1", "nat2")
+
+
+def node_cmd(run_file, state_dir, host: netns_harness.Host) -> list[str]:
+    return command("join", "--run-file", str(run_file), "--state-dir", str(state_dir), "--engine", "torch",
+                   "--threads", "1", "--host", host.ip, "--headless")
+
+
+def status(tmp, name: str) -> dict:
+    try:
+        return json.loads((tmp / name / "status.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, tiny_model_path):
+    tmp = tmp_path_factory.mktemp("netns")
+    state = tmp / "coordinator"
+    config = write_toml(tmp / "coordinator.toml", {
+        "state_dir": state, "run_name": "netns", "model": str(tiny_model_path), "async_level": 1,
+        "batches_per_step": 1, "threads": 1, "shard_size": 4_000_000,
+        "rollouts": {"prompts_per_batch": 2, "completions_per_prompt": 4, "max_new_tokens": 16, "temperature": 1.0},
+        "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
+        "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
+                    "seq_len": 512},
+        "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
+    })
+    with netns_harness.Network(tmp) as net:
+        coord = net.add_public("coord")
+        hosts = {"pub": net.add_public("pub"), "nat1": net.add_natted("nat1"), "nat2": net.add_natted("nat2")}
+        procs = net.procs
+        procs.start(coord, "coordinator", command("coordinator", "--config", str(config), "--headless",
+                                                  "--host", coord.ip, "--port", str(PORT)))
+        run_file = state / "run.toml"
+
+        def ready():
+            procs.check_alive("coordinator")
+            return run_file.exists()
+
+        wait_for(ready, 300, "the coordinator's run file", lambda: procs.tails("coordinator"))
+        for name, host in hosts.items():
+            procs.start(host, name, node_cmd(run_file, tmp / name, host), env=NODE_ENV)
+        yield net, procs, tmp, coord, hosts
+
+
+def accepted(tmp, name: str) -> int:
+    return int(status(tmp, name).get("accepted", 0))
+
+
+def test_natted_nodes_join_fetch_the_policy_and_get_verdicts(swarm):
+    _, procs, tmp, _, hosts = swarm
+    assert hosts["nat1"].behind_nat and not hosts["pub"].behind_nat
+
+    def all_accepted():
+        procs.check_alive("coordinator", *NODES)
+        return all(accepted(tmp, n) >= 1 and (status(tmp, n).get("policy_step") or 0) >= 1 for n in NODES)
+
+    wait_for(all_accepted, 600, "an accepted batch on policy step >= 1 from every node",
+             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails(*NODES))
+
+
+def test_reachability_names_each_nodes_case(swarm):
+    tmp = swarm[2]
+
+    def checked():
+        return all(status(tmp, n).get("reachability", "unknown") != "unknown" for n in NODES)
+
+    wait_for(checked, 120, "every node's reachability check", lambda: json.dumps(
+        {n: status(tmp, n).get("reachability") for n in NODES}))
+    lines = {n: status(tmp, n)["reachability"] for n in NODES}
+    assert lines["pub"].startswith("public"), lines
+    for n in ("nat1", "nat2"):
+        assert lines[n].startswith("behind NAT"), lines
+        assert "client_mode" in lines[n] and "use_auto_relay" in lines[n], lines  # and what to do
+
+
+def test_nodes_recover_by_themselves_after_the_coordinators_link_was_down(swarm):
+    net, procs, tmp, coord, _ = swarm
+    before = {n: accepted(tmp, n) for n in NODES}
+    net.link(coord, up=False)
+    time.sleep(LINK_DOWN_S)
+    net.link(coord, up=True)
+
+    def all_again():
+        procs.check_alive("coordinator", *NODES)
+        return all(accepted(tmp, n) > before[n] for n in NODES)
+
+    wait_for(all_again, 420, "a newly accepted batch from every node after the link came back",
+             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
+
+
+def test_a_sigkilled_coordinator_leaves_nothing_behind_in_its_namespace(swarm):
+    _, procs, _, coord, _ = swarm
+    inside = netns_harness.pids_in(coord.ns)
+    assert len(inside) >= 3, inside  # coordinator, its DHT process, p2pd
+    procs.procs["coordinator"].kill()  # SIGKILL the main process only (not its group)
+    wait_for(lambda: not netns_harness.pids_in(coord.ns), 15, "the coordinator's children to exit",
+             lambda: str(netns_harness.pids_in(coord.ns)))
