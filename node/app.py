@@ -99,7 +99,7 @@ class NodeApp:
                 self.status.peers = len(self.swarm.peers())
                 if not checked and self.status.peers and hasattr(self.swarm, "check_reachability"):
                     r = self.swarm.check_reachability(timeout=10.0)
-                    self.status.reachability = "reachable" if r.reachable else f"{r.detail}. {r.advice}".strip()
+                    self.status.reachability = r.line
                     checked = r.reachable is not None
                 self._heartbeat()
             except (SwarmError, TimeoutError, OSError) as e:

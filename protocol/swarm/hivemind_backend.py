@@ -164,6 +164,12 @@ class Reachability:
     reachable: bool | None  # None: could not tell (no peer to ask)
     detail: str
     advice: str
+    case: str = "unknown"  # public | relayed | behind NAT | client mode | unknown
+
+    @property
+    def line(self) -> str:
+        """One line for the status screen: the case first, then what we saw and what to do."""
+        return f"{self.case}: {self.detail}" + (f". {self.advice}" if self.advice else "")
 
 
 def _net_errors() -> tuple[type[BaseException], ...]:
@@ -362,12 +368,16 @@ class HivemindSwarm(Swarm):
         return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
 
     def check_reachability(self, timeout: float = 20.0) -> Reachability:
-        """Ask up to two connected peers to dial us back from a fresh connection."""
+        """Ask up to two connected peers to dial us back from a fresh connection, and name the case:
+        public (dialled), relayed (not dialled, but we hold a relay address), behind NAT (neither),
+        client mode (we do not listen), unknown (no peer to ask yet)."""
         if self.config.client_mode:
-            return Reachability(False, "client mode: this node only dials out",
-                                "fine for downloading; to serve shards, open the port and drop client_mode")
-        addrs = [a for a in self.visible_addrs()]
-        request = msgpack.packb(addrs[:8], use_bin_type=True)
+            return Reachability(False, "this node only dials out", "fine for downloading, generating and "
+                                "submitting; to serve shards too, open the port and drop client_mode", "client mode")
+        addrs = self.visible_addrs()
+        relayed = [a for a in addrs if "/p2p-circuit" in a]
+        direct = [a for a in addrs if "/p2p-circuit" not in a]
+        request = msgpack.packb(direct[:8], use_bin_type=True)
         answers = []
         for peer in self.peers()[:2]:
             try:
@@ -376,13 +386,19 @@ class HivemindSwarm(Swarm):
                 answers.append(f"error: {e}")
         port = self.config.port or "(the port in your addresses)"
         if any(a == "ok" for a in answers):
-            return Reachability(True, f"peers can dial {', '.join(addrs)}", "")
+            return Reachability(True, f"peers can dial {', '.join(direct)}", "", "public")
+        if relayed:
+            return Reachability(True, f"peers reach us through a relay ({relayed[0]})",
+                                f"works, but every byte goes through the relay: forward TCP port {port} for "
+                                "direct connections", "relayed")
         if not answers:
             return Reachability(None, "no peer to ask yet", "")
-        return Reachability(False, f"peers could not dial {', '.join(addrs)} ({'; '.join(answers)})",
-                            f"open TCP port {port} in your firewall/router (set swarm.port to fix it and "
-                            "announce_addrs to your public address), or set use_auto_relay = true to be "
-                            "reached through a relay, or client_mode = true to only download")
+        return Reachability(False, f"peers could not dial {', '.join(direct)} ({'; '.join(answers)})",
+                            "downloading, generating and submitting still work (they dial out), but no peer "
+                            f"can fetch shards from us. To serve: forward TCP port {port} in your router (fix "
+                            "swarm.port, set announce_addrs to /ip4/<public ip>/tcp/<port>), or set "
+                            "use_auto_relay = true to be reached through a relay; or set client_mode = true "
+                            "to stop trying", "behind NAT")
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""

@@ -318,7 +318,7 @@ def test_requests_beyond_the_in_flight_limit_are_refused_busy(pair):
 def test_reachability_check(pair):
     _, b = pair
     r = b.check_reachability()
-    assert r.reachable is True, r
+    assert r.reachable is True and r.case == "public" and r.line.startswith("public: peers can dial"), r
 
 
 def free_port() -> int:
