@@ -6,7 +6,7 @@ row. `chunked_logprobs` takes the final hidden states and the LM-head weight ins
 holds more than `chunk_tokens` rows of logits: the forward keeps only log Z and the entropy per
 token, and the backward recomputes each chunk's logits (prime-rl's FusedLmHead pattern).
 
-Gradients: d logp_t / dz_j = 1[j = y_t] - p_j and d H_t / dz_j = -p_j (z_j - E_p[z]), z = logits / tau.
+Gradients: d logp_t / dz_j = 1[j = y_t] - p_j and d H_t / dz_j = -p_j (log p_j + H_t), z = logits / tau.
 The entropy gets a gradient only when the caller back-propagates through it (the entropy bonus);
 otherwise its gradient arrives as None and costs nothing. `final_hidden_states` runs a transformers
 causal LM up to its final norm (through the model's own forward, so FSDP2's hooks still fire).
@@ -34,10 +34,10 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
             stop = min(start + chunk, n)
             z = (hidden[start:stop] @ weight.t()).float() * inv_tau  # [c, V]
             lz = torch.logsumexp(z, dim=-1)
-            p = torch.exp(z - lz[:, None])
+            logp = z.sub_(lz[:, None])  # in place: one [c, V] buffer less
             log_z[start:stop] = lz
-            logprobs[start:stop] = z.gather(1, targets[start:stop, None])[:, 0] - lz
-            entropy[start:stop] = lz - (p * z).sum(-1)
+            logprobs[start:stop] = logp.gather(1, targets[start:stop, None])[:, 0]
+            entropy[start:stop] = -(logp.exp() * logp).sum(-1)  # -sum p log p: no log Z - E[z] cancellation
         ctx.set_materialize_grads(False)  # an unused entropy output gets None, not a zero tensor
         ctx.save_for_backward(hidden, weight, targets, log_z, entropy)
         ctx.inv_tau, ctx.chunk = inv_tau, chunk
@@ -55,16 +55,16 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], ctx.chunk):
             stop = min(start + ctx.chunk, hidden.shape[0])
             h = hidden[start:stop]
-            z = (h @ weight.t()).float() * ctx.inv_tau
-            p = torch.exp(z - log_z[start:stop, None])
-            grad_z = torch.zeros_like(z)
+            logp = ((h @ weight.t()).float() * ctx.inv_tau).sub_(log_z[start:stop, None])
+            p = logp.exp()
+            grad_z = torch.zeros_like(logp)
             if grad_logprobs is not None:
                 g = grad_logprobs[start:stop].float()
                 grad_z.sub_(g[:, None] * p).scatter_add_(1, targets[start:stop, None], g[:, None])
             if grad_entropy is not None:
-                expected_z = log_z[start:stop] - entropy[start:stop]  # E_p[z] = log Z - H
+                # z - E_p[z] = log p + H
                 g = grad_entropy[start:stop].float()
-                grad_z.sub_(g[:, None] * p * (z - expected_z[:, None]))
+                grad_z.sub_(logp.add_(entropy[start:stop, None]).mul_(p).mul_(g[:, None]))
             grad_logits = grad_z.mul_(ctx.inv_tau)
             if need_hidden:
                 grad_hidden[start:stop] = (grad_logits.to(weight.dtype) @ weight).to(hidden.dtype)

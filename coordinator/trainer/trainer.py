@@ -215,24 +215,32 @@ class GRPOTrainer:
         return dict(zip(_SUMS, distributed.all_sum(local))) | {"grad_norm": float(grad_norm)}
 
     def _logprobs(self, model: torch.nn.Module, mb: PackedBatch) -> tuple[Tensor, Tensor]:
-        """(logprobs, entropy), each [r, S], at temperature tau, samples isolated by the block mask."""
-        on_gpu = self.device.type == "cuda"
-        compute_dtype = torch.bfloat16 if on_gpu else next(model.parameters()).dtype
-        mask = attention_mask_for(model, segment_mask(mb.sample_ids), compute_dtype)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
-        inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "attention_mask": mask,
-                  "use_cache": False}
-        tau = self.config.temperature
-        with autocast:
-            if self.config.logprobs == "dense" or supports_chunking(model) is not None:
-                return token_logprobs(model(**inputs).logits, mb.input_ids, tau)
-            hidden = final_hidden_states(model, **inputs)
-            weight = model.get_output_embeddings().weight
-            logprobs, entropy = chunked_logprobs(
-                hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, self.config.chunk_tokens
-            )
-        zero = logprobs.new_zeros(logprobs.shape[0], 1)  # column 0 has no prefix (as token_logprobs)
-        return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
+        return batch_logprobs(model, mb, self.config, self.device)
+
+
+def batch_logprobs(
+    model: torch.nn.Module, mb: PackedBatch, config: TrainerConfig, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """(logprobs, entropy), each [r, S], at temperature tau, samples isolated by the block mask.
+
+    Chunked from the final hidden states when `config.logprobs` says so and the model allows it,
+    else from the full logits; on CUDA under bf16 autocast.
+    """
+    on_gpu = device.type == "cuda"
+    compute_dtype = torch.bfloat16 if on_gpu else next(model.parameters()).dtype
+    mask = attention_mask_for(model, segment_mask(mb.sample_ids), compute_dtype)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
+    inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "attention_mask": mask,
+              "use_cache": False}
+    tau = config.temperature
+    with autocast:
+        if config.logprobs == "dense" or supports_chunking(model) is not None:
+            return token_logprobs(model(**inputs).logits, mb.input_ids, tau)
+        hidden = final_hidden_states(model, **inputs)
+        weight = model.get_output_embeddings().weight
+        logprobs, entropy = chunked_logprobs(hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, config.chunk_tokens)
+    zero = logprobs.new_zeros(logprobs.shape[0], 1)  # column 0 has no prefix (as token_logprobs)
+    return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
 
 
 def staleness_histogram(samples: Sequence[Any], policy_step: int) -> dict[str, float]:

@@ -1,4 +1,6 @@
-"""GRPO loss (spec B.9): the worked table, clip metric, aggregation weights, log-probs at temperature."""
+"""GRPO loss (spec B.9): the worked table, clip metric, aggregation weights, log-probs at temperature;
+the importance ratio against the behaviour policy mu, the token mask, the mismatch KL; chunked
+log-probs and entropy equal to the dense ones, gradients included."""
 
 import math
 
@@ -6,12 +8,14 @@ import pytest
 import torch
 
 from intellect.coordinator.trainer.config import LossConfig
+from intellect.coordinator.trainer.lm_head import chunked_logprobs
 from intellect.coordinator.trainer.loss import (
     aggregation_weights,
     grpo_clip_loss,
     grpo_two_sided_loss,
     policy_loss,
     token_logprobs,
+    token_mask_loss,
 )
 
 # B.9 worked example: (A, rho, rho_bar, c, loss, d loss / d rho)
@@ -106,3 +110,88 @@ def test_policy_loss_entropy_bonus_and_kl():
     ref = logprobs + math.log(2.0)
     shifted = policy_loss(logprobs, entropy, logprobs, advantages, weights, cfg, ref_logprobs=ref)
     assert shifted.kl_sum.item() == pytest.approx(4 * (2 - math.log(2) - 1), rel=1e-5)
+
+
+def _one_token_each(p_theta, p_old, p_mu, advantages):
+    """Row of tokens with the given probabilities under pi_theta, pi_old (step start) and mu."""
+    logprobs = torch.log(torch.tensor([p_theta], dtype=torch.float64)).requires_grad_(True)
+    old = torch.log(torch.tensor([p_old], dtype=torch.float64))
+    mu = torch.log(torch.tensor([p_mu], dtype=torch.float64))
+    adv = torch.tensor([advantages], dtype=torch.float64)
+    weights = torch.ones_like(adv)  # plain sum: each token's loss reads directly
+    return logprobs, old, mu, adv, weights
+
+
+def test_ratio_is_taken_against_behaviour_logprobs():
+    # pi_theta = pi_old = 0.5 (first optimizer step), mu = 0.25 (sampled by an older policy): rho = 2.
+    logprobs, old, mu, adv, weights = _one_token_each([0.5, 0.5], [0.5, 0.5], [0.25, 0.25], [1.0, -1.0])
+    entropy = torch.zeros_like(adv)
+    cfg = LossConfig(entropy_coef=0.0)
+    out = policy_loss(logprobs, entropy, old, adv, weights, cfg, behaviour_logprobs=mu)
+    # A = +1: rho 2 clipped to 1.2 -> -1.2 (no gradient); A = -1: max(2, 1.2) = 2 with d/dlogp = rho = 2
+    assert out.loss.item() == pytest.approx(-1.2 + 2.0)
+    assert out.num_clipped.item() == 1 and out.num_behaviour.item() == 2
+    out.loss.backward()
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, 2.0])
+    # KL(mu || pi_old) by k3 with r = pi_old / mu = 2: 2 - ln 2 - 1 per token
+    assert out.mismatch_kl_sum.item() == pytest.approx(2 * (1 - math.log(2)))
+    # the recomputed denominator (INTELLECT-2's B.9) sees rho = 1: nothing clips, the old behaviour
+    step_start = policy_loss(logprobs, entropy, old, adv, weights, LossConfig(entropy_coef=0.0,
+                             ratio_against="step_start"), behaviour_logprobs=mu)
+    assert step_start.loss.item() == pytest.approx(0.0) and step_start.num_clipped.item() == 0
+
+
+def test_unknown_behaviour_falls_back_to_pi_old_without_nan():
+    logprobs, old, mu, adv, weights = _one_token_each([0.5, 0.5], [0.4, 0.4], [0.25, 0.25], [1.0, 1.0])
+    mu[0, 1] = float("nan")  # the second sample brought no log-probs
+    out = policy_loss(logprobs, torch.zeros_like(adv), old, adv, weights, LossConfig(entropy_coef=0.0),
+                      behaviour_logprobs=mu)
+    out.loss.backward()
+    # token 0: rho = 0.5 / 0.25 = 2 -> clipped at 1.2; token 1: rho = 0.5 / 0.4 = 1.25 -> clipped at 1.2
+    assert out.loss.item() == pytest.approx(-2.4)
+    assert out.num_behaviour.item() == 1 and torch.isfinite(logprobs.grad).all()
+    assert out.mismatch_kl_sum.item() == pytest.approx(1.6 - math.log(1.6) - 1)  # r = 0.4 / 0.25
+
+
+def test_token_mask_drops_tokens_that_moved_too_far():
+    # (p_theta, p_mu, A): rose 0.3 with A > 0 -> masked; rose 0.1 -> kept, l = -rho A = -4/3;
+    # fell 0.3 with A < 0 -> masked; rose 0.2 with A < 0 (only a fall is masked) -> l = 5/3
+    p_theta, p_mu, advantages = [0.6, 0.4, 0.1, 0.5], [0.3, 0.3, 0.4, 0.3], [1.0, 1.0, -1.0, -1.0]
+    logprobs, _, mu, adv, _ = _one_token_each(p_theta, p_theta, p_mu, advantages)
+    token = token_mask_loss(logprobs, mu, adv, LossConfig(type="token_mask", mask_high=0.2, mask_low=0.2))
+    assert token.masked.tolist() == [[True, False, True, False]]
+    assert token.loss.tolist()[0] == pytest.approx([0.0, -4 / 3, 0.0, 5 / 3])
+    token.loss.sum().backward()
+    assert logprobs.grad.tolist()[0] == pytest.approx([0.0, -4 / 3, 0.0, 5 / 3])  # d(-rho A)/dlogp = -rho A
+    weights = torch.ones_like(adv)
+    out = policy_loss(logprobs.detach(), torch.zeros_like(adv), logprobs.detach(), adv, weights,
+                      LossConfig(type="token_mask", entropy_coef=0.0), behaviour_logprobs=mu)
+    assert out.num_masked.item() == 2 and out.num_clipped.item() == 0
+    assert out.loss.item() == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize("entropy_grad", [False, True])
+def test_chunked_logprobs_equal_dense_with_gradients(entropy_grad):
+    torch.manual_seed(0)
+    hidden = torch.randn(3, 7, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (3, 7))
+    upstream = torch.randn(3, 7), torch.randn(3, 7)
+
+    def objective(logprobs, entropy):
+        total = (logprobs * upstream[0]).sum()
+        return total + (entropy * upstream[1]).sum() if entropy_grad else total
+
+    logits = hidden @ weight.t()
+    dense_lp, dense_h = token_logprobs(torch.cat([logits, logits[:, :1]], 1), torch.cat(
+        [targets[:, :1], targets], 1), temperature=0.6)
+    dense_lp, dense_h = dense_lp[:, 1:], dense_h[:, 1:]  # token_logprobs shifts by one: undo it
+    dense = torch.autograd.grad(objective(dense_lp, dense_h), (hidden, weight))
+    chunk_lp, chunk_h = chunked_logprobs(hidden, weight, targets, temperature=0.6, chunk_tokens=4)
+    if not entropy_grad:
+        chunk_h = chunk_h.detach()
+    chunked = torch.autograd.grad(objective(chunk_lp, chunk_h), (hidden, weight))
+    assert torch.allclose(chunk_lp, dense_lp, atol=1e-5)
+    assert torch.allclose(chunk_h, dense_h, atol=1e-5)
+    for got, expected in zip(chunked, dense):
+        assert torch.allclose(got, expected, atol=1e-5)

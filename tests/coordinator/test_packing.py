@@ -1,4 +1,5 @@
-"""FFD packing (spec B.11) and the block-diagonal mask: packed rows train exactly like unpacked ones."""
+"""FFD packing (spec B.11) and the block-diagonal mask: packed rows train exactly like unpacked ones,
+with the behaviour log-probs mu carried to their tokens and the chunked log-probs equal to dense ones."""
 
 import pytest
 import torch
@@ -6,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from intellect.coordinator.trainer._compat import attention_mask_for
-from intellect.coordinator.trainer.config import LossConfig
+from intellect.coordinator.trainer.config import LossConfig, TrainerConfig
 from intellect.coordinator.trainer.loss import aggregation_weights, policy_loss, token_logprobs
 from intellect.coordinator.trainer.packing import (
     PackedBatch,
@@ -147,3 +148,58 @@ def test_plain_causal_mask_leaks_across_packed_samples():
     loss_leaky, _, _ = _loss_and_grads(model, packed, causal, "token_mean")
     loss_block, _, _ = _loss_and_grads(model, packed, segment_mask(packed.sample_ids), "token_mean")
     assert not torch.allclose(loss_leaky, loss_block, atol=1e-4)
+
+
+def test_behaviour_logprobs_land_on_completion_tokens():
+    samples = [TrainSample([1, 2], [3, 4, 5], 1.0, None, [-0.1, -0.2, -0.3]), TrainSample([6], [7], 1.0),
+               TrainSample([8, 9], [10, 11, 12, 13, 14], 1.0, None, [-1.0, -2.0, -3.0, -4.0, -5.0])]
+    batch = pack(samples, seq_len=6, pad_token_id=0)
+    mu = batch.behaviour_logprobs
+    for index, sample in enumerate(samples):
+        where = (batch.sample_ids == index) & batch.loss_mask
+        got = mu[where].tolist()
+        if sample.behaviour_logprobs is None:
+            assert all(v != v for v in got)  # NaN: unknown, the loss falls back to pi_old
+        else:  # sample 2 (7 tokens) is cut to the row's 6: its first four log-probs stay
+            assert got == pytest.approx(list(sample.behaviour_logprobs)[: len(got)])
+    assert torch.isnan(mu[~batch.loss_mask]).all()
+    with pytest.raises(ValueError):
+        pack([TrainSample([1], [2, 3], 1.0, None, [-0.5])], 8, 0)
+
+
+def _step_loss_and_grads(model, batch: PackedBatch, logprobs_mode: str, loss_type: str):
+    from intellect.coordinator.trainer.trainer import batch_logprobs
+
+    model.zero_grad()
+    config = TrainerConfig(device="cpu", logprobs=logprobs_mode, chunk_tokens=7,
+                           loss=LossConfig(type=loss_type, aggregation="token_mean"))
+    logprobs, entropy = batch_logprobs(model, batch, config, torch.device("cpu"))
+    weights = aggregation_weights(batch.loss_mask, batch.sample_ids, "token_mean", batch.input_ids.shape[1])
+    out = policy_loss(logprobs, entropy, logprobs.detach(), batch.advantages, weights, config.loss,
+                      behaviour_logprobs=batch.behaviour_logprobs)
+    out.loss.backward()
+    return out, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _with_behaviour(samples: list[TrainSample], seed: int) -> list[TrainSample]:
+    g = torch.Generator().manual_seed(seed)  # a stale mu: far enough from pi_theta that clips and masks act
+    return [s._replace(behaviour_logprobs=(-torch.rand(len(s.output_tokens), generator=g) * 9).tolist())
+            for s in samples]
+
+
+@pytest.mark.parametrize("loss_type", ["grpo_two_sided", "token_mask"])
+def test_off_policy_loss_packed_equals_unpacked_and_chunked_equals_dense(loss_type):
+    model = tiny_llama("sdpa")
+    samples = _with_behaviour(random_samples(10, seed=2), seed=2)
+    packed, unpacked = pack(samples, seq_len=48, pad_token_id=0), pad_each(samples, pad_token_id=0)
+    results = {(layout, mode): _step_loss_and_grads(model, batch, mode, loss_type)
+               for layout, batch in (("packed", packed), ("unpacked", unpacked)) for mode in ("chunked", "dense")}
+    reference_out, reference_grads = results["unpacked", "dense"]
+    acted = reference_out.num_clipped if loss_type == "grpo_two_sided" else reference_out.num_masked
+    assert 0 < acted.item() < reference_out.num_tokens.item()  # the trust region did act on some tokens
+    assert reference_out.num_behaviour.item() == reference_out.num_tokens.item()
+    for key, (out, grads) in results.items():
+        assert torch.allclose(out.loss, reference_out.loss, atol=1e-5), key
+        assert torch.allclose(out.mismatch_kl_sum, reference_out.mismatch_kl_sum, rtol=1e-4), key
+        for name in reference_grads:
+            assert torch.allclose(grads[name], reference_grads[name], atol=1e-5, rtol=1e-4), (key, name)

@@ -244,3 +244,67 @@ def test_gpu_bf16_step_matches_layouts():
         assert all(torch.isfinite(p).all() for p in model.parameters())
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=2e-2)
     assert metrics[0]["entropy"] == pytest.approx(metrics[1]["entropy"], rel=1e-2)
+
+
+def _sampled(model, temperature: float, num: int = 6, policy_step: int = 0):
+    """Completions the way a node makes them (the reference sampler), with their claimed log-probs."""
+    from intellect.protocol.toploc_torch import generate_with_proofs
+
+    prompts = [[1 + i, 20 + i, 40 + i] for i in range(num)]
+    completions = generate_with_proofs(model, prompts, max_new_tokens=10, temperature=temperature, seed=1,
+                                       eos_token_id=-1)
+    return [(p, c.output_ids, 1.0 if i % 2 else -1.0, 0.5, c.logprobs, policy_step)
+            for i, (p, c) in enumerate(zip(prompts, completions))]
+
+
+def test_behaviour_logprobs_from_sampling_match_the_trainer_at_the_same_temperature():
+    # The node's log-probs are log_softmax(logits / T) at the run's temperature, the trainer's
+    # logits / tau with tau = T: sampled by this very policy, mu = pi_old and nothing clips.
+    model = tiny_llama()
+    data = _sampled(model, temperature=0.6)
+    metrics = GRPOTrainer(model, config(optimizer_steps_per_policy_step=1)).train_step(data)
+    assert metrics["behaviour_fraction"] == 1.0
+    assert metrics["mismatch_kl"] < 1e-6 and metrics["clip_ratio"] == 0.0
+    # sampled at another temperature, mu is not the trainer's distribution: the mismatch shows
+    other = GRPOTrainer(tiny_llama(), config(optimizer_steps_per_policy_step=1)).train_step(
+        _sampled(tiny_llama(), temperature=1.0))
+    assert other["mismatch_kl"] > 1e-3
+
+
+def test_stale_rollouts_are_corrected_against_their_behaviour_policy():
+    # Rollouts sampled by an older policy (another init): with the ratio against mu, the trust
+    # region acts on the very first optimizer step; recomputing pi_old (the old code) made rho = 1
+    # there, so with one optimizer step per policy step nothing could ever clip.
+    stale = _sampled(tiny_llama(seed=5), temperature=0.6, policy_step=0)
+    corrected = GRPOTrainer(tiny_llama(), config(optimizer_steps_per_policy_step=1))
+    corrected.policy_step = 2
+    metrics = corrected.train_step(stale)
+    assert metrics["mismatch_kl"] > 0.01 and metrics["clip_ratio"] > 0.05
+    assert metrics["staleness_lag_2"] == len(stale)
+    from intellect.coordinator.trainer.config import LossConfig
+
+    uncorrected = GRPOTrainer(tiny_llama(), config(optimizer_steps_per_policy_step=1,
+                                                   loss=LossConfig(ratio_against="step_start")))
+    assert uncorrected.train_step(stale)["clip_ratio"] == 0.0
+    # a random tiny model spreads p ~ 1e-3 over its vocabulary: probabilities move by ~1e-4 only
+    masked = GRPOTrainer(tiny_llama(), config(optimizer_steps_per_policy_step=1,
+                                              loss=LossConfig(type="token_mask", mask_high=1e-4, mask_low=1e-4)))
+    mask_metrics = masked.train_step(stale)
+    assert mask_metrics["masked_ratio"] > 0 and mask_metrics["clip_ratio"] == 0.0
+
+
+def test_staleness_histogram_counts_rows_per_lag():
+    from intellect.coordinator.trainer.trainer import staleness_histogram
+
+    rows = [([1], [2], 1.0, 0.0, None, 3), ([1], [2], 0.0, 0.0, None, 5), ([1], [2], 1.0, 0.0, None, 3), ([1], [2], 1.0)]
+    assert staleness_histogram(rows, policy_step=5) == {"staleness_lag_0": 1.0, "staleness_lag_2": 2.0}
+
+
+def test_device_setting():
+    from intellect.coordinator.trainer.trainer import resolve_device
+
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
