@@ -28,7 +28,13 @@ import numpy as np
 from intellect.coordinator.rules import IntakeConfig, RunRules
 from intellect.coordinator.verdicts import Reason, Rejected
 from intellect.protocol.messages import SubmissionHeader
-from intellect.protocol.rollouts import RolloutBatch, RolloutFormatError, RolloutRow, read_rollouts
+from intellect.protocol.rollouts import (
+    MAX_SEQ_TOKENS,
+    RolloutBatch,
+    RolloutFormatError,
+    RolloutRow,
+    read_rollouts,
+)
 from intellect.protocol.tasks import (
     completion_reward,
     group_advantages,
@@ -98,10 +104,19 @@ def batch_key(sender: bytes, policy_step: int, batch_counter: int) -> str:
     return f"{sender.hex()}:{policy_step}:{batch_counter}"
 
 
-def read_batch(rollout_file: bytes, config: IntakeConfig) -> RolloutBatch:
-    """Decode the rollout file of a submission (bounded), or reject it as bad schema."""
+def read_batch(rollout_file: bytes, config: IntakeConfig, ctx: CheckContext | None = None) -> RolloutBatch:
+    """Decode the rollout file of a submission, or reject it as bad schema. With the run's `ctx`
+    the decoding is bounded by the run's shape before any value is converted: its rows, prompts
+    within the model's context, every completion (whatever its finish reason) within max_new_tokens."""
+    limits = {}
+    if ctx is not None:
+        context = getattr(ctx.tokenizer, "model_max_length", None)
+        limits = {"max_rows": ctx.run.prompts_per_batch * ctx.run.completions_per_prompt,
+                  "max_prompt_tokens": context if isinstance(context, int) and 0 < context < MAX_SEQ_TOKENS
+                  else MAX_SEQ_TOKENS,
+                  "max_output_tokens": ctx.run.max_new_tokens}
     try:
-        return read_rollouts(rollout_file, max_bytes=config.max_submission_bytes)
+        return read_rollouts(rollout_file, max_bytes=config.max_submission_bytes, **limits)
     except RolloutFormatError as e:
         raise Rejected(Reason.BAD_SCHEMA, str(e)) from None
 

@@ -95,7 +95,7 @@ class Intake:
             self._check_duplicate(header.file_sha256)
             file_path = self._store(self.inbox, header.file_sha256, rollout_file)
             pause_point("intake.validating")
-            sub = Candidate(sender, header, read_batch(rollout_file, self.config))
+            sub = Candidate(sender, header, read_batch(rollout_file, self.config, self.ctx))
             run_checks(self.ctx, sub, self.checks)
         except Rejected as r:
             return self._reject(r, sender, file_path, file_sha)

@@ -22,12 +22,15 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intellect.protocol.parquet_footer import Footer, FooterError, read_footer
+
 FORMAT_VERSION = 1
 META_KEY = b"intellect.rollouts"
 FINISH_REASONS = ("stop", "length")
 MAX_FILE_BYTES = 64 * 1024 * 1024
 MAX_ROWS = 4096
 MAX_SEQ_TOKENS = 65_536
+MAX_TOTAL_TOKENS = 1 << 22  # per list column and file, unless the caller knows its run's bound
 MAX_PROOF_BYTES = 1024 * 1024
 MAX_META_BYTES = 4096
 FLOAT32_MAX = 3.4028234663852886e38
@@ -177,30 +180,96 @@ _ARROW_ERRORS = (pa.ArrowException, OSError, ValueError, TypeError, IndexError, 
 
 
 def read_rollouts(
-    source: str | Path | bytes, max_bytes: int = MAX_FILE_BYTES, max_rows: int = MAX_ROWS
+    source: str | Path | bytes,
+    max_bytes: int = MAX_FILE_BYTES,
+    max_rows: int = MAX_ROWS,
+    *,
+    max_prompt_tokens: int = MAX_SEQ_TOKENS,
+    max_output_tokens: int = MAX_SEQ_TOKENS,
+    max_total_tokens: int = MAX_TOTAL_TOKENS,
+    max_uncompressed_bytes: int | None = None,
 ) -> RolloutBatch:
-    """Parse and strictly validate a rollout file (path or bytes); raises RolloutFormatError."""
+    """Parse and strictly validate a rollout file (path or bytes); raises RolloutFormatError.
+
+    The cost is bounded before it is paid: the footer's row count, value counts and uncompressed
+    sizes are checked before anything is decompressed, the decoded list lengths (Arrow compute,
+    no Python objects) before any value becomes a Python object. Each row holds at most
+    `max_prompt_tokens` prompt and `max_output_tokens` output tokens, whatever its finish reason;
+    the file at most `max_total_tokens` of each. `max_uncompressed_bytes` defaults to what that
+    many tokens (with their proofs) can honestly take."""
     data = _read_bounded(source, max_bytes)
     try:
         pf = pq.ParquetFile(pa.BufferReader(data))
         md = pf.metadata
         if md.num_rows > max_rows:
             raise RolloutFormatError(f"{md.num_rows} rows, more than the {max_rows} allowed")
-        uncompressed = sum(md.row_group(i).total_byte_size for i in range(md.num_row_groups))
-        if uncompressed > 16 * max_bytes:
-            raise RolloutFormatError(f"{uncompressed} bytes uncompressed, more than {16 * max_bytes}")
         schema = pf.schema_arrow
         _check_schema(schema)
         meta = _parse_meta(schema.metadata)
-        table = pf.read()
-        if table.num_rows != md.num_rows or not table.schema.equals(SCHEMA):
-            raise RolloutFormatError("table contents disagree with the file's metadata")
+        limits = {"input_tokens": min(md.num_rows * max_prompt_tokens, max_total_tokens),
+                  "output_tokens": min(md.num_rows * max_output_tokens, max_total_tokens)}
+        limits["output_logprobs"] = limits["output_tokens"]
+        if max_uncompressed_bytes is None:
+            max_uncompressed_bytes = _honest_uncompressed_bytes(md.num_rows, limits)
+        if _check_footer(data, limits, max_uncompressed_bytes).num_rows != md.num_rows:
+            raise RolloutFormatError("the file's row counts disagree")
+        # column by column, each list column bounded as soon as it is decoded
+        columns = {}
+        for name in SCHEMA.names:
+            column = pf.read(columns=[name]).column(0)
+            if len(column) != md.num_rows:
+                raise RolloutFormatError("table contents disagree with the file's metadata")
+            if name in limits:
+                per_row = max_prompt_tokens if name == "input_tokens" else max_output_tokens
+                _check_list_lengths(name, column, per_row, limits[name])
+            columns[name] = column
+        table = pa.table(columns, schema=SCHEMA)
         # inside the try: converting values can still fail (e.g. invalid UTF-8 in a string column)
         return RolloutBatch(meta=meta, rows=_rows_of(table, meta))
     except RolloutFormatError:
         raise
     except _ARROW_ERRORS as e:
         raise RolloutFormatError(f"not a readable rollout parquet file: {type(e).__name__}: {e}") from e
+
+
+# Upper bounds of an honest file's decoded bytes: a token costs 4 bytes in each list column plus
+# levels, its logprob 4 and its share of the TOPLOC proofs (2 + 2*128 bytes per 32 tokens) about 8;
+# every row adds its scalars, one proof chunk and the parquet page overheads.
+_BYTES_PER_TOKEN = 32
+_BYTES_PER_ROW = 1024
+_BYTES_PER_FILE = 1 << 20
+
+
+def _honest_uncompressed_bytes(num_rows: int, limits: dict[str, int]) -> int:
+    tokens = limits["input_tokens"] + limits["output_tokens"]
+    return _BYTES_PER_TOKEN * tokens + _BYTES_PER_ROW * num_rows + _BYTES_PER_FILE
+
+
+def _check_footer(data: bytes, limits: dict[str, int], max_uncompressed_bytes: int) -> Footer:
+    """Refuse a file whose footer announces more than the bounds, before decompressing anything.
+    A footer that understates is caught by the decoded lengths (`_check_list_lengths`)."""
+    try:
+        footer = read_footer(data)
+    except FooterError as e:
+        raise RolloutFormatError(f"not a readable rollout parquet file: {e}") from None
+    if footer.uncompressed_bytes > max_uncompressed_bytes:
+        raise RolloutFormatError(f"{footer.uncompressed_bytes} bytes uncompressed, more than the "
+                                 f"{max_uncompressed_bytes} allowed for {footer.num_rows} rows")
+    for name, limit in limits.items():
+        if (count := footer.values_of(name)) > limit:
+            raise RolloutFormatError(f"{name}: {count} values in {footer.num_rows} rows, more than the "
+                                     f"{limit} allowed")
+    return footer
+
+
+def _check_list_lengths(name: str, column: pa.ChunkedArray, per_row: int, total: int) -> None:
+    lengths = pc.list_value_length(column)
+    longest = pc.max(lengths).as_py() or 0
+    if longest > per_row:
+        raise RolloutFormatError(f"{name}: a row holds {longest} tokens, more than the {per_row} allowed")
+    count = pc.sum(lengths).as_py() or 0
+    if count > total:
+        raise RolloutFormatError(f"{name}: {count} tokens in all, more than the {total} allowed")
 
 
 def _read_bounded(source: str | Path | bytes, max_bytes: int) -> bytes:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -211,3 +212,102 @@ def test_every_single_byte_corruption_is_handled():
         except RolloutFormatError:
             rejected += 1
     assert rejected > 0  # and nothing but RolloutFormatError escaped
+
+
+# ---------------------------------------------------------------- bounded decoding (issue 12)
+
+# Runs in a fresh interpreter so that its peak RSS is the reader's alone: ru_maxrss is a
+# high-water mark, and the test process's own peak (building the bomb) would hide the growth.
+_MEASURE = """
+import json, resource, sys, time
+from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
+data = open(sys.argv[1], "rb").read()
+limits = json.loads(sys.argv[2])
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+started = time.perf_counter()
+try:
+    read_rollouts(data, **limits)
+    verdict = "accepted"
+except RolloutFormatError as e:
+    verdict = str(e)
+seconds = time.perf_counter() - started
+grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+print(json.dumps({"verdict": verdict, "seconds": seconds, "rss_growth_mb": grown_mb}))
+"""
+
+
+def _measure_read(tmp_path, data: bytes, **limits) -> dict:
+    import subprocess
+    import sys
+
+    path = tmp_path / "suspect.parquet"
+    path.write_bytes(data)
+    done = subprocess.run([sys.executable, "-c", _MEASURE, str(path), json.dumps(limits)], capture_output=True,
+                          text=True, timeout=300, check=True)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    print(f"{len(data)} bytes: {result}")  # the measured figures, for the report (pytest -s)
+    return result
+
+
+def _zero_token_rows(num_rows: int, tokens: int, finish_reason: str) -> pa.Table:
+    offsets = pa.array(range(0, (num_rows + 1) * tokens, tokens), pa.int32())
+    columns = _valid_columns()
+    columns = {name: [values[0]] * num_rows for name, values in columns.items()}
+    columns["output_tokens"] = pa.ListArray.from_arrays(offsets, pa.array(np.zeros(num_rows * tokens, np.int32)))
+    columns["output_logprobs"] = pa.ListArray.from_arrays(offsets,
+                                                          pa.array(np.zeros(num_rows * tokens, np.float32)))
+    columns["finish_reason"] = [finish_reason] * num_rows
+    return pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_meta_bytes()))
+
+
+def test_parquet_bomb_refused_before_decoding(tmp_path):
+    """1024 rows x 65,536 zero tokens: a few KB of RLE-encoded zeros that decode to 67 M values per
+    column (before the fix: read whole, then 200 M Python objects, ~30 s and +3.6 GB)."""
+    sink = io.BytesIO()
+    block = _zero_token_rows(64, 65_536, "length")
+    with pq.ParquetWriter(sink, block.schema, compression="zstd") as writer:
+        for _ in range(16):  # 16 row groups of 64 rows: the test itself never holds the whole bomb
+            writer.write_table(block)
+    data = sink.getvalue()
+    assert len(data) < 64 * 1024 and pq.ParquetFile(io.BytesIO(data)).metadata.num_rows == 1024
+    result = _measure_read(tmp_path, data)  # the default bounds, as any caller gets them
+    assert "output_tokens" in result["verdict"] and "allowed" in result["verdict"]
+    assert result["seconds"] < 5.0  # about 0.01 s measured; generous for a shared CPU
+    assert result["rss_growth_mb"] < 100
+
+
+def test_long_stop_rows_refused(tmp_path):
+    """32 'stop' rows of 20,000 tokens when the run allows 64 new tokens: before the fix only
+    'length' rows were held to max_new_tokens, so these were parsed and kept."""
+    data = _table_bytes(_zero_token_rows(32, 20_000, "stop"))
+    result = _measure_read(tmp_path, data, max_prompt_tokens=16, max_output_tokens=64)
+    assert "output_tokens" in result["verdict"] and "allowed" in result["verdict"]
+    assert result["seconds"] < 5.0
+    assert result["rss_growth_mb"] < 100
+
+
+def test_one_long_row_refused_after_decoding_lengths():
+    """A footer within the file's total (4 rows x 64) but one row over the per-row bound: caught by
+    the decoded list lengths, whatever the finish reason."""
+    columns = _valid_columns()
+    columns["output_tokens"][0] = [4] * 100
+    columns["output_logprobs"][0] = [-0.5] * 100
+    data = _table_bytes(pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_meta_bytes())))
+    assert columns["finish_reason"][0] == "stop"
+    with pytest.raises(RolloutFormatError, match="a row holds 100 tokens, more than the 64"):
+        read_rollouts(data, max_prompt_tokens=16, max_output_tokens=64)
+    with pytest.raises(RolloutFormatError, match="input_tokens: 12 values in 4 rows, more than the 8 allowed"):
+        read_rollouts(VALID, max_prompt_tokens=2)
+    assert len(read_rollouts(data, max_prompt_tokens=16, max_output_tokens=100).rows) == 4
+
+
+def test_uncompressed_size_bound_from_the_footer():
+    """Long proofs compress to nothing; the footer's uncompressed sizes refuse them unread."""
+    columns = _valid_columns()
+    columns["proofs"] = [bytes([i]) * 1_000_000 for i in range(4)]  # distinct: no dictionary
+    data = _table_bytes(pa.Table.from_pydict(columns, schema=SCHEMA.with_metadata(_meta_bytes())))
+    assert len(data) < 1_000_000
+    with pytest.raises(RolloutFormatError, match="uncompressed, more than the"):
+        read_rollouts(data, max_uncompressed_bytes=1_000_000)
+    with pytest.raises(RolloutFormatError, match="uncompressed"):
+        read_rollouts(data, max_prompt_tokens=16, max_output_tokens=64)  # the default bound of those limits
