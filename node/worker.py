@@ -1,10 +1,12 @@
 """The node's work loop: follow the policy -> fetch -> generate -> prove -> submit.
 
-One batch per turn. Prompts come from the node's seed (spec B.3) so the coordinator can recompute
-them; the engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6)
-are computed here; the batch is written as a parquet file into the outbox *before* it is sent, so
-nothing generated is lost when the coordinator is away: unsent files are retried while their policy
-is fresh enough, and reported as expired when not.
+One batch per turn. Prompts come from the node's seed (spec B.3) and every completion's sampling seed
+is derived from (run, node key, policy step, batch counter, index), so the coordinator can recompute
+both and check every sampled token; batch counters run 1, 2, ... per policy step with no gaps. The
+engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6) are
+computed here; the batch is written as a parquet file into the outbox *before* it is sent, so nothing
+generated is lost when the coordinator is away: unsent files are retried while their policy is fresh
+enough, and reported as expired when not.
 
 What this module does not know: how bytes travel (the `Swarm`), how shards are fetched (`ShardFetcher`),
 or how tokens are sampled (`Engine`).
@@ -44,6 +46,7 @@ from intellect.protocol.rollouts import (
     rollouts_to_bytes,
 )
 from intellect.protocol.rollouts import SamplingParams as RolloutSampling
+from intellect.protocol.sampling import batch_seeds
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.keys import run_info_key
 from intellect.protocol.tasks import (
@@ -163,7 +166,7 @@ class Worker:
     def generate(self, info: RunInfo, step: int) -> RolloutBatch:
         self.status.state = "generating"
         task = setup_task(info.task)
-        counter = self._next_batch_counter(step)
+        counter = self._next_batch_counter(step)  # committed once the batch is in the outbox (write)
         sampled = sample_batch(task, node_seed_int(self.identity.public_key), step, counter,
                                info.prompts_per_batch, info.task.length_targets)
         prompts = [prompt_token_ids(self.tokenizer, task.problem(s.problem_index), s.target_length, info.task.thinking)
@@ -174,7 +177,7 @@ class Worker:
                             "tokens: raise engine.max_model_len")
         n = info.completions_per_prompt
         params = SamplingParams(temperature=info.temperature, max_tokens=info.max_new_tokens, proofs=True)
-        seeds = [int.from_bytes(os.urandom(4), "big") for _ in range(len(prompts) * n)]
+        seeds = batch_seeds(self.swarm.run_id, self.identity.public_key, step, counter, len(prompts) * n)
         completions = self.engine.generate([p for p in prompts for _ in range(n)], params, seeds)
         rows = self._score(task, info, step, sampled, prompts, completions)
         self.status.tokens_per_s = self.engine.tokens_per_s
@@ -208,6 +211,7 @@ class Worker:
         path = self.outbox / f"{batch.meta.policy_step:08d}-{batch.meta.batch_counter:06d}-" \
                              f"{hashlib.sha256(data).hexdigest()[:16]}.parquet"
         atomic_write(path, [data])
+        self._commit_batch_counter(batch.meta.policy_step, batch.meta.batch_counter)
         self.status.pending = len(list(self.outbox.glob("*.parquet")))
         return path
 
@@ -267,18 +271,25 @@ class Worker:
 
     # ------------------------------------------------------------------ helpers
 
-    def _next_batch_counter(self, step: int) -> int:
-        """Counters persist across restarts: a seed's prompts are answered once (the coordinator checks)."""
+    def _read_counters(self) -> dict:
         try:
-            counters = json.loads(self.counters_path.read_text())
+            return json.loads(self.counters_path.read_text())
         except (OSError, ValueError):
-            counters = {}
-        counter = int(counters.get(str(step), 0)) + 1
-        counters = {k: v for k, v in counters.items() if int(k) >= step - 16} | {str(step): counter}
+            return {}
+
+    def _next_batch_counter(self, step: int) -> int:
+        """The next batch counter of `step`: 1 + the last one written to the outbox. Counters persist
+        across restarts and only advance when a batch is kept, so they stay contiguous: the
+        coordinator refuses a counter that skips ahead, and answers each seed's prompts once."""
+        return int(self._read_counters().get(str(step), 0)) + 1
+
+    def _commit_batch_counter(self, step: int, counter: int) -> None:
+        counters = self._read_counters()
+        counters = {k: v for k, v in counters.items() if int(k) >= step - 16}
+        counters[str(step)] = max(counter, int(counters.get(str(step), 0)))
         tmp = self.counters_path.with_suffix(".tmp")
         tmp.write_text(json.dumps(counters))
         os.replace(tmp, self.counters_path)
-        return counter
 
     def _wait_if_paused(self) -> None:
         while not self.resume.is_set() and not self.stop.is_set():

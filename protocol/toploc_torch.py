@@ -10,7 +10,9 @@ never-fed last token are not committed.
 - `generate_with_proofs`: a small reference sampler (batched, KV cache) built on it.
 - `verify_completions`: the validator (A.10): one bf16 prefill over prompt + output[:-1] per
   completion, many per forward (right padding), proofs checked, and from the same forward the
-  log-probs of the output tokens and P(EOS) at the last position (termination and token checks, A.12).
+  log-probs of the output tokens, P(EOS) at the last position (termination check, A.12) and, given
+  the completions' sampling seeds, every sampled token against the seeded sampler
+  (`protocol.sampling.check_tokens`: exact / tie / mismatch).
 
 Deliberately unknown here: rollout files, signatures, rewards, where the model came from, and
 models whose logits are not `lm_head(final_norm)` (soft-capping, scaling): Llama-family only.
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from intellect.protocol import toploc
+from intellect.protocol import sampling, toploc
 from intellect.protocol.toploc import DEFAULT_THRESHOLDS, ChunkCheck, ProofRejected, Thresholds
 
 
@@ -101,18 +103,6 @@ class Completion:
     stop: str  # "eos" or "length"
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [B, V] -> (tokens [B], log-probs [B])."""
-    logp = torch.log_softmax(logits.float() / (temperature or 1.0), dim=-1)
-    if temperature == 0:
-        tokens = logp.argmax(-1)
-    else:
-        tokens = torch.multinomial(logp.exp(), 1, generator=gen).squeeze(1)
-    return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
-
-
 @torch.inference_mode()
 def generate_with_proofs(
     model: torch.nn.Module,
@@ -124,7 +114,8 @@ def generate_with_proofs(
     chunk_size: int = 32,
     topk: int = 128,
 ) -> list[Completion]:
-    """Reference sampler: the prompts as one left-padded batch with a KV cache, proofs streamed."""
+    """Reference sampler: the prompts as one left-padded batch with a KV cache, proofs streamed.
+    Sequence i is sampled by `protocol.sampling` with seed `seed + i`."""
     if max_new_tokens < 1 or not prompt_ids_list or min(map(len, prompt_ids_list)) < 1:
         raise ValueError("need max_new_tokens >= 1 and non-empty prompts")
     eos = model.config.eos_token_id if eos_token_id is None else eos_token_id
@@ -135,7 +126,7 @@ def generate_with_proofs(
         ids[i, width - len(p) :] = torch.tensor(p)
         mask[i, width - len(p) :] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    gen = torch.Generator().manual_seed(seed)
+    seeds = [seed + i for i in range(batch)]
     decoder, head = _decoder(model), _head(model)
     recorder = ProofRecorder(batch, model.config.hidden_size, chunk_size, topk)
     out = decoder(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True)
@@ -146,7 +137,7 @@ def generate_with_proofs(
     for step in range(max_new_tokens):
         if step > 0:
             recorder.add_step(hidden, active)  # decode rows only (A.2)
-        tokens, logprobs = _sample(head(hidden), temperature, gen)
+        tokens, logprobs = sampling.sample(head(hidden), temperature, seeds, [step] * batch)
         for i in active.nonzero().flatten().tolist():
             tokens_out[i].append(int(tokens[i]))
             logprobs_out[i].append(float(logprobs[i]))
@@ -181,8 +172,8 @@ def prefill_final_norm(
 
 @dataclass(frozen=True)
 class CompletionCheck:
-    """Verdict material for one completion. `accepted` is the TOPLOC verdict alone; the
-    termination and token-probability checks (A.12) are the caller's, from the fields below."""
+    """Verdict material for one completion. `accepted` is the TOPLOC verdict alone; the sampling,
+    termination and token-probability checks are the caller's, from the fields below."""
 
     accepted: bool
     chunks: list[ChunkCheck] = field(default_factory=list)
@@ -193,6 +184,7 @@ class CompletionCheck:
     # sampling makes sum(-log p(output[t])) ~ sum(H_t) with variance sum(var_t) (token-sampling check).
     entropies: list[float] = field(default_factory=list)
     surprise_vars: list[float] = field(default_factory=list)
+    tokens: sampling.TokenCheck | None = None  # every sampled token re-drawn (None: no seed given)
 
 
 @dataclass
@@ -237,9 +229,11 @@ def _eos_ids(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> li
 
 @torch.inference_mode()
 def _prefill_batch(
-    model: torch.nn.Module, items: list[_Item], temperature: float, eos_ids: list[int]
-) -> list[tuple[torch.Tensor, list[float], float | None, list[float], list[float]]]:
-    """One right-padded forward -> per item (decode rows [n-1, H] bf16, log-probs, P(EOS))."""
+    model: torch.nn.Module, items: list[_Item], temperature: float, eos_ids: list[int],
+    seeds: list[int | None], tie_tolerance: float,
+) -> list[tuple[torch.Tensor, list[float], float | None, list[float], list[float], sampling.TokenCheck | None]]:
+    """One right-padded forward -> per item (decode rows [n-1, H] bf16, log-probs, P(EOS), entropies,
+    surprise variances, the token check when its seed is given)."""
     seqs = [it.prompt + it.output[:-1] for it in items]
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.int64)
@@ -251,17 +245,20 @@ def _prefill_batch(
     hidden = _decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, H]
     head = _head(model)
     results = []
-    for i, it in enumerate(items):
+    for i, (it, seed) in enumerate(zip(items, seeds, strict=True)):
         p_len, n_out = len(it.prompt), len(it.output)
         rows = hidden[i, p_len - 1 : p_len + n_out - 1]  # [n_out, H]: predict output[0..n_out-1]
-        logp = torch.log_softmax(head(rows).float() / (temperature or 1.0), dim=-1)  # [n_out, V]
+        logits = head(rows).float()  # the node's sampler sees lm_head(hidden).float() too
+        token_check = (None if seed is None
+                       else sampling.check_tokens(logits, temperature, seed, it.output, tie_tolerance))
+        logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # [n_out, V]
         token_lp = logp.gather(1, torch.tensor(it.output, device=device).unsqueeze(1)).squeeze(1).tolist()
         eos_prob = float(logp[-1, eos_ids].exp().sum()) if eos_ids else None
         p = logp.exp()
         entropy = -(p * logp).sum(-1)
         surprise_var = (p * logp.square()).sum(-1) - entropy.square()
         results.append(
-            (rows[1:].to(torch.bfloat16), token_lp, eos_prob, entropy.tolist(), surprise_var.tolist())
+            (rows[1:].to(torch.bfloat16), token_lp, eos_prob, entropy.tolist(), surprise_var.tolist(), token_check)
         )
     return results
 
@@ -277,14 +274,18 @@ def verify_completions(
     eos_token_id: int | list[int] | None = None,
     chunk_size: int = 32,
     topk: int = 128,
+    seeds: list[int] | None = None,
+    tie_tolerance: float = sampling.DEFAULT_TIE_TOLERANCE,
 ) -> list[CompletionCheck]:
     """Validate completions by bf16 prefill (A.10); model should be the claimed policy in bf16.
+    With `seeds` (each completion's sampling seed), every output token is also checked against the
+    seeded sampler at `temperature` (`CompletionCheck.tokens`).
 
     Malformed input (bad proof bytes, token ids, lengths) is refused with `rejection` set and never
     evaluated. Completions are prefilled `batch_size` at a time, sorted by length to limit padding.
     """
-    if not len(prompts) == len(outputs) == len(proofs):
-        raise ValueError("prompts, outputs and proofs must have the same length")
+    if not len(prompts) == len(outputs) == len(proofs) == len(seeds if seeds is not None else proofs):
+        raise ValueError("prompts, outputs, proofs (and seeds) must have the same length")
     items = [_screen(model, p, o, pr, chunk_size, topk) for p, o, pr in zip(prompts, outputs, proofs)]
     runnable = sorted(
         (i for i, it in enumerate(items) if it.rejection is None and it.output),
@@ -297,8 +298,9 @@ def verify_completions(
     ]
     for start in range(0, len(runnable), batch_size):
         group = runnable[start : start + batch_size]
-        for i, (rows, token_lp, eos_prob, entropy, surprise_var) in zip(
-            group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids)
+        group_seeds = [None if seeds is None else seeds[j] for j in group]
+        for i, (rows, token_lp, eos_prob, entropy, surprise_var, token_check) in zip(
+            group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids, group_seeds, tie_tolerance)
         ):
             chunk_checks = (
                 toploc.verify_proofs(rows, items[i].proofs, chunk_size, topk) if rows.shape[0] else []
@@ -311,5 +313,6 @@ def verify_completions(
                 eos_prob,
                 entropy,
                 surprise_var,
+                token_check,
             )
     return checks

@@ -9,6 +9,9 @@ with the `uni` executor. What is used:
   of `model_runner.input_batch.req_ids` (internal ids "<request_id>-<suffix>").
 - `input_batch.num_computed_tokens_cpu` and `query_start_loc.np`, already updated for the step
   when the hook runs: the position of each row's last fed token.
+- `model.logits_processor`'s forward POST-hook may replace the logits it returns ([num_reqs, V],
+  same row order); `model_runner.requests[req_id]` holds `prompt_token_ids` and the request's
+  `sampling_params.extra_args`; with temperature 0 vLLM's sampler takes the argmax of those logits.
 - `worker.reload_weights(weights_path=...)` (in-place reload; `model.load_weights` fails on CPU,
   where linear weights are repacked at load).
 tests/node/test_engine_vllm.py checks all of it against the torch prefill verifier.
@@ -16,9 +19,14 @@ tests/node/test_engine_vllm.py checks all of it against the torch prefill verifi
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
+
+from intellect.protocol import sampling
+
+SEED_ARG = "intellect_seed"  # SamplingParams.extra_args key of a request's sampling seed
 
 SUPPORTED = ((0, 32), (0, 33))  # [min, max) of (major, minor)
 
@@ -43,6 +51,65 @@ def driver_worker(llm):
     return llm.llm_engine.engine_core.engine_core.model_executor.driver_worker.worker
 
 
+def _fed_positions(runner, num: int):
+    """Per scheduled request, the sequence position of the last token fed this step."""
+    batch = runner.input_batch
+    qsl = runner.query_start_loc.np[: num + 1]
+    return batch.num_computed_tokens_cpu[:num] + (qsl[1:] - qsl[:-1]) - 1
+
+
+class SeededSampler:
+    """Makes vLLM sample with `protocol.sampling`: a post-hook on the logits processor computes the
+    seeded Gumbel-max token of every row (seed from the request's extra_args, output position from
+    the fed position), and hands vLLM logits that are -inf everywhere but that token, so vLLM's greedy
+    sampler (requests run at temperature 0) takes exactly it. The token's log-prob under
+    softmax(logits / T) is recorded here, keyed by (request id, output position)."""
+
+    def __init__(self, llm) -> None:
+        self._runner = driver_worker(llm).model_runner
+        self.enabled = False
+        self.temperature = 1.0
+        self._picked: dict[tuple[str, int], tuple[int, float]] = {}
+        self._handle = self._runner.get_model().logits_processor.register_forward_hook(self._hook)
+
+    def _hook(self, module, args, logits):
+        if not self.enabled or logits is None:
+            return None
+        req_ids = self._runner.input_batch.req_ids
+        num = len(req_ids)
+        assert logits.shape[0] == num, f"{logits.shape[0]} logit rows for {num} requests (spec decoding?)"
+        seeds, positions = [], []
+        for rid, pos in zip(req_ids, _fed_positions(self._runner, num).tolist()):
+            state = self._runner.requests[rid]
+            seeds.append(int(state.sampling_params.extra_args[SEED_ARG]))
+            # a partial-prefill row samples a token vLLM throws away: any position will do
+            positions.append(max(0, int(pos) - len(state.prompt_token_ids) + 1))
+        z = sampling.scale(logits, self.temperature)
+        tokens, _ = sampling.noisy_argmax(z, seeds, positions, greedy=self.temperature == 0)
+        logp = (z if self.temperature > 0 else logits.float()).log_softmax(-1).gather(1, tokens[:, None])[:, 0]
+        for rid, t, tok, lp in zip(req_ids, positions, tokens.tolist(), logp.tolist()):
+            self._picked[(rid.split("-", 1)[0], t)] = (tok, lp)
+        forced = torch.full_like(z, -math.inf)
+        forced[torch.arange(num, device=z.device), tokens] = 0.0
+        return forced
+
+    def logprobs(self, request_id: str, tokens: list[int]) -> list[float]:
+        """The recorded log-probs of a finished request's output tokens (checked against them)."""
+        out = []
+        for t, tok in enumerate(tokens):
+            picked = self._picked.pop((request_id, t), None)
+            assert picked is not None and picked[0] == tok, \
+                f"request {request_id}: token {t} is {tok}, the seeded sampler picked {picked}"
+            out.append(picked[1])
+        return out
+
+    def clear(self) -> None:
+        self._picked.clear()
+
+    def remove(self) -> None:
+        self._handle.remove()
+
+
 class HiddenStateCapture:
     """Collects, per request, the final-norm rows vLLM feeds its LM head, keyed by the position
     of the token that was fed. Positions make the capture independent of how the scheduler split
@@ -59,12 +126,10 @@ class HiddenStateCapture:
         if not self.enabled:
             return
         hidden = args[1]  # [num_reqs, H]
-        batch = self._runner.input_batch
-        req_ids = batch.req_ids
+        req_ids = self._runner.input_batch.req_ids
         num = len(req_ids)
         assert hidden.shape[0] == num, f"{hidden.shape[0]} rows for {num} requests (spec decoding?)"
-        qsl = self._runner.query_start_loc.np[: num + 1]
-        last_pos = batch.num_computed_tokens_cpu[:num] + (qsl[1:] - qsl[:-1]) - 1
+        last_pos = _fed_positions(self._runner, num)
         rows = hidden.detach().to("cpu", torch.bfloat16, copy=True)
         for rid, pos, row in zip(req_ids, last_pos.tolist(), rows):
             self._rows.setdefault(rid.split("-", 1)[0], {})[pos] = row

@@ -19,12 +19,13 @@ FinishReason = Literal["stop", "length"]
 
 
 class SamplingParams(BaseModel):
-    """How to sample. INTELLECT-2 used temperature 0.6, top_p 1 (spec B.4)."""
+    """How to sample. INTELLECT-2 used temperature 0.6, top_p 1 (spec B.4). There is no top-p: every
+    engine samples with `protocol.sampling` (seeded Gumbel-max), whose tokens a validator checks exactly,
+    and a nucleus boundary could not be checked that way."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     temperature: float = Field(1.0, ge=0.0, description="0 means greedy.")
-    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus mass kept before sampling.")
     max_tokens: int = Field(256, ge=1, description="Most output tokens per completion.")
     stop_token_ids: tuple[int, ...] = Field((), description="Extra stop ids besides the model's EOS ids.")
     ignore_eos: bool = Field(False, description="Do not stop on the model's EOS ids (benchmarks).")
@@ -35,9 +36,8 @@ class SamplingParams(BaseModel):
 class Completion:
     """One sampled completion.
 
-    `output_logprobs[i]` is log p(output_tokens[i]) under the distribution actually sampled from:
-    softmax(logits / temperature), renormalised over the top-p nucleus (vLLM's
-    `logprobs_mode="processed_logprobs"`); with top_p = 1 that is log_softmax(logits / T).
+    `output_logprobs[i]` is log p(output_tokens[i]) under the distribution sampled from,
+    log_softmax(logits / T) (T = 1 when greedy).
     `proofs` is the concatenation of 258-byte TOPLOC proofs over the n_out - 1 decode rows,
     b"" when n_out <= 1 or when proofs were off.
     """
@@ -80,7 +80,8 @@ class Engine(ABC):
 
     def generate(self, prompts: list[list[int]], params: SamplingParams,
                  seeds: list[int]) -> list[Completion]:
-        """Sample one completion per prompt; `seeds[i]` fixes prompt i's sampling randomness."""
+        """Sample one completion per prompt; `seeds[i]` fixes prompt i's sampling noise (the worker
+        derives it with `protocol.sampling.completion_seed`), whatever the batch and the engine."""
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if any(len(p) == 0 for p in prompts):

@@ -8,10 +8,9 @@ at a time on a background thread while generation goes on. (This is what
 `toploc_torch.ProofRecorder` does, with the same `build_chunk_proofs`; it is not reused because it
 builds on the sampling thread and expects the full batch every step, while this loop shrinks it.)
 
-Randomness: every sequence has its own `torch.Generator` seeded from `seeds[i]`, consumed the same
-way at every step whatever the batch holds. So the same (prompt, seed) run in a batch of the same
-composition gives identical tokens; in a different batch the random stream is the same and only
-the numerics of batched kernels (padding, matmul blocking) differ, which rarely flips a sample.
+Sampling is `protocol.sampling.sample`: seeded Gumbel-max whose noise depends only on (seed, output
+position, token id), so the tokens do not depend on the batch a sequence ran in, and the validator's
+prefill can recompute every one of them (up to ties of near-equal noisy scores, see docs/protocol.md).
 
 It does not know chat templates, tasks or rewards: token ids in, completions out.
 """
@@ -25,6 +24,7 @@ import torch
 
 from intellect.node.engine.base import Completion, Engine, SamplingParams
 from intellect.protocol.model import eos_token_ids
+from intellect.protocol.sampling import sample
 
 CHUNK = 32  # decode rows per TOPLOC proof (spec A.1)
 TOPK = 128
@@ -36,43 +36,8 @@ def _pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def sample_tokens(logits: torch.Tensor, temperature: float, top_p: float,
-                  generators: list[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Draw one token per row; row r uses only `generators[r]`.
-
-    logits: [b, V] float32. Returns tokens [b] and their log-probs [b] under the distribution
-    sampled from (temperature, then top-p renormalisation; raw softmax when greedy), which is what
-    vLLM returns with `logprobs_mode="processed_logprobs"`.
-    """
-    if temperature == 0.0:
-        logp = logits.log_softmax(-1)
-        tok = logp.argmax(-1)
-        return tok, logp.gather(1, tok[:, None])[:, 0]
-    logits = logits / temperature
-    if top_p < 1.0:
-        logits = _mask_top_p(logits, top_p)
-    logp = logits.log_softmax(-1)  # [b, V]
-    # Exponential race (= Gumbel-max): argmax p / E with E ~ Exp(1) samples from p, and lets each
-    # row draw its noise from its own generator in one call.
-    noise = torch.empty_like(logp)
-    for r, gen in enumerate(generators):
-        noise[r].exponential_(generator=gen)
-    tok = logp.exp().div_(noise).argmax(-1)
-    return tok, logp.gather(1, tok[:, None])[:, 0]
-
-
-def _mask_top_p(logits: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Set logits outside the smallest set of mass >= top_p to -inf (vLLM's rule). [b, V]."""
-    sorted_logits, order = logits.sort(dim=-1)  # ascending
-    cum = sorted_logits.softmax(-1).cumsum(-1)
-    drop = cum <= 1.0 - top_p
-    drop[:, -1] = False  # always keep the most likely token
-    sorted_logits.masked_fill_(drop, float("-inf"))
-    return sorted_logits.scatter(-1, order, sorted_logits)
-
-
 class TorchEngine(Engine):
-    """Batched generation with per-sequence seeds and streamed TOPLOC proofs."""
+    """Batched generation with seeded, verifiable sampling and streamed TOPLOC proofs."""
 
     name = "torch"
 
@@ -131,7 +96,6 @@ class TorchEngine(Engine):
             raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room "
                              f"under max_model_len={self.config.max_model_len}")
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
-        gens = [torch.Generator(dev).manual_seed(int(s)) for s in seeds]
 
         input_ids, mask = self._left_pad(prompts)  # [B, L], [B, L]
         positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, L]
@@ -155,7 +119,7 @@ class TorchEngine(Engine):
                     for pos, i in enumerate(active):
                         proofs[i].append((fut, pos))
             logits = self.model.lm_head(hidden).float()  # [b, V]
-            tok, lp = sample_tokens(logits, params.temperature, params.top_p, [gens[i] for i in active])
+            tok, lp = sample(logits, params.temperature, [seeds[i] for i in active], [step] * len(active))
             keep = []
             for row, (i, t, p) in enumerate(zip(active, tok.tolist(), lp.tolist())):
                 tokens[i].append(t)

@@ -2,9 +2,10 @@
 
 vLLM runs in this process (V1 engine core in-process, `uni` executor) so the logits-processor
 hook of `_vllm_hooks` can read the final-norm rows directly. Proofs are built after each
-`generate` call, all completions' chunks in one batched call. Sampling randomness is vLLM's
-per-request generator seeded with `seeds[i]`; log-probs are vLLM's `processed_logprobs` (after
-temperature and top-p), the same quantity the torch engine returns.
+`generate` call, all completions' chunks in one batched call. Tokens come from `protocol.sampling`
+(seeded Gumbel-max, `_vllm_hooks.SeededSampler`: a logits hook picks the token, vLLM's greedy sampler
+takes it), so vLLM and the torch engine give the same tokens up to numerics, and the log-probs are
+log_softmax(logits / T) of the sampled tokens, as the torch engine returns.
 
 Importing this module does not import vllm; building a `VllmEngine` does, and sets the vLLM
 environment variables it depends on (in-process core, CPU thread binding, CPU KV-cache size).
@@ -51,13 +52,14 @@ class VllmEngine(Engine):
             "model": str(model_dir), "dtype": config.dtype, "max_model_len": config.max_model_len,
             "max_num_seqs": config.max_batch_size, "enforce_eager": True, "seed": 0,
             # in-process executor: the TOPLOC hook runs where the model runs
-            "distributed_executor_backend": "uni", "logprobs_mode": "processed_logprobs",
+            "distributed_executor_backend": "uni",
         }
         if self.device != "cpu":
             kwargs["gpu_memory_utilization"] = config.gpu_memory_fraction
         self.llm = LLM(**kwargs)
         self.eos_ids = eos_token_ids(self.llm.get_tokenizer(), model_dir)
         self._capture = _vllm_hooks.HiddenStateCapture(self.llm)
+        self._sampler = _vllm_hooks.SeededSampler(self.llm)
         self._hooks = _vllm_hooks
 
     def load_weights(self, checkpoint_dir: str | Path) -> None:
@@ -66,6 +68,7 @@ class VllmEngine(Engine):
     def close(self) -> None:
         if getattr(self, "llm", None) is not None:
             self._capture.remove()
+            self._sampler.remove()
             self.llm.llm_engine.engine_core.shutdown()
             self.llm = None
 
@@ -78,28 +81,30 @@ class VllmEngine(Engine):
             raise ValueError(f"prompt of {max(map(len, prompts))} tokens leaves no room "
                              f"under max_model_len={self.config.max_model_len}")
         stop = sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids))
-        sampling = [VllmSamplingParams(temperature=params.temperature, top_p=params.top_p,
-                                       max_tokens=limit, seed=int(seed), logprobs=0,
-                                       stop_token_ids=stop, ignore_eos=params.ignore_eos,
-                                       detokenize=False)
+        # temperature 0: vLLM takes the argmax of the logits our SeededSampler hook leaves
+        sampling = [VllmSamplingParams(temperature=0.0, max_tokens=limit, stop_token_ids=stop,
+                                       ignore_eos=params.ignore_eos, detokenize=False,
+                                       extra_args={self._hooks.SEED_ARG: int(seed)})
                     for limit, seed in zip(limits, seeds)]
         self._capture.clear()
+        self._sampler.clear()
         self._capture.enabled = params.proofs
+        self._sampler.enabled, self._sampler.temperature = True, params.temperature
         try:
             outs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], sampling, use_tqdm=False)
         finally:
-            self._capture.enabled = False
+            self._capture.enabled = self._sampler.enabled = False
         completions = [self._completion(o) for o in outs]
         if params.proofs:
             self._attach_proofs(completions, outs, prompts)
         self._capture.clear()
+        self._sampler.clear()
         return completions
 
-    @staticmethod
-    def _completion(request_output) -> Completion:
+    def _completion(self, request_output) -> Completion:
         out = request_output.outputs[0]
         tokens = list(out.token_ids)
-        logps = [step[t].logprob for t, step in zip(tokens, out.logprobs)]
+        logps = self._sampler.logprobs(request_output.request_id, tokens)
         reason = "length" if out.finish_reason == "length" else "stop"
         return Completion(tokens, logps, reason)
 
