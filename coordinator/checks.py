@@ -8,10 +8,11 @@ for it). Checks do not store, record or count anything, so the coordinator's int
 
 Order: cheap before expensive, and a check may rely on the ones before it having passed (the rows
 are the announced shape once `check_schema` passed):
-  schema and bounds -> batch not answered before -> policy step within the async level -> prompts
-  recomputed from the node's seed -> rewards and advantages recomputed -> termination tokens ->
-  [one bf16 prefill of the policy that generated the batch] proofs readable -> EOS probability ->
-  token probabilities -> token surprise -> TOPLOC proofs.
+  schema and bounds -> batch not answered before -> batch counter in order -> policy step within the
+  async level -> prompts recomputed from the node's seed -> rewards and advantages recomputed ->
+  termination tokens -> [one bf16 prefill of the policy that generated the batch] proofs readable ->
+  EOS probability -> token probabilities -> TOPLOC proofs -> every sampled token re-drawn by the
+  seeded sampler (protocol/sampling.py).
 
 What this module does not know: signatures, replays and bans (the intake does those before any check
 runs, on the envelope), storage, the ledger's writes, or where policies come from (`policy_for`).
@@ -19,6 +20,8 @@ runs, on the envelope), storage, the ledger's writes, or where policies come fro
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +45,7 @@ from intellect.protocol.tasks import (
     prompt_token_ids,
     sample_batch,
 )
+from intellect.protocol.tasks.sampling import completion_seed
 
 
 @dataclass(frozen=True)
@@ -49,7 +53,9 @@ class CheckContext:
     """What a check may consult. `policy_for(step)` gives the bf16 model of a published policy step;
     `steps()` gives (train step now being collected, latest published policy step);
     `batch_holder(batch_key)` gives the content hash of the file already recorded for that
-    node:policy_step:batch_counter, or None."""
+    node:policy_step:batch_counter, or None; `highest_counter(node hex, policy step)` the highest
+    batch counter recorded for it (0: none); `row_secret` keys the choice of rows to re-run when
+    toploc_fraction < 1 (a secret of the coordinator's state dir)."""
 
     run: RunRules
     config: IntakeConfig
@@ -58,6 +64,8 @@ class CheckContext:
     policy_for: Callable[[int], object]
     steps: Callable[[], tuple[int, int]]
     batch_holder: Callable[[str], str | None]
+    highest_counter: Callable[[str, int], int] = lambda node, step: 0
+    row_secret: bytes = b""
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,23 @@ def check_batch_unseen(ctx: CheckContext, sub: Candidate) -> None:
         meta = sub.batch.meta
         raise Rejected(Reason.BATCH_REUSED, f"batch {meta.batch_counter} of policy step {meta.policy_step} "
                                             "was already submitted")
+
+
+def counter_in_order(ctx: CheckContext, sub: Candidate) -> bool:
+    """Counters of a (node, policy step) run 1, 2, ...: at most one past the highest recorded."""
+    meta = sub.batch.meta
+    return meta.batch_counter <= ctx.highest_counter(sub.sender.hex(), meta.policy_step) + 1
+
+
+def check_batch_counter(ctx: CheckContext, sub: Candidate) -> None:
+    """A node that could skip counters could search them for prompts it likes (the prompts of a
+    counter are known before generating): counters must come in order."""
+    if not counter_in_order(ctx, sub):
+        meta = sub.batch.meta
+        highest = ctx.highest_counter(sub.sender.hex(), meta.policy_step)
+        raise Rejected(Reason.COUNTER_SKIPPED, f"batch counter {meta.batch_counter} of policy step "
+                                               f"{meta.policy_step} skips ahead: the highest seen is {highest}, "
+                                               f"so the next is {highest + 1}")
 
 
 def check_policy_step(ctx: CheckContext, sub: Candidate) -> None:
@@ -262,25 +287,6 @@ def check_claimed_logprobs(ctx: CheckContext, sub: Candidate) -> None:
                                                        f"{err:.3f} on average")
 
 
-def check_surprise(ctx: CheckContext, sub: Candidate) -> None:
-    """Honest sampling makes the sampled tokens' total surprise (-log p) match the policy's total
-    entropy, within sqrt(sum of variances); tokens chosen by another model (then proved by prefill)
-    are more surprising. Judged over the whole batch: one short completion is too few tokens for
-    the normal approximation, and a cheater's excess grows with every token while noise grows
-    with the square root."""
-    results = [result for _, result in sub.prefill(ctx).evaluated()]
-    if not results:
-        return
-    surprise = -sum(float(np.sum(c.token_logprobs)) for c in results)
-    entropy = sum(float(np.sum(c.entropies)) for c in results)
-    variance = sum(float(np.sum(c.surprise_vars)) for c in results)
-    z = (surprise - entropy) / np.sqrt(max(variance, 1e-6))
-    if z > ctx.config.max_surprise_z:
-        raise Rejected(Reason.TOKEN_PROB_MISMATCH, f"sampled tokens are unlikely under the policy (surprise "
-                                                   f"{surprise:.1f} vs entropy {entropy:.1f}: z = {z:.1f} > "
-                                                   f"{ctx.config.max_surprise_z})")
-
-
 def check_toploc(ctx: CheckContext, sub: Candidate) -> None:
     """The proofs match the policy's hidden states: the tokens came from this policy."""
     for i, result in sub.prefill(ctx).evaluated():
@@ -289,9 +295,31 @@ def check_toploc(ctx: CheckContext, sub: Candidate) -> None:
             raise Rejected(Reason.TOPLOC_FAILED, f"row {i}: {why}")
 
 
+def check_sampling(ctx: CheckContext, sub: Candidate) -> None:
+    """Every token is the seeded sampler's pick at the run's temperature under the policy's logits
+    (seed derived from run, node, policy step, batch counter and row): edited tokens, colder or
+    greedy sampling, best-of-k and another model's tokens all leave tokens it does not draw. Near
+    ties of the noisy scores may flip between decode and prefill numerics and are not counted."""
+    for i, result in sub.prefill(ctx).evaluated():
+        tokens = result.tokens
+        if tokens is not None and tokens.mismatch:
+            raise Rejected(Reason.SAMPLING_MISMATCH,
+                           f"row {i}: {tokens.mismatch} of {len(sub.batch.rows[i].output_tokens)} tokens are not "
+                           f"the seeded sample (first at position {tokens.first_mismatch}, score gap "
+                           f"{tokens.worst_gap:.2f} > tie tolerance {ctx.config.tie_tolerance})")
+
+
+def sampling_summary(prefill: Prefill) -> str:
+    """Per batch: how many re-drawn tokens matched exactly, were ties, or mismatched."""
+    counts = [c.tokens for _, c in prefill.evaluated() if c.tokens is not None]
+    exact, tie, bad = (sum(getattr(c, k) for c in counts) for k in ("exact", "tie", "mismatch"))
+    return f"tokens re-drawn: {exact} exact, {tie} tie, {bad} mismatch"
+
+
 CHECKS: list[Check] = [
     check_schema,
     check_batch_unseen,
+    check_batch_counter,
     check_policy_step,
     check_prompts,
     check_rewards,
@@ -299,8 +327,8 @@ CHECKS: list[Check] = [
     check_proofs_readable,
     check_eos_probability,
     check_claimed_logprobs,
-    check_surprise,
     check_toploc,
+    check_sampling,
 ]
 
 
@@ -322,7 +350,7 @@ def _run_prefill(ctx: CheckContext, sub: Candidate) -> Prefill:
     from intellect.protocol.toploc import Thresholds
     from intellect.protocol.toploc_torch import verify_completions
 
-    chosen = _sample_rows(len(sub.batch.rows), sub.file_sha256, ctx.config.toploc_fraction)
+    chosen = _sample_rows(len(sub.batch.rows), sub.file_sha256, ctx.config.toploc_fraction, ctx.row_secret)
     if not chosen:
         return Prefill([], [])
     try:
@@ -337,16 +365,20 @@ def _run_prefill(ctx: CheckContext, sub: Candidate) -> Prefill:
                                  thresholds=Thresholds(cfg.toploc_max_exp_mismatches, cfg.toploc_max_mant_err_mean,
                                                        cfg.toploc_max_mant_err_median),
                                  batch_size=cfg.prefill_batch_size, temperature=ctx.run.temperature,
-                                 eos_token_id=sorted(ctx.eos_ids))
+                                 eos_token_id=sorted(ctx.eos_ids), tie_tolerance=cfg.tie_tolerance,
+                                 seeds=[completion_seed(ctx.run.run_id, sub.sender, sub.batch.meta.policy_step,
+                                                        sub.batch.meta.batch_counter, i) for i in chosen])
     return Prefill(chosen, list(results))
 
 
-def _sample_rows(num_rows: int, file_sha256: str, fraction: float) -> list[int]:
+def _sample_rows(num_rows: int, file_sha256: str, fraction: float, secret: bytes) -> list[int]:
     k = int(np.ceil(fraction * num_rows))
     if k >= num_rows:
         return list(range(num_rows))
-    # seeded by the file hash: the node cannot know which rows are checked before it commits
-    rng = np.random.default_rng(int(file_sha256[:16], 16))
+    # HMAC of the file hash under the coordinator's secret: the node controls the file hash, so
+    # without the secret it could grind files until its bad rows fall outside the checked share
+    digest = hmac.new(secret, bytes.fromhex(file_sha256), hashlib.sha256).digest()
+    rng = np.random.default_rng(int.from_bytes(digest[:16], "big"))
     return sorted(rng.choice(num_rows, size=k, replace=False).tolist())
 
 

@@ -26,8 +26,10 @@ from intellect.coordinator.checks import (
     Candidate,
     CheckContext,
     check_policy_step,
+    counter_in_order,
     read_batch,
     run_checks,
+    sampling_summary,
 )
 from intellect.coordinator.faults import pause_point
 from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
@@ -65,7 +67,9 @@ class Intake:
         self.ledger = ledger
         self.ctx = CheckContext(run=rules, config=config, tokenizer=tokenizer,
                                 eos_ids=frozenset(eos_token_ids(tokenizer) if eos_ids is None else eos_ids),
-                                policy_for=policy_for, steps=steps, batch_holder=ledger.batch_holder)
+                                policy_for=policy_for, steps=steps, batch_holder=ledger.batch_holder,
+                                highest_counter=ledger.highest_batch_counter,
+                                row_secret=row_secret(Path(state_dir)))
         self.checks = list(CHECKS)  # the same list verify runs (bench/intake.py times each one)
         self.replays = ReplayGuard()
         self.inbox = Path(state_dir) / "inbox"
@@ -96,10 +100,21 @@ class Intake:
             file_path = self._store(self.inbox, header.file_sha256, rollout_file)
             pause_point("intake.validating")
             sub = Candidate(sender, header, read_batch(rollout_file, self.config, self.ctx))
-            run_checks(self.ctx, sub, self.checks)
+            try:
+                run_checks(self.ctx, sub, self.checks)
+            finally:
+                self._note_counter(sub)
         except Rejected as r:
             return self._reject(r, sender, file_path, file_sha)
         return self._accept(sub, file_path, on_accept)
+
+    def _note_counter(self, sub: Candidate) -> None:
+        """Every batch counter used in order counts as used, accepted or not (a refused skip-ahead
+        does not move the mark, or it would open the counters it skipped)."""
+        meta = sub.batch.meta
+        if (meta.node_public_key == sub.sender.hex() and meta.policy_step == sub.header.policy_step
+                and meta.batch_counter == sub.header.batch_counter and counter_in_order(self.ctx, sub)):
+            self.ledger.note_batch_counter(sub.sender.hex(), meta.policy_step, meta.batch_counter)
 
     # ------------------------------------------------------------------ before any check: who sent what
 
@@ -160,8 +175,10 @@ class Intake:
             if on_accept is not None:
                 on_accept(train_step)
         pause_point("intake.recorded")
+        summary = sampling_summary(sub.prefill(self.ctx))
+        logger.info("accepted %s from %s: %s", sub.file_sha256[:12], sub.sender.hex()[:12], summary)
         verdict = Verdict(file_sha256=sub.file_sha256, accepted=True, reason=Reason.ACCEPTED.value,
-                          train_step=train_step, credit_tokens=batch.num_output_tokens)
+                          detail=summary, train_step=train_step, credit_tokens=batch.num_output_tokens)
         return Outcome(verdict, sub.sender, batch, final)
 
     def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None,
@@ -190,3 +207,16 @@ class Intake:
                 dropped += 1
         return dropped
 
+
+def row_secret(state_dir: Path) -> bytes:
+    """The coordinator's key for choosing which rows to re-run (toploc_fraction < 1): 32 random
+    bytes in STATE/row_secret, made on first use. Nodes never see it."""
+    path = state_dir / "row_secret"
+    if not path.is_file():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, [os.urandom(32)])
+        os.chmod(path, 0o600)
+    secret = path.read_bytes()
+    if len(secret) != 32:
+        raise ValueError(f"{path} holds {len(secret)} bytes, expected 32: delete it to make a new one")
+    return secret

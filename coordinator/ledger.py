@@ -21,6 +21,17 @@ from typing import Self
 
 SCHEMA_VERSION = 1
 
+# The highest batch counter seen per (node, policy step), accepted or not: a counter may be at most
+# one past it (checks.check_batch_counter). Created where missing, so older ledgers gain it as is.
+_BATCH_COUNTERS = """
+CREATE TABLE IF NOT EXISTS batch_counters (
+    node TEXT NOT NULL,
+    policy_step INTEGER NOT NULL,
+    highest INTEGER NOT NULL,
+    PRIMARY KEY (node, policy_step)
+)
+"""
+
 _SCHEMA = """
 CREATE TABLE nodes (
     public_key TEXT PRIMARY KEY,
@@ -143,6 +154,7 @@ class Ledger:
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._migrate()
+            self._db.execute(_BATCH_COUNTERS)
         except sqlite3.DatabaseError as e:
             raise LedgerError(f"cannot open ledger {self.path}: {e}") from e
 
@@ -297,6 +309,17 @@ class Ledger:
         """Content hash of the file recorded for this node:policy_step:batch_counter, if any."""
         rows = self._read("SELECT content_hash FROM submissions WHERE batch_key = ?", (batch_key,))
         return rows[0][0] if rows else None
+
+    def note_batch_counter(self, node: str, policy_step: int, counter: int) -> None:
+        """Remember that `node` used `counter` at `policy_step` (keeps the highest)."""
+        with self._transaction():
+            self._db.execute("INSERT INTO batch_counters VALUES (?, ?, ?) ON CONFLICT (node, policy_step) "
+                             "DO UPDATE SET highest = max(highest, excluded.highest)", (node, policy_step, counter))
+
+    def highest_batch_counter(self, node: str, policy_step: int) -> int:
+        """The highest batch counter recorded for (node, policy step); 0 if none."""
+        rows = self._read("SELECT highest FROM batch_counters WHERE node = ? AND policy_step = ?", (node, policy_step))
+        return int(rows[0][0]) if rows else 0
 
     def credit_of(self, node: str) -> int:
         """Accepted completion tokens of a node."""

@@ -42,9 +42,10 @@ class IntakeConfig(BaseModel):
                                   description="...or when any EOS ending is below this floor (0: off).")
     max_logprob_abs_err: float = Field(0.25, gt=0,
                                        description="Largest mean |claimed - recomputed| sampled-token log-prob.")
-    max_surprise_z: float = Field(6.0, gt=0,
-                                  description="Token-sampling check: z-score of the sampled tokens' surprise "
-                                              "against the policy's entropy; tokens from another model score high.")
+    tie_tolerance: float = Field(0.25, ge=0, le=5,  # = protocol.sampling.DEFAULT_TIE_TOLERANCE
+                                 description="Sampling check: a claimed token that is not the seeded sampler's pick "
+                                             "but whose noisy score is within this (logit units) of it is a tie, "
+                                             "not a mismatch (docs/protocol.md has the measurements).")
     reward_tolerance: float = Field(1e-5, gt=0, description="Allowed |claimed - recomputed| reward.")
     advantage_tolerance: float = Field(1e-3, gt=0, description="Allowed |claimed - recomputed| advantage.")
     prefill_batch_size: int = Field(8, ge=1, le=256, description="Completions per verification forward.")

@@ -18,6 +18,7 @@ class Reason(StrEnum):
     WRONG_RUN = "wrong_run"
     REPLAY = "replay"
     BATCH_REUSED = "batch_reused"
+    COUNTER_SKIPPED = "counter_skipped"  # a batch counter past the node's highest + 1 for that policy step
     BANNED = "banned"
     BAD_SCHEMA = "bad_schema"
     STALE_POLICY = "stale_policy"
@@ -29,6 +30,7 @@ class Reason(StrEnum):
     BAD_TERMINATION = "bad_termination"
     TOKEN_PROB_MISMATCH = "token_prob_mismatch"
     TOPLOC_FAILED = "toploc_failed"
+    SAMPLING_MISMATCH = "sampling_mismatch"  # a token the seeded sampler does not draw (outside ties)
 
 
 # Rejections that do not prove the signer misbehaved: recorded, but no strike towards a ban.

@@ -3,7 +3,7 @@
 Token t of a completion = argmax over the vocabulary of  logits / T + G(seed, t, token id),  where G
 is Gumbel noise taken from a counter-based integer hash, never from a torch generator (those differ
 between CPU and CUDA). The seed of completion j of a batch is derived from (run id, node key, policy
-step, batch counter, j) by `completion_seed`, so the node has nothing left to choose: a validator that
+step, batch counter, j) by `completion_seed` (protocol/tasks/sampling.py, torch-free), so the node has nothing left to choose: a validator that
 recomputes the logits by prefill checks every sampled token (`check_tokens`).
 
 The noise, for key k = position_key(seed, t) (32 bits) and token id v:
@@ -23,14 +23,14 @@ This module knows tensors and integers only: no models, engines, files or verdic
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-SEED_DOMAIN = b"intellect-node/sampling-seed/v1\0"
+from intellect.protocol.tasks.sampling import batch_seeds, completion_seed  # noqa: F401 (re-exported)
+
 NOISE_BITS = 20
 _M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
@@ -50,23 +50,7 @@ DEFAULT_TIE_TOLERANCE = 0.25
 DENSE_FRACTION = 0.25  # above this share of tokens left to hash, hash them all (same result, faster)
 
 
-# ---------------------------------------------------------------------------------------- seeds
-
-
-def completion_seed(run_id: str, node_public_key: bytes, policy_step: int, batch_counter: int, index: int) -> int:
-    """The sampling seed of completion `index` of batch `batch_counter` (63 bits)."""
-    if policy_step < 0 or batch_counter < 1 or index < 0:
-        raise ValueError(f"need policy_step >= 0, batch_counter >= 1, index >= 0; got {policy_step}, "
-                         f"{batch_counter}, {index}")
-    run = run_id.encode()
-    msg = (SEED_DOMAIN + len(run).to_bytes(2, "big") + run + len(node_public_key).to_bytes(2, "big")
-           + bytes(node_public_key) + policy_step.to_bytes(8, "big") + batch_counter.to_bytes(8, "big")
-           + index.to_bytes(8, "big"))
-    return int.from_bytes(hashlib.sha256(msg).digest()[:8], "big") >> 1
-
-
-def batch_seeds(run_id: str, node_public_key: bytes, policy_step: int, batch_counter: int, num: int) -> list[int]:
-    return [completion_seed(run_id, node_public_key, policy_step, batch_counter, j) for j in range(num)]
+# ---------------------------------------------------------------------------------------- noise keys
 
 
 def _splitmix64(x: int) -> int:

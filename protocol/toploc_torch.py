@@ -180,10 +180,6 @@ class CompletionCheck:
     rejection: str | None = None  # why the input was refused unevaluated (malformed proofs/tokens)
     token_logprobs: list[float] = field(default_factory=list)  # log p(output[t]) under logits / T
     eos_prob: float | None = None  # P(EOS) at the position that predicted output[-1]
-    # Per output token, the policy's entropy H_t and the variance of -log p under the policy: honest
-    # sampling makes sum(-log p(output[t])) ~ sum(H_t) with variance sum(var_t) (token-sampling check).
-    entropies: list[float] = field(default_factory=list)
-    surprise_vars: list[float] = field(default_factory=list)
     tokens: sampling.TokenCheck | None = None  # every sampled token re-drawn (None: no seed given)
 
 
@@ -231,9 +227,9 @@ def _eos_ids(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> li
 def _prefill_batch(
     model: torch.nn.Module, items: list[_Item], temperature: float, eos_ids: list[int],
     seeds: list[int | None], tie_tolerance: float,
-) -> list[tuple[torch.Tensor, list[float], float | None, list[float], list[float], sampling.TokenCheck | None]]:
-    """One right-padded forward -> per item (decode rows [n-1, H] bf16, log-probs, P(EOS), entropies,
-    surprise variances, the token check when its seed is given)."""
+) -> list[tuple[torch.Tensor, list[float], float | None, sampling.TokenCheck | None]]:
+    """One right-padded forward -> per item (decode rows [n-1, H] bf16, log-probs, P(EOS), the token
+    check when its seed is given)."""
     seqs = [it.prompt + it.output[:-1] for it in items]
     width = max(map(len, seqs))
     ids = torch.zeros(len(seqs), width, dtype=torch.int64)
@@ -254,12 +250,7 @@ def _prefill_batch(
         logp = torch.log_softmax(logits / (temperature or 1.0), dim=-1)  # [n_out, V]
         token_lp = logp.gather(1, torch.tensor(it.output, device=device).unsqueeze(1)).squeeze(1).tolist()
         eos_prob = float(logp[-1, eos_ids].exp().sum()) if eos_ids else None
-        p = logp.exp()
-        entropy = -(p * logp).sum(-1)
-        surprise_var = (p * logp.square()).sum(-1) - entropy.square()
-        results.append(
-            (rows[1:].to(torch.bfloat16), token_lp, eos_prob, entropy.tolist(), surprise_var.tolist(), token_check)
-        )
+        results.append((rows[1:].to(torch.bfloat16), token_lp, eos_prob, token_check))
     return results
 
 
@@ -299,7 +290,7 @@ def verify_completions(
     for start in range(0, len(runnable), batch_size):
         group = runnable[start : start + batch_size]
         group_seeds = [None if seeds is None else seeds[j] for j in group]
-        for i, (rows, token_lp, eos_prob, entropy, surprise_var, token_check) in zip(
+        for i, (rows, token_lp, eos_prob, token_check) in zip(
             group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids, group_seeds, tie_tolerance)
         ):
             chunk_checks = (
@@ -311,8 +302,6 @@ def verify_completions(
                 None,
                 token_lp,
                 eos_prob,
-                entropy,
-                surprise_var,
                 token_check,
             )
     return checks

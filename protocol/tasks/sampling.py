@@ -1,14 +1,20 @@
-"""Seeded prompt choice (spec B.3) and prompt rendering, identical on node and coordinator.
+"""Seeded prompt choice (spec B.3), the sampling seeds of a batch, and prompt rendering, identical on
+node and coordinator.
 
 For batch `batch_counter` (1, 2, ... within a step) of policy step `step`, a node's prompts and
 their length targets come from one numpy generator seeded with node_seed * batch_counter + step,
 so the coordinator can recompute both and reject cherry-picked prompts or targets (spec A.12,
 "gaps worth closing": INTELLECT-2 drew targets from an unseeded RNG). This module knows nothing
 about generation, rewards or what a tokenizer's vocabulary is.
+
+The sampling seed of completion j of a batch (`completion_seed`) is a hash of (run id, node key,
+policy step, batch counter, j): the node chooses nothing in it, and protocol/sampling.py turns it
+into the noise of every token.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +23,7 @@ import numpy as np
 from .base import Problem, Task
 
 NODE_SEED_BYTES = 8
+SEED_DOMAIN = b"intellect-node/sampling-seed/v1\0"
 THINK_START = "<think>\n"
 
 
@@ -25,6 +32,22 @@ def node_seed_int(public_key: bytes) -> int:
     if len(public_key) < NODE_SEED_BYTES:
         raise ValueError(f"public key must have at least {NODE_SEED_BYTES} bytes, got {len(public_key)}")
     return int.from_bytes(public_key[:NODE_SEED_BYTES], "big")
+
+
+def completion_seed(run_id: str, node_public_key: bytes, policy_step: int, batch_counter: int, index: int) -> int:
+    """The sampling seed of completion `index` of batch `batch_counter` (63 bits)."""
+    if policy_step < 0 or batch_counter < 1 or index < 0:
+        raise ValueError(f"need policy_step >= 0, batch_counter >= 1, index >= 0; got {policy_step}, "
+                         f"{batch_counter}, {index}")
+    run = run_id.encode()
+    msg = (SEED_DOMAIN + len(run).to_bytes(2, "big") + run + len(node_public_key).to_bytes(2, "big")
+           + bytes(node_public_key) + policy_step.to_bytes(8, "big") + batch_counter.to_bytes(8, "big")
+           + index.to_bytes(8, "big"))
+    return int.from_bytes(hashlib.sha256(msg).digest()[:8], "big") >> 1
+
+
+def batch_seeds(run_id: str, node_public_key: bytes, policy_step: int, batch_counter: int, num: int) -> list[int]:
+    return [completion_seed(run_id, node_public_key, policy_step, batch_counter, j) for j in range(num)]
 
 
 @dataclass(frozen=True)
