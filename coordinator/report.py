@@ -22,8 +22,15 @@ def _load_metrics(state_dir: Path) -> list[dict]:
     return rows
 
 
+REPORT_EXTRA = "pip install 'intellect-node[report]'"
+
+
 def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"the report's plots need matplotlib, which is not installed: run `{REPORT_EXTRA}` "
+                          "(./install.sh installs it)") from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -72,15 +79,15 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
 
     first = metrics[:5]
     last = metrics[-5:]
-    mean = lambda rows, k: sum(r.get(k, 0.0) for r in rows) / max(len(rows), 1)  # noqa: E731
+    mean = lambda rows, k: sum(r.get(k, 0.0) for r in rows) / max(len(rows), 1)
     lines = [
         f"# Run report: {state_dir}",
         "",
         f"- train steps: {len(metrics)}",
         f"- mean reward, first 5 steps: {mean(first, 'reward'):.3f}; last 5 steps: {mean(last, 'reward'):.3f}",
         f"- mean completion length, first 5: {mean(first, 'length'):.1f}; last 5: {mean(last, 'length'):.1f}",
-        f"- mean step time: {mean(metrics, 'step_s'):.1f} s; wall time: "
-        f"{(metrics[-1]['at'] - metrics[0]['at']) if len(metrics) > 1 else 0:.0f} s from first to last step",
+        (f"- mean step time: {mean(metrics, 'step_s'):.1f} s; wall time: "
+         f"{(metrics[-1]['at'] - metrics[0]['at']) if len(metrics) > 1 else 0:.0f} s from first to last step"),
         f"- verdicts: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'}",
         "",
         "| node | accepted | rejected | credit (tokens) | banned |",

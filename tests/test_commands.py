@@ -18,6 +18,8 @@ import pytest
 
 from tests.cli_harness import Procs, command, coordinator_nodes, wait_for
 
+ROOT = Path(__file__).resolve().parents[1]
+
 NODE_FLAGS = ("--engine", "torch", "--threads", "1", "--host", "127.0.0.1", "--headless")
 NODE_ENV = {"INTELLECT_NODE_RESTART_BACKOFF_S": "1"}
 # Refusals an honest node can get on the tiny model: its near-uniform next-token distribution samples EOS
@@ -60,6 +62,162 @@ def test_join_without_a_run_says_what_it_needs(tmp_path):
     out = run_cli("join", "--state-dir", str(tmp_path))
     assert out.returncode == 1
     assert "--run-file" in out.stdout and "Traceback" not in out.stdout + out.stderr, out.stdout + out.stderr
+
+
+# ---------------------------------------------------------------------------------- the README's flags
+
+COMMANDS = ("demo", "join", "coordinator", "report", "verify", "ledger", "keys")
+KEY = "ab" * 32
+# Sections whose flags belong to a command the section does not name first.
+SECTION_COMMAND = {"Ports, NAT and resource limits": "join"}
+_README_TOKEN = re.compile(rf"(?:intellect-node |`)({'|'.join(COMMANDS)})\b|(install\.sh|intellect-node(?= --))"
+                           r"|(?<![\w-])(--[a-z][a-z0-9-]+)")
+ROOT_FLAGS_TESTED_ELSEWHERE = {"--debug": "test_debug_shows_the_traceback_that_is_otherwise_one_line"}
+
+
+def readme_flags() -> dict[str, set[str]]:
+    """command -> the flags the README documents for it. A flag belongs to the command last named before it
+    in its section (`intellect-node CMD` or a code span starting with CMD); "" holds the root flags
+    (`intellect-node --flag`); install.sh's flags are skipped."""
+    flags: dict[str | None, set[str]] = {}
+    for section in re.split(r"\n## ", (ROOT / "README.md").read_text()):
+        command = SECTION_COMMAND.get(section.split("\n", 1)[0].strip())
+        for m in _README_TOKEN.finditer(section):
+            if m.group(1):
+                command = m.group(1)
+            elif m.group(2):
+                command = "install.sh" if m.group(2) == "install.sh" else ""
+            else:
+                flags.setdefault(command, set()).add(m.group(3))
+    assert None not in flags, f"README flags outside any command's text (name the command): {flags.get(None)}"
+    flags.pop("install.sh", None)
+    return flags
+
+
+# One bad use of every documented flag: each must end with a plain message naming what was wrong. A flag
+# the README starts documenting fails test_every_documented_flag_has_a_probe until it gets a line here.
+def bad_uses(tmp: Path) -> dict[tuple[str, str], tuple[list[str], str]]:
+    """(command, flag) -> (argv, a word the message must contain)."""
+    a_file = tmp / "a-file"
+    a_file.write_text("not a directory\n")
+    run = ["--run", "r-1", "--coordinator", KEY, "--state-dir", str(tmp / "node")]
+    return {
+        ("demo", "--steps"): (["demo", "--steps", "0"], "--steps"),
+        ("demo", "--nodes"): (["demo", "--nodes", "0"], "--nodes"),
+        ("demo", "--model"): (["demo", "--model", "gpt-17"], "gpt-17"),
+        ("demo", "--headless"): (["demo", "--headless", "--model", "gpt-17"], "gpt-17"),
+        ("demo", "--state-dir"): (["demo", "--model", "tiny", "--state-dir", str(a_file / "demo")], "a-file"),
+        ("join", "--bootstrap"): (["join", *run, "--bootstrap", "not-a-multiaddr"], "bootstrap"),
+        ("join", "--run"): (["join", "--run", "", "--coordinator", KEY], "run_id"),
+        ("join", "--coordinator"): (["join", "--run", "r-1", "--coordinator", "3f2a"], "coordinator_key"),
+        ("join", "--run-file"): (["join", "--run-file", str(tmp / "missing.toml")], "missing.toml"),
+        ("join", "--state-dir"): (["join", "--state-dir", str(tmp / "node")], "--run-file"),
+        ("join", "--engine"): (["join", *run, "--engine", "tpu"], "tpu"),
+        ("join", "--gpu-memory"): (["join", *run, "--gpu-memory", "1.5"], "gpu_memory_fraction"),
+        ("join", "--max-disk"): (["join", *run, "--max-disk", "-1"], "max_cache_bytes"),
+        ("join", "--max-upload-mbit"): (["join", *run, "--max-upload-mbit", "-5"], "max_upload_mbit"),
+        ("join", "--port"): (["join", *run, "--port", "70000"], "port"),
+        ("join", "--host"): (["join", *run, "--host", "not an address"], "host"),
+        ("join", "--client-mode"): (["join", "--client-mode", "--state-dir", str(tmp / "node")], "--run-file"),
+        ("join", "--threads"): (["join", *run, "--threads", "0"], "threads"),
+        ("join", "--config"): (["join", *run, "--config", str(tmp / "missing.toml")], "missing.toml"),
+        ("join", "--headless"): (["join", "--headless", "--state-dir", str(tmp / "node")], "--run-file"),
+        ("coordinator", "--config"): (["coordinator", "--config", str(a_file)], "a-file"),
+        ("coordinator", "--headless"): (["coordinator", "--headless", "--config", str(tmp / "missing.toml")],
+                                        "missing.toml"),
+        ("coordinator", "--metrics-port"): (["coordinator", "--metrics-port", "70000"], "metrics_port"),
+        ("ledger", "--ban"): (["ledger", str(tmp / "nowhere"), "--ban", KEY], "nowhere"),
+        ("ledger", "--unban"): (["ledger", str(tmp / "nowhere"), "--unban", KEY], "nowhere"),
+        ("verify", "--coordinator-state"): (["verify", str(a_file), "--coordinator-state", str(tmp / "nowhere")],
+                                            "nowhere"),
+        ("keys", "--force"): (["keys", "import", str(tmp / "missing.pem"), "--force", "--state-dir", str(tmp)],
+                              "missing.pem"),
+    }
+
+
+def test_every_documented_flag_is_in_the_help():
+    documented = readme_flags()
+    assert set(documented) <= {"", *COMMANDS} and {"demo", "join", "coordinator", "keys"} <= set(documented)
+    for name, flags in documented.items():
+        helps = [["keys", sub, "--help"] for sub in ("show", "export", "import", "new")] if name == "keys" \
+            else [[name, "--help"] if name else ["--help"]]
+        text = "".join(run_cli(*h).stdout for h in helps)
+        missing = [f for f in flags if not re.search(rf"(?<![\w-]){f}(?![\w-])", text)]
+        assert not missing, f"the README documents {missing} for `{name}`, its --help does not list them"
+
+
+def test_every_documented_flag_has_a_probe(tmp_path):
+    probed = set(bad_uses(tmp_path))
+    unprobed = [(c, f) for c, flags in readme_flags().items() for f in flags
+                if (c, f) not in probed and not (c == "" and f in ROOT_FLAGS_TESTED_ELSEWHERE)]
+    assert not unprobed, f"documented flags without a bad-use probe in bad_uses(): {unprobed}"
+
+
+def _plain_failure(argv: list[str], word: str) -> str | None:
+    """None when the command fails with one plain message containing `word`, else what went wrong."""
+    out = run_cli(*argv, timeout=180)
+    text = out.stdout + out.stderr
+    if out.returncode == 0:
+        return f"{argv}: exit 0, expected a refusal\n{text}"
+    if "Traceback" in text:
+        return f"{argv}: printed a traceback\n{text}"
+    if word not in text:
+        return f"{argv}: the message does not say {word!r}\n{text}"
+    errors = [line for line in text.splitlines() if line.startswith("error:")]
+    if len(errors) != 1 and "Usage:" not in text:
+        return f"{argv}: expected one 'error:' line\n{text}"
+    return None
+
+
+@pytest.mark.timeout(600)
+def test_every_documented_flag_refuses_bad_input_in_plain_words(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    probes = bad_uses(tmp_path)
+    with ThreadPoolExecutor(3) as pool:
+        problems = [p for p in pool.map(lambda probe: _plain_failure(*probe), probes.values()) if p]
+    assert not problems, "\n\n".join(problems)
+
+
+def test_join_accepts_every_documented_flag_together(tmp_path):
+    """All of join's flags with good values at once: the only complaint left is the missing run."""
+    run_file = tmp_path / "run.toml"
+    run_file.write_text('bootstrap = ["/ip4/127.0.0.1/tcp/4001"]\n')
+    config = tmp_path / "node.toml"
+    config.write_text("max_batches = 3\n[swarm]\nport = 4002\n")
+    out = run_cli("join", "--bootstrap", "/ip4/127.0.0.1/tcp/4001", "--run-file", str(run_file), "--config",
+                  str(config), "--state-dir", str(tmp_path / "node"), "--engine", "auto", "--gpu-memory", "0.5",
+                  "--max-disk", "2", "--max-upload-mbit", "10", "--port", "0", "--host", "127.0.0.1",
+                  "--client-mode", "--threads", "1", "--max-batches", "1", "--headless")
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in text, text
+    problems = re.search(r"invalid NodeConfig: (.*?) \(join needs", " ".join(text.split())).group(1)
+    assert {p.split(":")[0] for p in problems.split("; ")} == {"run_id", "coordinator_key"}, problems
+
+
+def test_debug_shows_the_traceback_that_is_otherwise_one_line(tmp_path):
+    plain = run_cli("demo", "--model", "gpt-17")
+    assert plain.returncode == 1 and "Traceback" not in plain.stdout + plain.stderr
+    assert plain.stdout.startswith("error: the demo runs --model smollm2 or --model tiny"), plain.stdout
+    debug = run_cli("--debug", "demo", "--model", "gpt-17")
+    assert debug.returncode == 1 and "Traceback (most recent call last)" in debug.stderr, debug.stderr
+    assert "ValueError: the demo runs" in debug.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_path):
+    """`demo --model tiny` used to die on a 30-layer setting (last_n_layers:8 of a 2-layer model), and piped
+    into a file it printed nothing until the end."""
+    out = run_cli("demo", "--model", "tiny", "--steps", "2", "--nodes", "1", "--state-dir", str(tmp_path),
+                  timeout=840)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text
+    assert "Traceback" not in text, text
+    assert "no terminal on stdout" in out.stdout
+    assert _steps(out.stdout) == [0, 1], out.stdout
+    summary = json.loads(out.stdout.strip().splitlines()[-1])
+    assert summary["steps"] == 2 and summary["accepted"] >= 2, summary
 
 
 # ---------------------------------------------------------------------------------- a whole run

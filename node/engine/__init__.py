@@ -13,7 +13,7 @@ import importlib.util
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter
 
 from intellect.node.engine.base import Completion, Engine, EngineStats, FinishReason, SamplingParams
 
@@ -58,7 +58,14 @@ class AutoEngineConfig(_CommonEngineConfig, _VllmFields):
     type: Literal["auto"] = "auto"
 
 
-EngineConfig = Annotated[TorchEngineConfig | VllmEngineConfig | AutoEngineConfig, Field(discriminator="type")]
+def _engine_type(value) -> str:
+    """Which engine a settings table asks for. One that sets only, say, `threads` (the --threads flag)
+    means the default engine, auto."""
+    return value.get("type", "auto") if isinstance(value, dict) else getattr(value, "type", "auto")
+
+
+EngineConfig = Annotated[Annotated[TorchEngineConfig, Tag("torch")] | Annotated[VllmEngineConfig, Tag("vllm")]
+                         | Annotated[AutoEngineConfig, Tag("auto")], Discriminator(_engine_type)]
 _adapter: TypeAdapter = TypeAdapter(EngineConfig)
 
 
