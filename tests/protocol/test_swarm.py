@@ -12,6 +12,8 @@ import time
 from collections import Counter
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import RunInfo, ShardAnnounce, decode_body, encode_body
@@ -27,6 +29,7 @@ from intellect.protocol.swarm.keys import (
     RecordRejected,
     dht_key,
     manifest_key,
+    open_record,
     run_info_key,
     seal_record,
     shards_key,
@@ -35,8 +38,11 @@ from intellect.protocol.swarm.keys import (
 from intellect.protocol.swarm.shard_server import TokenBucket
 from intellect.protocol.wire import MessageKind, run_id_for, seal
 
+from .test_fuzz_decoders import mutations
+
 COORD, PEER, EVIL = Identity.from_seed(b"coord"), Identity.from_seed(b"peer"), Identity.from_seed(b"evil")
 RUN = run_id_for(COORD.public_key, "swarm")
+FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
 
 def announce(identity: Identity, run_id: str = RUN) -> bytes:
@@ -136,6 +142,38 @@ def test_store_time_validator_takes_only_our_sealed_records():
     assert not validator.validate(plain_ours) and not validator.validate(ext_type)
     assert pickle.loads(pickle.dumps(validator)).validate(as_stored(run_info_key(), COORD.public_key_hex, ours,
                                                                     now + 300))  # crosses to the DHT process
+
+
+VALID_EXPIRATION = 1.9e9
+VALID_RECORD = seal_record(PEER, RUN, shards_key(3), announce(PEER), VALID_EXPIRATION)
+
+
+@FUZZ
+@given(data=mutations(VALID_RECORD))
+def test_a_changed_record_is_refused_or_means_the_same(data):
+    def opened(value):
+        name, envelope = open_record(value, subkey=PEER.public_key_hex, expiration=VALID_EXPIRATION, run_id=RUN,
+                                     coordinator_key=COORD.public_key, max_expiration=None)
+        return name, envelope.digest()
+
+    try:
+        result = opened(data)
+    except RecordRejected:
+        return
+    assert result == opened(VALID_RECORD)
+
+
+@FUZZ
+@given(key=st.binary(max_size=24), subkey=st.one_of(st.binary(max_size=80), st.just(b"\xc0")),
+       value=st.one_of(st.binary(max_size=300), mutations(VALID_RECORD).map(lambda v: b"\xc5" + len(v).to_bytes(2, "big") + v)),
+       expiration=st.floats(allow_nan=True, allow_infinity=True))
+def test_the_validator_answers_any_record_without_raising(key, subkey, value, expiration):
+    from hivemind.dht.validation import DHTRecord
+
+    from intellect.protocol.swarm.hivemind_backend import RunRecordValidator
+
+    verdict = RunRecordValidator(RUN, COORD.public_key, 600).validate(DHTRecord(key, subkey, value, expiration))
+    assert verdict is False  # random keys never hash to a run key, so nothing here may pass
 
 
 def test_config_is_validated_and_converts_the_upload_limit():
