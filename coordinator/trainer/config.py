@@ -93,7 +93,12 @@ class TrainerConfig(BaseModel):
         description="chunked: log-probs and entropy from the final hidden states and the LM-head weight, "
         "chunk_tokens at a time (never the whole [tokens, vocab] logits); dense: the model's full logits.",
     )
-    chunk_tokens: int = Field(512, ge=1, description="tokens per LM-head chunk with logprobs = chunked")
+    chunk_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="tokens per LM-head chunk with logprobs = chunked; None: 2^24 / vocab (one chunk's "
+        "fp32 logits near 64 MiB; 110 tokens at a 150k vocabulary)",
+    )
     loss: LossConfig = Field(default_factory=LossConfig)
 
     @field_validator("trainable")

@@ -73,14 +73,20 @@ class _ChunkedLogProbEntropy(torch.autograd.Function):
         return grad_hidden, grad_weight, None, None, None
 
 
+CHUNK_ELEMENTS = 1 << 24  # logits per chunk when the caller does not say: 64 MiB in fp32
+
+
 def chunked_logprobs(
-    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_tokens: int = 512
+    hidden: Tensor, weight: Tensor, targets: Tensor, temperature: float, chunk_tokens: int | None = None
 ) -> tuple[Tensor, Tensor]:
     """hidden [..., H] (the LM-head input), weight [V, H], targets [...] -> (logprobs, entropy) [...].
 
     log p(target) and the entropy of softmax(hidden @ weight.T / tau), float32, chunk_tokens rows
-    of logits at a time in forward and in backward.
+    of logits at a time in forward and in backward (None: CHUNK_ELEMENTS / vocab rows). The
+    working set is about four such chunks, whatever the number of tokens.
     """
+    if chunk_tokens is None:
+        chunk_tokens = max(1, CHUNK_ELEMENTS // weight.shape[0])
     shape = targets.shape
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     logprobs, entropy = _ChunkedLogProbEntropy.apply(
