@@ -1,5 +1,5 @@
 """Publish a policy checkpoint through the swarm: shard it into the coordinator's store, sign the
-manifest, put it under the run's manifest key for its step and under the "latest" key, announce that
+manifest, put it under the run's manifest key for its step, announce that
 the origin holds every shard, and serve them (rate-limited, super-seeding so each shard leaves the
 origin about once while peers spread it).
 
@@ -20,7 +20,7 @@ from intellect.protocol.messages import PolicyManifest, ShardAnnounce, encode_bo
 from intellect.protocol.model import model_config_hash
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
-from intellect.protocol.swarm.keys import latest_key, manifest_key, shards_key
+from intellect.protocol.swarm.keys import manifest_key, shards_key
 from intellect.protocol.swarm.shard_server import ShardServer
 from intellect.protocol.wire import MessageKind, seal
 
@@ -62,8 +62,6 @@ class Publisher:
     def _announce(self, step: int, signed: bytes, manifest: PolicyManifest) -> None:
         ttl = self.config.record_ttl_s
         self.swarm.publish(manifest_key(step), signed, ttl)
-        if step == max(self._published):
-            self.swarm.publish(latest_key(), signed, ttl)
         body = ShardAnnounce(policy_step=step, manifest_sha256=manifest_digest(signed),
                              shard_sha256s=sorted({s.sha256 for s in manifest.shards}), complete=True)
         self.swarm.publish(shards_key(step),

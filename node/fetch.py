@@ -34,7 +34,7 @@ from intellect.protocol.manifest import (
 from intellect.protocol.messages import PolicyManifest, ShardAnnounce, ShardEntry, decode_body, encode_body
 from intellect.protocol.swarm import PeerKey, RemoteError, Swarm, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
-from intellect.protocol.swarm.keys import latest_key, manifest_key, shards_key
+from intellect.protocol.swarm.keys import manifest_key, shards_key
 from intellect.protocol.swarm.shard_server import ShardServer, call_get_shard
 from intellect.protocol.wire import MessageKind, WireRejected, seal
 
@@ -104,15 +104,6 @@ class ShardFetcher:
             self._follow(step, manifest, signed)
 
     # ---- manifests --------------------------------------------------------------------------------
-
-    def latest_step(self) -> int | None:
-        steps = []
-        for envelope in self.swarm.read(latest_key()):
-            try:
-                steps.append(self._open(envelope_bytes(envelope)).policy_step)
-            except WireRejected:
-                self.stats["manifests_rejected"] += 1
-        return max(steps, default=None)
 
     def manifest(self, step: int, wait_s: float = 0.0) -> tuple[PolicyManifest, bytes]:
         """The coordinator-signed manifest of `step` (disk cache first, then the DHT until `wait_s`)."""

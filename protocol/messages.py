@@ -40,7 +40,6 @@ class Heartbeat(Body):
     device: Annotated[str, Field(max_length=64)]
     tokens_per_s: Annotated[float, Field(ge=0, le=1e9, allow_inf_nan=False)]
     paused: bool
-    addrs: Annotated[list[Multiaddr], Field(max_length=16)] = []
 
 
 class ShardEntry(Body):
