@@ -353,6 +353,29 @@ def test_requests_beyond_the_in_flight_limit_are_refused_busy(pair):
 
 
 @pytest.mark.slow
+def test_a_busy_coordinator_leaves_the_batch_in_the_outbox(pair, tmp_path):
+    """A `busy` refusal reads to the node like a timeout: the batch stays in the outbox for the next turn."""
+    from intellect.node.config import NodeConfig
+    from intellect.node.status import NodeStatus
+    from intellect.node.worker import WorkError, Worker
+    from intellect.protocol.messages import SUBMIT_RPC
+    from tests.protocol.test_rollouts import make_batch
+
+    a, b = pair
+
+    def refuse(peer, request):
+        raise RequestRefused("busy", "8 requests in flight (2 per peer): retry later")
+
+    a.register_request_handler(SUBMIT_RPC, refuse)
+    worker = Worker(NodeConfig(state_dir=tmp_path, run_id=RUN, coordinator_key=COORD.public_key_hex), PEER, b,
+                    fetcher=None, status=NodeStatus())
+    path = worker.write(make_batch())
+    with pytest.raises(WorkError, match="busy.*stays in the outbox"):
+        worker.submit(path, info=None)
+    assert path.exists() and worker.status.pending == 1 and worker.status.submitted == 0
+
+
+@pytest.mark.slow
 def test_reachability_check(pair):
     _, b = pair
     r = b.check_reachability()
