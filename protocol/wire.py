@@ -30,7 +30,6 @@ class MessageKind(StrEnum):
     HEARTBEAT = "heartbeat"
     POLICY_MANIFEST = "policy_manifest"
     SHARD_ANNOUNCE = "shard_announce"
-    SHARD_REQUEST = "shard_request"
     SUBMISSION = "submission"
     VERDICT = "verdict"
     RUN_INFO = "run_info"

@@ -45,7 +45,6 @@ class KeySpace:
 KEY_SPACES: dict[str, KeySpace] = {
     "run_info": KeySpace(frozenset({MessageKind.RUN_INFO}), True),
     "manifest": KeySpace(frozenset({MessageKind.POLICY_MANIFEST}), True, indexed=True),
-    "latest": KeySpace(frozenset({MessageKind.POLICY_MANIFEST}), True),  # the newest signed manifest
     "shards": KeySpace(frozenset({MessageKind.SHARD_ANNOUNCE}), False, indexed=True),
     "peers": KeySpace(frozenset({MessageKind.HEARTBEAT}), False),
 }
@@ -57,10 +56,6 @@ def run_info_key() -> str:
 
 def manifest_key(step: int) -> str:
     return f"manifest/{int(step)}"
-
-
-def latest_key() -> str:
-    return "latest"
 
 
 def shards_key(step: int) -> str:
