@@ -17,6 +17,7 @@ from .sampling import (
     sample_batch,
     user_message,
 )
+from .timelimit import grade_with_timeout
 
 __all__ = [
     "Arithmetic",
@@ -28,6 +29,7 @@ __all__ = [
     "TaskDataError",
     "ThinkingFormat",
     "completion_reward",
+    "grade_with_timeout",
     "group_advantages",
     "length_reward",
     "node_seed_int",

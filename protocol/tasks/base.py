@@ -27,6 +27,9 @@ class Task(ABC):
     """A finite, indexable set of problems plus a verifier with rewards in {0, 1}."""
 
     name: str
+    # False only for verifiers that are linear-time by construction: they are graded in-process,
+    # the others under the run's time limit (see `timelimit`)
+    needs_time_limit: bool = True
 
     @property
     @abstractmethod
@@ -53,6 +56,7 @@ class ThinkingFormat(Task):
     def __init__(self, inner: Task):
         self.inner = inner
         self.name = inner.name
+        self.needs_time_limit = inner.needs_time_limit
 
     @property
     def num_problems(self) -> int:

@@ -13,6 +13,7 @@ from .arithmetic import Arithmetic
 from .base import Problem, Task, ThinkingFormat
 from .math_jsonl import MathJsonl
 from .rewards import LengthMode, length_reward
+from .timelimit import DEFAULT_GRADE_TIMEOUT_S, grade_with_timeout
 
 
 class TaskConfig(BaseModel):
@@ -30,6 +31,8 @@ class TaskConfig(BaseModel):
     pool: int = Field(0, ge=0, le=10**7, description="arithmetic: use a fixed subset of this many problems (0: all)")
     instruction: str = Field("", max_length=200,
                              description='arithmetic: sentence after the question, e.g. "Answer with just the number."')
+    grade_timeout_s: float = Field(DEFAULT_GRADE_TIMEOUT_S, gt=0.0, le=600.0,
+                                   description="a completion whose grading takes longer scores 0 (math tasks)")
 
     @field_validator("length_targets")
     @classmethod
@@ -63,8 +66,9 @@ def completion_reward(
     num_output_tokens: int,
 ) -> tuple[float, float, float]:
     """(reward, task_reward, length_penalty) of one completion, as a node claims and the
-    coordinator recomputes it."""
-    task_reward = task.score(problem, completion_text)
+    coordinator recomputes it: both grade under the run's time limit, so a completion too slow
+    to grade is a zero on both sides."""
+    task_reward = grade_with_timeout(task, problem, completion_text, config.grade_timeout_s)
     reward, penalty = length_reward(
         task_reward, target_length, num_output_tokens, config.alpha, config.length_mode
     )

@@ -27,21 +27,32 @@ class UnsupportedAnswer(ValueError):
 
 
 def last_boxed(text: str) -> str | None:
-    r"""Content of the last \boxed{...} (braces balanced), or None."""
+    r"""Content of the last \boxed{...} whose braces balance, or None. One pass over the text
+    (a completion is untrusted and long: scanning to the end from each `\boxed` was quadratic)."""
+    closing = _matching_braces(text)
     start = text.rfind("\\boxed")
     while start != -1:
         i = start + len("\\boxed")
         while i < len(text) and text[i] == " ":
             i += 1
-        if i < len(text) and text[i] == "{":
-            depth, j = 0, i
-            while j < len(text):
-                depth += {"{": 1, "}": -1}.get(text[j], 0)
-                if depth == 0:
-                    return text[i + 1 : j]
-                j += 1
+        if i < len(text) and text[i] == "{" and i in closing:
+            return text[i + 1 : closing[i]]
         start = text.rfind("\\boxed", 0, start)
     return None
+
+
+_BRACE = re.compile(r"[{}]")
+
+
+def _matching_braces(text: str) -> dict[int, int]:
+    """Position of each balanced "{" -> position of its "}"; unmatched braces are left out."""
+    closing, open_at = {}, []
+    for m in _BRACE.finditer(text):
+        if m.group() == "{":
+            open_at.append(m.start())
+        elif open_at:
+            closing[open_at.pop()] = m.start()
+    return closing
 
 
 _ANSWER_IS = re.compile(r"(?:final answer|answer)\s*(?:is|:)\s*", re.IGNORECASE)

@@ -4,6 +4,7 @@ length rewards, GRPO advantages, prompt rendering."""
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import pytest
@@ -346,3 +347,111 @@ def test_arithmetic_pool_is_a_fixed_subset_with_an_instruction():
     a, b = (int(x) for x in p.prompt.removeprefix("What is ").split("?")[0].split(" + "))
     assert p.answer == str(a + b) and p.index == 7
     assert task.score(p, f"The answer is {a + b}.") == 1.0
+
+
+# ---------------------------------------------------------------- linear-time graders, time limit (issue 12)
+
+# Each grader on ~1 MB of hostile text, in a fresh interpreter with a deadline: the quadratic
+# last_boxed of before took 8 s on 7 KB of "\boxed{" (and hours on 1 MB) instead of failing fast.
+_GRADE_BIG = r"""
+import json, sys, time
+from intellect.protocol.tasks import Arithmetic, MathJsonl, Problem, ThinkingFormat
+math = MathJsonl(sys.argv[1])
+n = 1_000_000
+texts = {"open boxes": "\\boxed{" * (n // 7), "closed boxes": "\\boxed{1}" * (n // 9),
+         "open braces": "\\boxed" + "{" * n, "answer is": "answer is " * (n // 10), "digits": "9" * n,
+         "spaces": "answer" + " " * n, "thinks": "</think>" * (n // 8), "minus": "-1" * (n // 2)}
+graders = {"math": (math, math.problem(0)), "thinking math": (ThinkingFormat(math), math.problem(0)),
+           "arithmetic": (Arithmetic(), Problem(0, "What is 3 + 4?", "7"))}
+math.score(math.problem(0), "\\boxed{1}")  # sympy's import is not the grader's time
+slowest = {}
+for text_name, text in texts.items():
+    for grader_name, (task, problem) in graders.items():
+        started = time.perf_counter()
+        task.score(problem, "</think>" + text if grader_name.startswith("thinking") else text)
+        slowest[f"{grader_name} on {text_name}"] = time.perf_counter() - started
+print(json.dumps(slowest))
+"""
+
+
+def test_graders_are_linear_time_on_hostile_text(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "math.jsonl"
+    path.write_text(json.dumps({"prompt": "Half of one?", "answer": r"\frac{1}{2}"}) + "\n")
+    done = subprocess.run([sys.executable, "-c", _GRADE_BIG, str(path)], capture_output=True, text=True, timeout=120,
+                          check=True)
+    seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    print(seconds)
+    worst = max(seconds, key=seconds.get)
+    assert seconds[worst] < 10.0, f"{worst}: {seconds[worst]:.1f} s for 1 MB"  # ~1 s measured on a busy CPU
+
+
+def _quadratic_last_boxed(text: str) -> str | None:
+    """The reference: the old scan from each \\boxed to its closing brace."""
+    start = text.rfind("\\boxed")
+    while start != -1:
+        i = start + len("\\boxed")
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            depth = 0
+            for j in range(i, len(text)):
+                depth += {"{": 1, "}": -1}.get(text[j], 0)
+                if depth == 0:
+                    return text[i + 1 : j]
+        start = text.rfind("\\boxed", 0, start)
+    return None
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["\\boxed", "\\boxed ", "{", "}", " ", "x", "1"]), max_size=24))
+def test_last_boxed_agrees_with_the_quadratic_reference(parts):
+    from intellect.protocol.tasks.mathgrade import last_boxed
+
+    text = "".join(parts)
+    assert last_boxed(text) == _quadratic_last_boxed(text)
+
+
+class SleepyTask(Arithmetic):
+    """A verifier that hangs on one answer and fails on another (stand-ins for a sympy blow-up: the
+    graders' own bounds are meant to make a real one impossible to find)."""
+
+    needs_time_limit = True
+
+    def score(self, problem, completion_text):
+        if "hang" in completion_text:
+            time.sleep(600)
+        if "crash" in completion_text:
+            raise RuntimeError("verifier bug")
+        if "hog" in completion_text:
+            return float(len(bytearray(8 << 30)))  # past the helper's memory cap
+        return super().score(problem, completion_text)
+
+
+def test_grading_under_a_time_limit_scores_zero_and_goes_on():
+    from intellect.protocol.tasks import grade_with_timeout
+    from intellect.protocol.tasks.timelimit import _helper
+
+    task, problem = SleepyTask(), Problem(0, "What is 3 + 4?", "7")
+    assert grade_with_timeout(task, problem, "it is 7", timeout_s=60) == 1.0  # the helper starts
+    before = _helper.timeouts
+    started = time.monotonic()
+    assert grade_with_timeout(task, problem, "7, hang on", timeout_s=1.0) == 0.0
+    assert time.monotonic() - started < 30  # the limit plus killing the helper, not the 600 s sleep
+    assert _helper.timeouts == before + 1
+    assert grade_with_timeout(task, problem, "7 crash", timeout_s=60) == 0.0  # a failing verifier: zero
+    assert grade_with_timeout(task, problem, "7 hog", timeout_s=60) == 0.0  # over the memory cap: zero
+    assert grade_with_timeout(task, problem, "it is 7", timeout_s=60) == 1.0  # a new helper grades on
+
+
+def test_a_grader_timeout_is_the_same_zero_for_node_and_coordinator():
+    """Node (`Worker._score`) and coordinator (`checks.check_rewards`) both call completion_reward:
+    a completion too slow to grade is worth exactly what a wrong answer is, on both sides."""
+    config = TaskConfig(length_targets=(10,), alpha=0.01, grade_timeout_s=1.0)
+    task, problem = SleepyTask(), Problem(0, "What is 3 + 4?", "7")
+    wrong = completion_reward(task, config, problem, "it is 8", 10, 30)
+    assert completion_reward(task, config, problem, "7, hang on", 10, 30) == wrong == pytest.approx((-0.2, 0.0, 0.2))
+    with pytest.raises(ValidationError):
+        TaskConfig(grade_timeout_s=0)
