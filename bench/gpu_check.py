@@ -63,8 +63,11 @@ def verify(model_dir: Path, device: str, rollouts: dict) -> dict:
     from intellect.protocol.toploc_torch import verify_completions
 
     model, _ = load_model(model_dir, torch.bfloat16, device)
-    checks = verify_completions(model, rollouts["prompts"], rollouts["outputs"], rollouts["proofs"], batch_size=16)
+    # seeded samples: every token re-drawn from this device's prefill (seeds are range(num), T = 1)
+    checks = verify_completions(model, rollouts["prompts"], rollouts["outputs"], rollouts["proofs"], batch_size=16,
+                                temperature=1.0, seeds=list(range(len(rollouts["outputs"]))))
     worst = max((c.exp_mismatches for ch in checks for c in ch.chunks), default=0)
+    tokens = {k: sum(getattr(ch.tokens, k) for ch in checks) for k in ("exact", "tie", "mismatch")}
     torch.manual_seed(1)
     with torch.no_grad():  # the attack of a node running other weights: a different random init
         for p in model.parameters():
@@ -72,7 +75,8 @@ def verify(model_dir: Path, device: str, rollouts: dict) -> dict:
                 p.normal_(0.0, float(p.float().std()))
     bad = verify_completions(model, rollouts["prompts"], rollouts["outputs"], rollouts["proofs"], batch_size=16)
     return {"made_on": rollouts["device"], "verified_on": device, "accepted": sum(c.accepted for c in checks),
-            "total": len(checks), "worst_exp_mismatches": worst,
+            "total": len(checks), "worst_exp_mismatches": worst, "sampled_tokens": tokens,
+            "worst_tie_gap": max((ch.tokens.worst_gap for ch in checks), default=0.0),
             "other_weights_detected": sum(not c.accepted for c in bad)}
 
 
