@@ -116,11 +116,9 @@ def test_a_vandal_does_not_stop_the_run(tmp_path, tiny_model_path):
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == list(range(MAX_STEPS))
     assert vandal.rounds >= 2
-    for d in nodes:  # both nodes took part after the vandalism began, following the policy forward
+    for d in nodes:  # both nodes took part after the vandalism began and followed the run forward
         verdicts = [json.loads(x) for x in (d / "verdicts.jsonl").read_text().splitlines()]
         accepted = [v for v in verdicts if v["accepted"] and v["at"] > vandal.first_round_at]
         assert accepted, verdicts
-        status = json.loads((d / "status.json").read_text())
-        assert status["policy_step"] >= 1, status
-    assert len({int(v["file"].split("-", 1)[0]) for d in nodes
-                for v in map(json.loads, (d / "verdicts.jsonl").read_text().splitlines())}) >= 2
+        status = json.loads((d / "status.json").read_text())  # past the replayed RunInfo of step 0
+        assert status["train_step"] >= 1 and status["policy_step"] >= 1, status
