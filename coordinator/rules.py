@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from intellect.protocol.constants import MAX_SUBMISSION_BYTES
 from intellect.protocol.tasks import Task, TaskConfig, setup_task
 
 if TYPE_CHECKING:  # config.py imports IntakeConfig from here
@@ -25,7 +26,7 @@ class IntakeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_submission_bytes: int = Field(64 * 2**20, ge=1024, description="Largest submission accepted, bytes.")
+    max_submission_bytes: int = Field(MAX_SUBMISSION_BYTES, ge=1024, description="Largest submission accepted, bytes.")
     toploc_fraction: float = Field(1.0, ge=0.0, le=1.0,
                                    description="Share of completions re-run by prefill (TOPLOC, token and EOS checks).")
     toploc_max_exp_mismatches: int = Field(38, ge=0, le=128, description="TOPLOC threshold (spec A.8).")

@@ -15,6 +15,7 @@ from typing import Annotated, Literal, TypeVar
 import msgpack
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intellect.protocol.constants import MAX_SUBMISSION_BYTES
 from intellect.protocol.tasks.config import TaskConfig
 from intellect.protocol.wire import MessageKind, WireRejected
 
@@ -165,7 +166,7 @@ def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES
         raise WireRejected(f"{body_type.__name__}: {e}") from None
 
 
-MAX_SUBMISSION_FILE_BYTES = 64 * 1024 * 1024
+MAX_SUBMISSION_FILE_BYTES = MAX_SUBMISSION_BYTES
 SUBMIT_RPC = "submit"  # the coordinator's request handler: a signed submission in, a signed verdict out
 
 

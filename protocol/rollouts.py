@@ -22,12 +22,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from intellect.protocol.constants import MAX_SUBMISSION_BYTES
 from intellect.protocol.parquet_footer import Footer, FooterError, read_footer
 
 FORMAT_VERSION = 1
 META_KEY = b"intellect.rollouts"
 FINISH_REASONS = ("stop", "length")
-MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_FILE_BYTES = MAX_SUBMISSION_BYTES
 MAX_ROWS = 4096
 MAX_SEQ_TOKENS = 65_536
 MAX_TOTAL_TOKENS = 1 << 22  # per list column and file, unless the caller knows its run's bound

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from intellect.protocol.constants import TOPLOC_CHUNK_SIZE, TOPLOC_TOPK
+
 P = 65497  # field prime (A.1), also the largest modulus tried
 MAX_TOPK = 4096  # bound on untrusted k: keeps the [C, k, k] matrices small
 _SENTINEL = float(2**64)  # C++ value for mean/median when no exponent matches (A.7 step 6)
@@ -70,18 +72,18 @@ def passes(checks: list[ChunkCheck], thresholds: Thresholds = DEFAULT_THRESHOLDS
     return all(thresholds.accepts(c) for c in checks)
 
 
-def proof_size(topk: int = 128) -> int:
+def proof_size(topk: int = TOPLOC_TOPK) -> int:
     return 2 + 2 * topk
 
 
-def num_proofs(n_out: int, chunk_size: int = 32) -> int:
+def num_proofs(n_out: int, chunk_size: int = TOPLOC_CHUNK_SIZE) -> int:
     """Proofs for a completion of n_out output tokens: its n_out - 1 decode rows, chunked (A.10)."""
     if n_out < 0:
         raise ValueError(f"n_out must be >= 0, got {n_out}")
     return 0 if n_out <= 1 else math.ceil((n_out - 1) / chunk_size)
 
 
-def expected_proof_bytes(n_out: int, chunk_size: int = 32, topk: int = 128) -> int:
+def expected_proof_bytes(n_out: int, chunk_size: int = TOPLOC_CHUNK_SIZE, topk: int = TOPLOC_TOPK) -> int:
     return num_proofs(n_out, chunk_size) * proof_size(topk)
 
 
@@ -238,7 +240,7 @@ def _group_by_length(chunks: list[torch.Tensor]) -> dict[int, list[int]]:
     return groups
 
 
-def build_chunk_proofs(chunks: list[torch.Tensor], topk: int = 128) -> list[bytes]:
+def build_chunk_proofs(chunks: list[torch.Tensor], topk: int = TOPLOC_TOPK) -> list[bytes]:
     """One proof per chunk; each chunk is flattened row-major (A.3 step 3). Batched per length."""
     _check_topk(topk)
     out: list[bytes] = [b""] * len(chunks)
@@ -253,7 +255,7 @@ def build_chunk_proofs(chunks: list[torch.Tensor], topk: int = 128) -> list[byte
     return out
 
 
-def decode_chunks(hidden: torch.Tensor, chunk_size: int = 32) -> list[torch.Tensor]:
+def decode_chunks(hidden: torch.Tensor, chunk_size: int = TOPLOC_CHUNK_SIZE) -> list[torch.Tensor]:
     """hidden [rows, H] -> row blocks of chunk_size, the last one shorter (A.3, skip_prefill)."""
     if hidden.dim() != 2:
         raise ValueError(f"hidden must be [rows, hidden_size], got shape {tuple(hidden.shape)}")
@@ -274,7 +276,7 @@ def library_chunks(
     ]
 
 
-def build_proofs(hidden: torch.Tensor, chunk_size: int = 32, topk: int = 128) -> list[bytes]:
+def build_proofs(hidden: torch.Tensor, chunk_size: int = TOPLOC_CHUNK_SIZE, topk: int = TOPLOC_TOPK) -> list[bytes]:
     """hidden [rows, H] bf16 decode rows -> ceil(rows/chunk_size) proofs of 2 + 2*topk bytes.
 
     Equals toploc 0.1.6 `build_proofs_bytes(hidden, chunk_size, topk, skip_prefill=True)`.
@@ -300,7 +302,7 @@ def _check_topk(topk: int) -> None:
         raise ValueError(f"topk must be in [1, {MAX_TOPK}], got {topk}")
 
 
-def split_proofs(proofs: bytes | list[bytes], topk: int = 128) -> list[bytes]:
+def split_proofs(proofs: bytes | list[bytes], topk: int = TOPLOC_TOPK) -> list[bytes]:
     """A concatenated proofs cell (A.3 step 4) or a list -> list of proofs; lengths checked."""
     size = proof_size(topk)
     if isinstance(proofs, (bytes, bytearray, memoryview)):
@@ -314,7 +316,7 @@ def split_proofs(proofs: bytes | list[bytes], topk: int = 128) -> list[bytes]:
     return [bytes(p) for p in proofs]
 
 
-def parse_proofs(proofs: list[bytes], topk: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def parse_proofs(proofs: list[bytes], topk: int = TOPLOC_TOPK) -> tuple[torch.Tensor, torch.Tensor]:
     """Proofs of 2 + 2*topk bytes -> (moduli [C], coeffs [C, topk]), rejecting bad moduli/coeffs."""
     size = proof_size(topk)
     if any(len(p) != size for p in proofs):
@@ -352,7 +354,7 @@ def _fp_stats(claimed: torch.Tensor, actual: torch.Tensor) -> list[ChunkCheck]:
 
 
 def verify_chunk_proofs(
-    chunks: list[torch.Tensor], proofs: bytes | list[bytes], topk: int = 128
+    chunks: list[torch.Tensor], proofs: bytes | list[bytes], topk: int = TOPLOC_TOPK
 ) -> list[ChunkCheck]:
     """A.7 for arbitrary chunks (each flattened): one ChunkCheck per proof, in order."""
     _check_topk(topk)
@@ -373,7 +375,7 @@ def verify_chunk_proofs(
 
 
 def verify_proofs(
-    hidden: torch.Tensor, proofs: bytes | list[bytes], chunk_size: int = 32, topk: int = 128
+    hidden: torch.Tensor, proofs: bytes | list[bytes], chunk_size: int = TOPLOC_CHUNK_SIZE, topk: int = TOPLOC_TOPK
 ) -> list[ChunkCheck]:
     """Recomputed decode rows [rows, H] bf16 vs their proofs (a list or the concatenated cell)."""
     return verify_chunk_proofs(decode_chunks(hidden, chunk_size), proofs, topk)

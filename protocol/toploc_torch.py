@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from intellect.protocol import sampling, toploc
+from intellect.protocol.constants import TOPLOC_CHUNK_SIZE, TOPLOC_TOPK
 from intellect.protocol.toploc import DEFAULT_THRESHOLDS, ChunkCheck, ProofRejected, Thresholds
 
 
@@ -46,7 +47,7 @@ class ProofRecorder:
     Memory: one [batch, chunk_size, hidden] bf16 buffer on the hidden states' device.
     """
 
-    def __init__(self, batch_size: int, hidden_size: int, chunk_size: int = 32, topk: int = 128):
+    def __init__(self, batch_size: int, hidden_size: int, chunk_size: int = TOPLOC_CHUNK_SIZE, topk: int = TOPLOC_TOPK):
         self.chunk_size, self.topk = chunk_size, topk
         self._buf: torch.Tensor | None = None  # [batch, chunk, hidden], allocated on first step
         self._shape = (batch_size, chunk_size, hidden_size)
@@ -111,8 +112,8 @@ def generate_with_proofs(
     temperature: float = 1.0,
     seed: int = 0,
     eos_token_id: int | None = None,
-    chunk_size: int = 32,
-    topk: int = 128,
+    chunk_size: int = TOPLOC_CHUNK_SIZE,
+    topk: int = TOPLOC_TOPK,
 ) -> list[Completion]:
     """Reference sampler: the prompts as one left-padded batch with a KV cache, proofs streamed.
     Sequence i is sampled by `protocol.sampling` with seed `seed + i`."""
@@ -263,8 +264,8 @@ def verify_completions(
     batch_size: int = 8,
     temperature: float = 1.0,
     eos_token_id: int | list[int] | None = None,
-    chunk_size: int = 32,
-    topk: int = 128,
+    chunk_size: int = TOPLOC_CHUNK_SIZE,
+    topk: int = TOPLOC_TOPK,
     seeds: list[int] | None = None,
     tie_tolerance: float = sampling.DEFAULT_TIE_TOLERANCE,
 ) -> list[CompletionCheck]:

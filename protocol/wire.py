@@ -18,10 +18,11 @@ from enum import StrEnum
 
 import msgpack
 
+from intellect.protocol.constants import MAX_SUBMISSION_BYTES
 from intellect.protocol.identity import Identity, peer_id_of, verify_signature
 
 PROTOCOL_VERSION = 1
-MAX_ENVELOPE_BYTES = 64 * 1024 * 1024  # rollout files ride in bodies; override per call for small kinds
+MAX_ENVELOPE_BYTES = MAX_SUBMISSION_BYTES  # rollout files ride in bodies; override per call for small kinds
 MAX_CLOCK_SKEW_S = 600.0
 _SIG_DOMAIN = b"intellect-node/envelope/v1\x00"
 

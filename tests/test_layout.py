@@ -1,7 +1,8 @@
-"""The house rules of ARCHITECTURE.md that code can check: protocol/ is the bottom of the graph and
-imports no app and no GPU-only library; example configs parse."""
+"""The house rules that code can check: protocol/ is the bottom of the graph, imports no app, no GPU-only
+library and no UI; the protocol's shared numbers are defined once; example configs parse."""
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,22 @@ def test_protocol_never_imports_the_apps():
     offenders = [(str(p.relative_to(ROOT)), m) for p in (ROOT / "protocol").rglob("*.py")
                  for m in imported_modules(p) if m.startswith(("intellect.node", "intellect.coordinator"))]
     assert offenders == []
+
+
+def test_protocol_has_no_ui():
+    """Progress, spinners and screens belong to the apps (protocol/model.py logs; the CLI shows progress)."""
+    offenders = [(str(p.relative_to(ROOT)), m) for p in (ROOT / "protocol").rglob("*.py")
+                 for m in imported_modules(p) if m.split(".")[0] in ("rich", "typer", "tqdm")]
+    assert offenders == []
+
+
+def test_protocol_numbers_are_defined_once():
+    """TOPLOC's chunk and top-k and the 64 MiB submission limit live in protocol/constants.py only."""
+    literals = re.compile(r"64 \* 1024 \* 1024|64 \* 2 ?\*\* ?20|\b(chunk_size|topk|CHUNK|TOPK)(: int)? = (32|128)\b")
+    offenders = [f"{p.relative_to(ROOT)}:{n}" for top in ("protocol", "node", "coordinator")
+                 for p in (ROOT / top).rglob("*.py") if p.name != "constants.py"
+                 for n, line in enumerate(p.read_text().splitlines(), 1) if literals.search(line)]
+    assert offenders == [], "use intellect.protocol.constants"
 
 
 def test_importing_protocol_pulls_in_no_app_and_no_gpu_library():

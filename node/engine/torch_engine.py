@@ -23,11 +23,12 @@ from pathlib import Path
 import torch
 
 from intellect.node.engine.base import Completion, Engine, SamplingParams
+from intellect.protocol.constants import TOPLOC_CHUNK_SIZE, TOPLOC_TOPK
 from intellect.protocol.model import eos_token_ids
 from intellect.protocol.sampling import sample
 
-CHUNK = 32  # decode rows per TOPLOC proof (spec A.1)
-TOPK = 128
+CHUNK = TOPLOC_CHUNK_SIZE  # decode rows per TOPLOC proof
+TOPK = TOPLOC_TOPK
 
 
 def _pick_device(device: str) -> torch.device:

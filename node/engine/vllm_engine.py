@@ -17,10 +17,11 @@ import os
 from pathlib import Path
 
 from intellect.node.engine.base import Completion, Engine, SamplingParams
+from intellect.protocol.constants import TOPLOC_CHUNK_SIZE, TOPLOC_TOPK
 from intellect.protocol.model import eos_token_ids
 
-CHUNK = 32
-TOPK = 128
+CHUNK = TOPLOC_CHUNK_SIZE
+TOPK = TOPLOC_TOPK
 
 
 def _set_vllm_env(config) -> None:
