@@ -220,6 +220,8 @@ def _run_node(cfg, headless: bool) -> None:
         node.close()
     console.print(f"stopped: submitted {node.status.submitted}, accepted {node.status.accepted}, "
                   f"rejected {node.status.rejected}, credit {node.status.credit} tokens")
+    if node.worker is not None and node.worker.fatal:  # no retry can help: say why, exit non-zero
+        _fail(f"the node stopped: {node.worker.fatal}")
 
 
 def _headless_node(node, done) -> None:

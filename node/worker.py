@@ -50,6 +50,7 @@ from intellect.protocol.sampling import batch_seeds
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.keys import run_info_key
 from intellect.protocol.tasks import (
+    TaskDataError,
     completion_reward,
     group_advantages,
     node_seed_int,
@@ -88,11 +89,17 @@ class Worker:
         self.resume.set()
         self.stop = threading.Event()
         self.num_batches = 0
+        self.fatal = ""  # why the loop ended for good, when no retry can help
+        self._task_loaded = False  # a task data file that never loaded is a setup error, not a hiccup
 
     # ------------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        """Turn until stopped; a failed turn shows its message, waits, and the loop starts again."""
+        """Turn until stopped. Whatever fails in a turn (the DHT timing out, a full disk, a task file gone
+        missing, a bug) is shown in plain words (status.error, the TUI, the log with its traceback when
+        unexpected), counted (status.restarts), and the loop waits and starts again. What no retry can
+        fix ends the loop with `fatal` set, for `join` to exit non-zero: a missing module (ImportError,
+        e.g. the vLLM version gate) or a task data file that could not be read since the node started."""
         while not self.stop.is_set() and not self._done():
             try:
                 self.turn()
@@ -100,7 +107,19 @@ class Worker:
                 self._fail(str(e))
             except MemoryError:
                 self._fail("out of memory: lower --gpu-memory or the engine's max batch size, or close other programs")
-        self.status.state = "stopped"
+            except ImportError as e:
+                self._die(f"a module the node needs is missing: {e}")
+            except TaskDataError as e:
+                if not self._task_loaded:
+                    self._die(f"the run's task data cannot be read: {e}")
+                else:
+                    self._fail(f"the run's task data cannot be read: {e}; retrying")
+            except OSError as e:
+                self._fail(f"{e}: is the disk under {self.config.state_dir} full or read-only? retrying")
+            except Exception as e:  # the loop outlives any one failure
+                logger.exception("work loop: unexpected failure")
+                self._fail(f"unexpected failure: {type(e).__name__}: {e}; retrying")
+        self.status.state = "failed" if self.fatal else "stopped"
 
     def turn(self) -> None:
         self._wait_if_paused()
@@ -166,6 +185,7 @@ class Worker:
     def generate(self, info: RunInfo, step: int) -> RolloutBatch:
         self.status.state = "generating"
         task = setup_task(info.task)
+        self._task_loaded = True
         counter = self._next_batch_counter(step)  # committed once the batch is in the outbox (write)
         sampled = sample_batch(task, node_seed_int(self.identity.public_key), step, counter,
                                info.prompts_per_batch, info.task.length_targets)
@@ -302,6 +322,12 @@ class Worker:
         self.status.error = message
         self.status.restarts += 1
         self.stop.wait(self.config.restart_backoff_s)
+
+    def _die(self, message: str) -> None:
+        logger.error("work loop stopped: %s", message)
+        self.fatal = self.status.error = message
+        self.status.state = "failed"
+        self.stop.set()
 
     def _done(self) -> bool:
         return self.config.max_batches is not None and self.num_batches >= self.config.max_batches
