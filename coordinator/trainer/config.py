@@ -33,8 +33,12 @@ class LossConfig(BaseModel):
         "start of the policy step (INTELLECT-2's B.9: rho = 1 on the first optimizer step). Samples "
         "without behaviour log-probs always use step_start.",
     )
-    mask_high: float = Field(0.2, gt=0, le=1, description="token_mask: A > 0 tokens whose p rose by more are dropped")
-    mask_low: float = Field(0.2, gt=0, le=1, description="token_mask: A < 0 tokens whose p fell by more are dropped")
+    mask_high: float = Field(
+        0.2, gt=0, le=1, description="token_mask: A > 0 tokens whose p rose by more are dropped"
+    )
+    mask_low: float = Field(
+        0.2, gt=0, le=1, description="token_mask: A < 0 tokens whose p fell by more are dropped"
+    )
     eps_low: float = Field(0.2, gt=0, lt=1, description="lower clip: ratio floor 1 - eps_low")
     eps_high: float = Field(0.2, gt=0, description="upper clip: ratio ceiling 1 + eps_high")
     delta: float = Field(4.0, description="cap on the ratio (clamp_log_prob_coef); only grpo_two_sided")

@@ -45,7 +45,7 @@ def broadcast_object(obj: Any) -> Any:
 
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks (float64 on the collective's device)."""
-    rank, world = rank_and_world()
+    _, world = rank_and_world()
     if world == 1:
         return values
     device = "cuda" if dist.get_backend() == "nccl" else "cpu"

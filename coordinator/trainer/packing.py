@@ -71,8 +71,14 @@ class PackedBatch:
         return PackedBatch(*(t.to(device) for t in self._tensors()))
 
     def _tensors(self) -> tuple[Tensor, ...]:
-        return (self.input_ids, self.position_ids, self.loss_mask, self.advantages, self.sample_ids,
-                self.behaviour_logprobs)
+        return (
+            self.input_ids,
+            self.position_ids,
+            self.loss_mask,
+            self.advantages,
+            self.sample_ids,
+            self.behaviour_logprobs,
+        )
 
 
 def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
@@ -131,9 +137,13 @@ def _checked(samples: Sequence[Sequence[Any]]) -> list[TrainSample]:
         # harmless only because it is a prompt token and carries no loss.
         if len(sample.input_tokens) == 0:
             raise ValueError("every sample needs at least one input (prompt) token")
-        if sample.behaviour_logprobs is not None and len(sample.behaviour_logprobs) != len(sample.output_tokens):
-            raise ValueError(f"{len(sample.behaviour_logprobs)} behaviour log-probs for "
-                             f"{len(sample.output_tokens)} output tokens")
+        if sample.behaviour_logprobs is not None and len(sample.behaviour_logprobs) != len(
+            sample.output_tokens
+        ):
+            raise ValueError(
+                f"{len(sample.behaviour_logprobs)} behaviour log-probs for "
+                f"{len(sample.output_tokens)} output tokens"
+            )
     return samples
 
 
@@ -163,7 +173,8 @@ def _layout(
             if sample.behaviour_logprobs is not None and num_out > 0:
                 start = cursor + len(sample.input_tokens)
                 behaviour[row, start : start + num_out] = torch.tensor(
-                    list(sample.behaviour_logprobs[:num_out]), dtype=torch.float32)
+                    list(sample.behaviour_logprobs[:num_out]), dtype=torch.float32
+                )
             cursor += size
         position_ids[row, cursor:] = torch.arange(seq_len - cursor)  # B.11: pad positions 0..pad-1
     return PackedBatch(input_ids, position_ids, loss_mask, advantages, sample_ids, behaviour)

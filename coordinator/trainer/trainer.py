@@ -37,8 +37,16 @@ from intellect.coordinator.trainer.packing import PackedBatch, TrainSample, pack
 logger = logging.getLogger(__name__)
 
 # per optimizer step, summed over micro-batches (and ranks): the order of the all-reduced vector
-_SUMS = ("loss", "num_clipped", "num_masked", "entropy_sum", "kl_sum", "mismatch_kl_sum", "num_behaviour",
-         "num_tokens")
+_SUMS = (
+    "loss",
+    "num_clipped",
+    "num_masked",
+    "entropy_sum",
+    "kl_sum",
+    "mismatch_kl_sum",
+    "num_behaviour",
+    "num_tokens",
+)
 
 
 @dataclass
@@ -133,8 +141,14 @@ class GRPOTrainer:
         step_metrics = [self._optimizer_step(batch) for batch in batches]
         self.policy_step += 1
         elapsed = time.perf_counter() - start
-        real = [mb.num_real_tokens if w.any() else 0 for b in batches for mb, w in zip(b.micro_batches, b.weights)]
-        slots = [mb.input_ids.numel() if w.any() else 0 for b in batches for mb, w in zip(b.micro_batches, b.weights)]
+        real = [
+            mb.num_real_tokens if w.any() else 0 for b in batches for mb, w in zip(b.micro_batches, b.weights)
+        ]
+        slots = [
+            mb.input_ids.numel() if w.any() else 0
+            for b in batches
+            for mb, w in zip(b.micro_batches, b.weights)
+        ]
         num_real, num_slots = distributed.all_sum([float(sum(real)), float(sum(slots))])
         metrics |= _reduce(step_metrics)
         metrics |= {
@@ -149,7 +163,9 @@ class GRPOTrainer:
     def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None) -> Path:
         """Crash-safe checkpoint of the policy and the whole training state; returns its folder."""
         if self.world_size > 1:
-            raise NotImplementedError("checkpoints under FSDP (gathering the sharded state) are not written yet")
+            raise NotImplementedError(
+                "checkpoints under FSDP (gathering the sharded state) are not written yet"
+            )
         extra = {"optimizer_step": self.optimizer_step}
         return checkpoint.save_checkpoint(
             directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep
@@ -230,15 +246,21 @@ def batch_logprobs(
     compute_dtype = torch.bfloat16 if on_gpu else next(model.parameters()).dtype
     mask = attention_mask_for(model, segment_mask(mb.sample_ids), compute_dtype)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_gpu else contextlib.nullcontext()
-    inputs = {"input_ids": mb.input_ids, "position_ids": mb.position_ids, "attention_mask": mask,
-              "use_cache": False}
+    inputs = {
+        "input_ids": mb.input_ids,
+        "position_ids": mb.position_ids,
+        "attention_mask": mask,
+        "use_cache": False,
+    }
     tau = config.temperature
     with autocast:
         if config.logprobs == "dense" or supports_chunking(model) is not None:
             return token_logprobs(model(**inputs).logits, mb.input_ids, tau)
         hidden = final_hidden_states(model, **inputs)
         weight = model.get_output_embeddings().weight
-        logprobs, entropy = chunked_logprobs(hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, config.chunk_tokens)
+        logprobs, entropy = chunked_logprobs(
+            hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, config.chunk_tokens
+        )
     zero = logprobs.new_zeros(logprobs.shape[0], 1)  # column 0 has no prefix (as token_logprobs)
     return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
 

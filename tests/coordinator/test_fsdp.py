@@ -21,9 +21,16 @@ def tiny_llama(seed: int = 0):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+    )
     config._attn_implementation = "sdpa"
     return LlamaForCausalLM(config)
 
@@ -33,15 +40,26 @@ def samples():
     out = []
     for i in range(10):
         prompt = torch.randint(1, 512, (int(torch.randint(2, 6, (1,), generator=g)),), generator=g).tolist()
-        completion = torch.randint(1, 512, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g).tolist()
+        completion = torch.randint(
+            1, 512, (int(torch.randint(2, 12, (1,), generator=g)),), generator=g
+        ).tolist()
         behaviour = (-torch.rand(len(completion), generator=g) * 8).tolist()  # a stale mu: clipping acts
         out.append((prompt, completion, float(torch.randn(1, generator=g)), 0.5, behaviour, 0))
     return out
 
 
 def trainer_config(logprobs: str) -> TrainerConfig:
-    return TrainerConfig(lr=1e-3, warmup_steps=0, grad_clip=1.0, seq_len=24, micro_batch_rows=1, device="cpu",
-                         optimizer_steps_per_policy_step=2, logprobs=logprobs, loss=LossConfig(aggregation="token_mean"))
+    return TrainerConfig(
+        lr=1e-3,
+        warmup_steps=0,
+        grad_clip=1.0,
+        seq_len=24,
+        micro_batch_rows=1,
+        device="cpu",
+        optimizer_steps_per_policy_step=2,
+        logprobs=logprobs,
+        loss=LossConfig(aggregation="token_mean"),
+    )
 
 
 def run_one_step(logprobs: str, rank: int = 0, world: int = 1):
