@@ -8,7 +8,14 @@ a verified, assembled checkpoint. The last line printed is one JSON object:
   {"nodes","size_mb","origin_mbit","swarm_s","origin_only_s","speedup","origin_egress_ratio","all_verified"}
 origin_egress_ratio = bytes the origin sent in the swarm run / checkpoint size.
 
+With --netns (root, Linux; tests/netns_harness.py) the origin and the nodes are separate hosts in
+network namespaces, --natted of the nodes each behind its own NAT router, every link shaped (netem
+--delay-ms and --loss-pct where the kernel has netem, tbf --link-mbit); the JSON adds "netns", "natted",
+"shaping", "peer_share" (bytes nodes got from peers / bytes they got) and "nat_first_accept_s" (null:
+this bench moves checkpoints only; tests/test_netns.py runs the whole loop behind NATs).
+
 Usage: python bench/distribution.py --nodes 8 --size-mb 64 --origin-mbit 200
+       sudo .venv/bin/python bench/distribution.py --netns --nodes 8 --natted 4 --size-mb 64
 """
 
 from __future__ import annotations
@@ -20,20 +27,33 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "node"))
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests" / "node"))
+sys.path.insert(0, str(ROOT))
 from swarm_harness import Peers, coordinator_key_hex, make_checkpoint, sha256_of
 
 COORD = "bench-coordinator"
 
 
-def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool) -> dict:
+def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: dict | None = None) -> dict:
+    """hosts: name -> netns_harness.Host (origin, node0..); None runs every peer on 127.0.0.1."""
     workdir.mkdir(parents=True)
     peers = Peers(workdir)
+
+    def where(name: str) -> dict:
+        if hosts is None:
+            return {}
+        return {"prefix": tuple(hosts[name].cmd()), "host": hosts[name].ip}
+
+    def start(name: str, *worker_args: str) -> None:
+        w = where(name)
+        peers.start(name, *worker_args, *(["--host", w["host"]] if w else []), prefix=w.get("prefix", ()))
+
     try:
         origin_args = ["--role", "origin", "--seed", COORD, "--cache", "origin", "--checkpoint", str(checkpoint),
                        "--ready", "origin.ready", "--result", "origin.json", "--shard-kb", str(args.shard_kb),
                        "--max-upload-mbit", str(args.origin_mbit), "--max-streams", str(args.origin_streams)]
-        peers.start("origin", *origin_args, *(["--no-super-seed"] if origin_only else []))
+        start("origin", *origin_args, *(["--no-super-seed"] if origin_only else []))
         bootstrap = peers.wait_json(workdir / "origin.ready", 120, "origin")["addrs"]
         peers.wait_json(workdir / "origin.json.published", 120, "origin")
         names = [f"node{i}" for i in range(args.nodes)]
@@ -45,7 +65,7 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool) -> dict:
                 node_args += ["--bootstrap", addr]
             if args.node_mbit:
                 node_args += ["--max-upload-mbit", str(args.node_mbit)]
-            peers.start(name, *node_args, *(["--origin-only"] if origin_only else []))
+            start(name, *node_args, *(["--origin-only"] if origin_only else []))
         for name in names:
             peers.wait_json(workdir / f"{name}.ready", 120, name)
         start = time.monotonic()
@@ -65,7 +85,7 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool) -> dict:
                           "origin_bytes_sent": sent, "origin_refused": origin["refused"], "bytes_from_peers": from_peers, "verified": verified,
                           "node_seconds": sorted(round(r["seconds"], 2) for r in results.values())}),
               flush=True)
-        return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified}
+        return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified, "bytes_from_peers": from_peers}
     finally:
         peers.close()
 
@@ -80,20 +100,48 @@ def main() -> None:
     p.add_argument("--parallel", type=int, default=4, help="concurrent shard downloads per node")
     p.add_argument("--origin-streams", type=int, default=2, help="origin upload slots in the swarm run")
     p.add_argument("--timeout", type=float, default=600)
+    p.add_argument("--netns", action="store_true", help="separate hosts in network namespaces (root)")
+    p.add_argument("--natted", type=int, default=4, help="--netns: nodes behind their own NAT router")
+    p.add_argument("--delay-ms", type=float, default=40.0, help="--netns: one-way delay per link")
+    p.add_argument("--loss-pct", type=float, default=0.5, help="--netns: loss per link")
+    p.add_argument("--link-mbit", type=float, default=100.0, help="--netns: rate of each link, each way")
     args = p.parse_args()
     with tempfile.TemporaryDirectory(prefix="bench-distribution-") as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "checkpoint", args.size_mb)
         size = sum(f.stat().st_size for f in checkpoint.iterdir())
-        swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False)
-        baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True)
+        if args.netns:
+            extra, swarm, baseline = run_netns(tmp, checkpoint, args)
+        else:
+            extra = {}
+            swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False)
+            baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True)
     print(json.dumps({
         "nodes": args.nodes, "size_mb": args.size_mb, "origin_mbit": args.origin_mbit,
         "swarm_s": round(swarm["seconds"], 2), "origin_only_s": round(baseline["seconds"], 2),
         "speedup": round(baseline["seconds"] / swarm["seconds"], 2),
         "origin_egress_ratio": round(swarm["origin_bytes_sent"] / size, 3),
-        "all_verified": swarm["verified"] and baseline["verified"],
+        "peer_share": round(swarm["bytes_from_peers"] / (size * args.nodes), 3),
+        "all_verified": swarm["verified"] and baseline["verified"], **extra,
     }))
+
+
+def run_netns(tmp: Path, checkpoint: Path, args) -> tuple[dict, dict, dict]:
+    from tests import netns_harness
+
+    why = netns_harness.unavailable()
+    if why:
+        raise SystemExit(f"--netns: {why}")
+    shape = netns_harness.Shape(args.delay_ms, args.loss_pct, args.link_mbit)
+    with netns_harness.Network(tmp, shape) as net:
+        hosts = {"origin": net.add_public("origin")}
+        for i in range(args.nodes):
+            name = f"node{i}"
+            hosts[name] = net.add_natted(name) if i >= args.nodes - args.natted else net.add_public(name)
+        swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False, hosts=hosts)
+        baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True, hosts=hosts)
+        extra = {"netns": True, "natted": args.natted, "shaping": net.shaping, "nat_first_accept_s": None}
+    return extra, swarm, baseline
 
 
 if __name__ == "__main__":

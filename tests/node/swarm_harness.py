@@ -54,11 +54,11 @@ class Peers:
         self.workdir = Path(workdir)
         self.procs: dict[str, subprocess.Popen] = {}
 
-    def start(self, name: str, *args: str) -> subprocess.Popen:
-        log = open(self.workdir / f"{name}.log", "ab")
-        proc = subprocess.Popen([sys.executable, str(WORKER), *args], stdout=log, stderr=log,
-                                cwd=self.workdir, start_new_session=True)
-        log.close()
+    def start(self, name: str, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+        """`prefix`: a command to run the worker under (`ip netns exec NS` in bench/distribution.py)."""
+        with open(self.workdir / f"{name}.log", "ab") as log:
+            proc = subprocess.Popen([*prefix, sys.executable, str(WORKER), *args], stdout=log, stderr=log,
+                                    cwd=self.workdir, start_new_session=True)
         self.procs[name] = proc
         return proc
 
