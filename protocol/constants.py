@@ -4,7 +4,7 @@ limit of a submission. Changing one is a protocol change: nodes and coordinator 
 What this module does not know: anything else (it imports nothing).
 """
 
-# TOPLOC (byte-compatible with toploc 0.1.6; docs/reference.md A.1): a proof commits to the TOPK largest
+# TOPLOC (byte-compatible with toploc 0.1.6; docs/spec.md A.1): a proof commits to the TOPK largest
 # |values| of a chunk of TOPLOC_CHUNK_SIZE decode positions' hidden states.
 TOPLOC_CHUNK_SIZE = 32  # decode rows per proof (toploc's decode_batching_size)
 TOPLOC_TOPK = 128  # values per proof

@@ -170,7 +170,7 @@ def _read_config(path: Path) -> dict:
         raise ValueError(f"{cfg} is larger than {_MAX_CONFIG_BYTES} bytes")
     data = json.loads(cfg.read_text())
     if not isinstance(data, dict):
-        raise ValueError(f"{cfg} is not a JSON object")  # noqa: TRY004 -- bad user input (STYLE 8)
+        raise ValueError(f"{cfg} is not a JSON object")  # noqa: TRY004 -- bad user input is a ValueError
     return data
 
 
