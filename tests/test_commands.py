@@ -220,6 +220,71 @@ def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_pa
     assert summary["steps"] == 2 and summary["accepted"] >= 2, summary
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(url: str, errors: list[str]) -> str | None:
+    import urllib.request
+
+    # no proxy: the request must reach 127.0.0.1 itself
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=10) as r:
+            return r.read().decode()
+    except OSError as e:
+        errors.append(repr(e))
+        return None
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_coordinator_starts_with_its_flags_and_serves_prometheus_metrics(tmp_path):
+    """`coordinator` with every flag it has, on the tiny model: it prints the join line and /metrics answers
+    in the Prometheus text format (HELP and TYPE lines, the run's numbers, the process's own). Then the
+    ledger and report commands on the state dir it leaves."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    state, port = tmp_path / "coordinator", _free_port()
+    config = tmp_path / "run.toml"
+    config.write_text('run_name = "from-toml"\nbatches_per_step = 3\n')
+    procs = Procs(tmp_path)
+    try:
+        procs.start("coordinator", command(
+            "coordinator", "--config", str(config), "--state-dir", str(state), "--run-name", "flags", "--model",
+            "tiny", "--host", "127.0.0.1", "--port", "0", "--max-steps", "5", "--metrics-port", str(port),
+            "--max-upload-mbit", "10", "--threads", "1", "--headless"))
+        wait_for(lambda: (procs.check_alive("coordinator"), _join_lines(procs.log("coordinator")))[1], 240,
+                 "the join line", lambda: procs.tails("coordinator"))
+        assert "run flags-" in procs.log("coordinator"), "--run-name wins over the TOML's run_name"
+        errors: list[str] = []
+        body = wait_for(lambda: _scrape(f"http://127.0.0.1:{port}/metrics", errors), 120, "/metrics",
+                        lambda: f"{errors[-3:]}\n{procs.tails('coordinator')}")
+        families = {f.name: f for f in text_string_to_metric_families(body)}
+        assert "# HELP intellect_train_step " in body and "# TYPE intellect_verdicts_total counter" in body
+        assert families["intellect_train_step"].samples[0].value == 0
+        assert families["intellect_verdicts"].type == "counter"
+        assert families["intellect_origin_bytes_sent"].samples[0].value == 0, "no node has fetched a shard"
+        assert families["process_resident_memory_bytes"].samples[0].value > 10e6
+        procs.procs["coordinator"].send_signal(signal.SIGTERM)
+        assert procs.wait_exit("coordinator", timeout=90) == 0, procs.tails("coordinator")
+        assert "Traceback" not in procs.log("coordinator"), procs.tails("coordinator")
+    finally:
+        procs.close()
+
+    banned = run_cli("ledger", str(state), "--ban", KEY, "--reason", "test")
+    assert banned.returncode == 0 and f"banned {KEY[:16]}" in banned.stdout, banned.stdout + banned.stderr
+    unbanned = run_cli("ledger", str(state), "--unban", KEY)
+    assert unbanned.returncode == 0 and f"unbanned {KEY[:16]}" in unbanned.stdout, unbanned.stdout
+    report = run_cli("report", str(state), "--out", str(tmp_path / "report"))
+    text = report.stdout + report.stderr
+    assert "Traceback" not in text and (report.returncode == 0 or text.startswith("error:")), text
+
+
 # ---------------------------------------------------------------------------------- a whole run
 
 
