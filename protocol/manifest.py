@@ -2,7 +2,13 @@
 manifest the coordinator signs, and reassemble the folder from shards found anywhere.
 
 A shard is named by the sha256 of its bytes, so any peer may serve it and the receiver checks it
-against the signed manifest before use. Everything streams: no function holds a whole file in memory.
+against the signed manifest before use. Everything streams: no function holds a whole file in memory,
+except delta work, which holds one shard's base, delta and result.
+
+Deltas: a manifest of step s may carry, per shard, a delta against the shard at the same place (same
+file, same index, same size) of step s - 1 (`add_deltas`); the delta is named by its own sha256 and
+stored next to the shards, and `rebuild_shard` turns base + delta back into the shard, checked
+against the manifest like a downloaded one.
 
 What this module does not know: where shards come from (the swarm, a cache, a test) or how a
 checkpoint is trained or loaded.
@@ -17,9 +23,17 @@ import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from intellect.protocol.delta import CODEC_XOR_ZSTD, apply_delta, encode_delta
 from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.identity import Identity
-from intellect.protocol.messages import FileEntry, PolicyManifest, ShardEntry, decode_body, encode_body
+from intellect.protocol.messages import (
+    FileEntry,
+    PolicyManifest,
+    ShardDelta,
+    ShardEntry,
+    decode_body,
+    encode_body,
+)
 from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, seal
 
 DEFAULT_SHARD_SIZE = 50_000_000  # SHARDCAST's default, decimal
@@ -131,7 +145,73 @@ def open_manifest(data: bytes, *, run_id: str, coordinator_key: bytes) -> Policy
             raise WireRejected(f"manifest file {f.name}: a shard is larger than shard_size")
     if len({f.name for f in manifest.files}) != len(manifest.files):
         raise WireRejected("manifest lists a file twice")
+    _check_deltas(manifest)
     return manifest
+
+
+def _check_deltas(manifest: PolicyManifest) -> None:
+    with_delta = [s for s in manifest.shards if s.delta is not None]
+    if not with_delta:
+        return
+    base = manifest.delta_base_step
+    if base is None or base >= manifest.policy_step:
+        raise WireRejected(f"manifest of step {manifest.policy_step} has deltas but base step {base}")
+    for s in with_delta:
+        if s.delta.size >= s.size:  # a delta never costs more than the shard it replaces
+            raise WireRejected(f"shard {s.sha256[:12]}: delta of {s.delta.size} bytes for a {s.size}-byte shard")
+
+
+def add_deltas(manifest: PolicyManifest, base: PolicyManifest, store: ShardStore) -> PolicyManifest:
+    """`manifest` with a delta for each changed shard whose place (file name, index, size) also exists
+    in `base` and whose delta is smaller than the shard; both steps' shards must be in `store`, and
+    the deltas are put there."""
+    base_files = {f.name: f for f in base.files}
+    files = []
+    for f in manifest.files:
+        old = base_files.get(f.name)
+        shards = []
+        for i, s in enumerate(f.shards):
+            b = old.shards[i] if old is not None and i < len(old.shards) else None
+            if b is not None and b.size == s.size and b.sha256 != s.sha256:
+                s = _with_delta(s, b, store)
+            shards.append(s)
+        files.append(f.model_copy(update={"shards": shards}))
+    return manifest.model_copy(update={"files": files, "delta_base_step": base.policy_step})
+
+
+def _with_delta(entry: ShardEntry, base: ShardEntry, store: ShardStore) -> ShardEntry:
+    base_bytes, target = store.get(base.sha256), store.get(entry.sha256)
+    if base_bytes is None or target is None:
+        return entry
+    data = encode_delta(base_bytes, target)
+    if len(data) >= entry.size:
+        return entry
+    delta = ShardDelta(codec=CODEC_XOR_ZSTD, base_sha256=base.sha256, sha256=hashlib.sha256(data).hexdigest(),
+                       size=len(data))
+    store.put(delta_entry(delta), data)
+    return entry.model_copy(update={"delta": delta})
+
+
+def delta_entry(delta: ShardDelta) -> ShardEntry:
+    """The delta as a fetchable, content-addressed blob (what `ShardStore.put` and peers deal in)."""
+    return ShardEntry(sha256=delta.sha256, size=delta.size)
+
+
+def manifest_deltas(manifest: PolicyManifest) -> list[ShardDelta]:
+    return [s.delta for s in manifest.shards if s.delta is not None]
+
+
+def rebuild_shard(entry: ShardEntry, store: ShardStore) -> Path:
+    """Apply the shard's delta (held in `store`) to its base (held too) and store the result, which
+    must hash to `entry`. Raises ShardRejected (a missing part, or a result that does not match) or
+    DeltaRejected (delta bytes that do not decode)."""
+    delta = entry.delta
+    if delta is None:
+        raise ShardRejected(f"shard {entry.sha256[:12]} has no delta")
+    base, data = store.get(delta.base_sha256), store.get(delta.sha256)
+    if base is None or data is None:
+        raise ShardRejected(f"shard {entry.sha256[:12]}: its base or delta is not held")
+    return store.put(entry, apply_delta(delta.codec, base, data, entry.size))
 
 
 def manifest_digest(signed_manifest: bytes) -> str:

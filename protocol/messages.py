@@ -43,9 +43,20 @@ class Heartbeat(Body):
     paused: bool
 
 
+class ShardDelta(Body):
+    """The shard as a delta against the shard of the manifest's `delta_base_step` with `base_sha256`
+    (protocol/delta.py says how to apply it); named and served by the delta's own sha256."""
+
+    codec: Literal["xor-zstd"]
+    base_sha256: Hex32
+    sha256: Hex32
+    size: Annotated[int, Field(ge=1, le=2**40)]
+
+
 class ShardEntry(Body):
     sha256: Hex32
     size: Annotated[int, Field(ge=1, le=2**40)]
+    delta: ShardDelta | None = None  # absent in manifests without a base step
 
 
 class FileEntry(Body):
@@ -66,6 +77,7 @@ class PolicyManifest(Body):
     shard_size: Annotated[int, Field(ge=1024, le=2**32)]
     files: Annotated[list[FileEntry], Field(min_length=1, max_length=64)]
     created_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
+    delta_base_step: Step | None = None  # the step the shards' deltas apply to (s - 1), if any
 
     @property
     def total_size(self) -> int:
@@ -102,6 +114,9 @@ class RunInfo(Body):
     max_new_tokens: Annotated[int, Field(ge=1, le=131072)]
     temperature: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
     model_config_hash: Hex32
+    # the tokens that end a completion (the policy folder's tokenizer and generation_config EOS ids):
+    # engines stop on exactly these, and intake checks terminations against the same set
+    eos_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=64)]
 
 
 class SubmissionHeader(Body):
@@ -113,6 +128,11 @@ class SubmissionHeader(Body):
     num_tokens: Count
     file_sha256: Hex32
     file_size: Annotated[int, Field(ge=1, le=2**31)]
+
+
+# Verdict.reason of a resend that arrived while an earlier copy is being validated: no verdict on the
+# file yet; the node keeps it and asks again later
+IN_FLIGHT = "in_flight"
 
 
 class Verdict(Body):
