@@ -71,6 +71,8 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     head.add_row("shards", f"{sent / 1e6:,.1f} MB served by the origin")
     counts = c.ledger.counts_by_reason()
     head.add_row("verdicts", "   ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
+    if c.last_error:  # the policy loop failed a turn and retries: say why until a turn succeeds
+        head.add_row("[red]error[/]", Text(f"{c.last_error} (retrying; {c.loop_errors} failed turns)", style="red"))
 
     nodes = Table(title="nodes", expand=True)
     for col in ("peer id", "tokens/s", "policy", "accepted", "rejected", "credit", "last seen", "banned"):
@@ -110,6 +112,8 @@ class _RunCollector:
         for reason, count in sorted(c.ledger.counts_by_reason().items()):
             verdicts.add_metric([reason], count)
         yield verdicts
+        yield CounterMetricFamily("intellect_loop_errors", "Failed turns of the policy loop (it retries after each).",
+                                  value=c.loop_errors)
         sent = c.publisher.bytes_sent if c.publisher is not None else 0
         yield CounterMetricFamily("intellect_origin_bytes_sent", "Checkpoint shard bytes the coordinator served "
                                   "(peers serve the rest).", value=sent)

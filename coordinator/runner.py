@@ -12,7 +12,8 @@ from rich.console import Console
 from rich.live import Live
 
 from intellect.coordinator.config import CoordinatorConfig
-from intellect.coordinator.service import Coordinator
+from intellect.coordinator.service import Coordinator, FatalError
+from intellect.protocol.tasks import TaskDataError
 
 
 def write_run_file(coordinator: Coordinator, path: Path) -> None:
@@ -46,6 +47,9 @@ def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console)
     except SwarmJoinError as e:
         console.print(f"[bold red]error:[/] could not start the swarm: {e}", soft_wrap=True)
         raise SystemExit(1) from None
+    except (TaskDataError, ImportError, ValueError, OSError) as e:  # data, modules, model, config, disk
+        console.print(f"[bold red]error:[/] the coordinator cannot start: {e}", soft_wrap=True, highlight=False)
+        raise SystemExit(1) from None
     # soft_wrap: rich would otherwise break the multiaddrs into lines at the console width (80 in a log
     # file), and the join line is meant to be copied
     console.print(f"run {coordinator.run_id}\nnodes join with:\n  {coordinator.join_command()}\n"
@@ -54,8 +58,20 @@ def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console)
     done = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: done.set())
     printer = (lambda m: print(json.dumps(m), flush=True)) if headless else None
-    loop = threading.Thread(target=lambda: (coordinator.run(on_step=printer), done.set()), name="policy-loop",
-                            daemon=True)
+    fatal: list[str] = []
+
+    def policy_loop() -> None:
+        try:
+            coordinator.run(on_step=printer)
+        except FatalError as e:
+            fatal.append(str(e))
+        except BaseException as e:  # run() survives any failure of a turn; this is a bug in run itself
+            fatal.append(f"the policy loop stopped: {type(e).__name__}: {e}")
+            raise
+        finally:
+            done.set()  # the headless wait and the dashboard end with the loop, whatever ended it
+
+    loop = threading.Thread(target=policy_loop, name="policy-loop", daemon=True)
     loop.start()
     try:
         if headless:
@@ -68,6 +84,9 @@ def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console)
         coordinator.stop.set()
         loop.join(timeout=60)
         coordinator.close()
+    if fatal:
+        console.print(f"[bold red]error:[/] {fatal[0]}", soft_wrap=True, highlight=False)
+        raise SystemExit(1)
 
 
 def show_dashboard(coordinator: Coordinator, done: threading.Event, extra=lambda: []) -> None:

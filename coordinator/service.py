@@ -37,6 +37,13 @@ from intellect.protocol.wire import MessageKind, run_id_for, seal
 
 logger = logging.getLogger(__name__)
 
+LOOP_BACKOFF_S = 1.0
+LOOP_BACKOFF_MAX_S = 60.0
+
+
+class FatalError(RuntimeError):
+    """The policy loop cannot go on (no retry would help); the message says why, in plain words."""
+
 
 
 def base_model_dir(model: str, cache_dir: Path) -> Path:
@@ -63,6 +70,8 @@ class Coordinator:
         self.metrics_path = self.state_dir / "metrics.jsonl"
         self.stop = threading.Event()
         self.accepted = threading.Condition()
+        self.loop_errors = 0  # failed turns of the policy loop (it goes on after each)
+        self.last_error = ""  # the last one, in words, until a turn succeeds
         self.history: list[dict] = []  # one metrics dict per train step (dashboard, headless lines)
         self.swarm = None
         self.publisher = None
@@ -93,9 +102,14 @@ class Coordinator:
             self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
         self.train_step = self.trainer.policy_step  # the next step to train = the latest policy
         self.collect_step = self.train_step  # the train step newly accepted rollouts are queued for
+        self._sync_metrics()
+
+    def _sync_metrics(self) -> None:
+        """metrics.jsonl and the history hold the finished steps only: a crash (or a failed turn) after
+        the metrics line, before its checkpoint, redoes that step."""
         lines = _read_jsonl(self.metrics_path)
         self.history = [m for m in lines if m.get("step", -1) < self.train_step]
-        if len(self.history) != len(lines):  # a crash after the metrics line, before its checkpoint
+        if len(self.history) != len(lines):
             _write_jsonl(self.metrics_path, self.history)
 
     def _setup_intake(self) -> None:
@@ -167,19 +181,46 @@ class Coordinator:
     # ------------------------------------------------------------------ the async policy loop
 
     def run(self, on_step=None) -> None:
-        last_announce = time.monotonic()
+        """The async policy loop, until stopped or max_steps. No single failure ends it: the DHT timing
+        out on an announce, a full disk under a checkpoint, a bug in a step. The failure is logged with
+        its traceback, counted (`loop_errors`, metric `intellect_loop_errors`) and shown in plain words
+        (`last_error`, on the dashboard) until a turn succeeds; the loop waits (doubling from
+        LOOP_BACKOFF_S up to LOOP_BACKOFF_MAX_S) and goes on, a half-done train step is redone. What no
+        retry can fix, a missing module (ImportError), raises `FatalError` for the runner to exit non-zero."""
+        self._last_announce = time.monotonic()
+        failures = 0
         while not self.stop.is_set() and not self._finished():
-            if self.ready_to_train():
-                metrics = self.train_once()
-                if on_step is not None:
-                    on_step(metrics)
-                last_announce = time.monotonic()
+            try:
+                worked = self._turn(on_step)
+            except ImportError as e:
+                raise FatalError(f"a module the coordinator needs is missing: {e}") from e
+            except Exception as e:  # the loop outlives any one failure
+                failures += 1
+                self.loop_errors += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:500]
+                backoff = min(LOOP_BACKOFF_MAX_S, LOOP_BACKOFF_S * 2 ** (failures - 1))
+                logger.exception("policy loop (failure %s, again in %.0f s): %s", failures, backoff, self.last_error)
+                self._sync_metrics()  # a step that failed after its metrics line is redone: drop the line
+                self.stop.wait(backoff)
                 continue
-            with self.accepted:
-                self.accepted.wait(timeout=0.5)
-            if time.monotonic() - last_announce > self.config.swarm.record_ttl_s / 4:
-                self.announce()
-                last_announce = time.monotonic()
+            if worked:
+                failures, self.last_error = 0, ""
+
+    def _turn(self, on_step) -> bool:
+        """Train if enough batches are in, else wait a little and announce when due; True if it did either."""
+        if self.ready_to_train():
+            metrics = self.train_once()
+            if on_step is not None:
+                on_step(metrics)
+            self._last_announce = time.monotonic()
+            return True
+        with self.accepted:
+            self.accepted.wait(timeout=0.5)
+        if time.monotonic() - self._last_announce > self.config.swarm.record_ttl_s / 4:
+            self.announce()
+            self._last_announce = time.monotonic()
+            return True
+        return False
 
     def _finished(self) -> bool:
         return self.config.max_steps is not None and self.train_step >= self.config.max_steps
