@@ -311,3 +311,27 @@ def test_uncompressed_size_bound_from_the_footer():
         read_rollouts(data, max_uncompressed_bytes=1_000_000)
     with pytest.raises(RolloutFormatError, match="uncompressed"):
         read_rollouts(data, max_prompt_tokens=16, max_output_tokens=64)  # the default bound of those limits
+
+
+def test_own_footer_reader_agrees_with_pyarrow_and_survives_corruption():
+    """The bounded Thrift reader announces what pyarrow's metadata does, on files of several row groups;
+    on corrupted bytes it raises FooterError (pyarrow's RowGroupMetaData.column() could abort the
+    process on some of those: the byte sweep above found them)."""
+    from intellect.protocol.parquet_footer import FooterError, read_footer
+
+    sink = io.BytesIO()
+    table = pq.read_table(io.BytesIO(VALID))
+    with pq.ParquetWriter(sink, table.schema) as writer:
+        writer.write_table(table)
+        writer.write_table(table)
+    for data in (VALID, sink.getvalue()):
+        footer, md = read_footer(data), pq.ParquetFile(io.BytesIO(data)).metadata
+        assert footer.num_rows == md.num_rows and len(footer.row_group_rows) == md.num_row_groups
+        want = [(tuple(md.row_group(g).column(c).path_in_schema.split(".")), md.row_group(g).column(c).num_values,
+                 md.row_group(g).column(c).total_uncompressed_size)
+                for g in range(md.num_row_groups) for c in range(md.num_columns)]
+        assert [(c.path, c.num_values, c.uncompressed_bytes) for c in footer.columns] == want
+        assert footer.values_of("output_tokens") == 16 * md.num_row_groups
+    for junk in (b"", b"PAR1PAR1", VALID[:-9] + b"\xff" + VALID[-8:], VALID[:100] + VALID[-8:]):
+        with pytest.raises(FooterError):
+            read_footer(junk)
