@@ -98,8 +98,8 @@ def timed_pass(coordinator, envelopes: list[bytes], toploc_fraction: float, work
     workdir.mkdir(parents=True)
     spent: dict[str, float] = defaultdict(float)
     config = coordinator.config.intake.model_copy(update={"toploc_fraction": toploc_fraction})
-    with Ledger(workdir / "ledger.sqlite", max_failures=coordinator.config.ban_after_failures) as ledger:
-        intake = Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer,
+    with Ledger(workdir / "ledger.sqlite", coordinator.ledger.ban_policy) as ledger:
+        intake = Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer, coordinator.eos_ids,
                         policy_for=coordinator.policy_for, steps=lambda: (0, 0))
         def timed(fn, name):
             def run(*a, **kw):

@@ -1,6 +1,7 @@
 """The checks every submission must pass, as one ordered list: `CHECKS`.
 
-A check is a function `check(ctx, sub) -> None` that raises `Rejected` with a reason: `ctx` is what
+A check is a function `check(ctx, sub) -> None` that raises `Rejected` with a reason (marked
+`statistical` when honest nodes fail it now and then: it weighs less towards a ban): `ctx` is what
 the run judges by (shared by every submission), `sub` the one submission under validation (who
 signed it, its header, its decoded batch, and the model pass, computed once when a check first asks
 for it). Checks do not store, record or count anything, so the coordinator's intake and
@@ -267,12 +268,12 @@ def check_eos_probability(ctx: CheckContext, sub: Candidate) -> None:
     for i, p in endings:
         if p < cfg.eos_floor_prob:
             raise Rejected(Reason.BAD_TERMINATION, f"row {i}: ends on EOS with probability {p:.2g}, below the "
-                                                   f"floor {cfg.eos_floor_prob}")
+                                                   f"floor {cfg.eos_floor_prob}", statistical=True)
     low = [i for i, p in endings if p <= cfg.eos_min_prob]
     if len(low) > 2 + cfg.eos_low_fraction * len(endings):  # two unlikely endings per batch are free
         raise Rejected(Reason.BAD_TERMINATION, f"{len(low)} of {len(endings)} EOS endings have probability <= "
                                                f"{cfg.eos_min_prob} (rows {low[:8]}); allowed "
-                                               f"{cfg.eos_low_fraction:.0%}")
+                                               f"{cfg.eos_low_fraction:.0%}", statistical=True)
 
 
 def check_claimed_logprobs(ctx: CheckContext, sub: Candidate) -> None:

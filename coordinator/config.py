@@ -37,7 +37,13 @@ class CoordinatorConfig(LayeredSettings):
     async_level: int = Field(2, ge=0, le=64, description="Rollouts of policy s - async_level may train step s.")
     batches_per_step: int = Field(2, ge=1, le=100_000, description="Accepted node batches that make one train step.")
     max_steps: int | None = Field(None, ge=1, description="Stop after this many train steps (None: run forever).")
-    ban_after_failures: int = Field(3, ge=1, le=10_000, description="Consecutive rejected submissions before a key is banned.")
+    ban_after_failures: int = Field(3, ge=1, le=10_000, description="Strikes within the ban window that ban a key "
+                                                                    "(one per hard failure, see statistical_strike).")
+    ban_window: int = Field(10, ge=1, le=10_000, description="Strikes count over a key's last this many judged "
+                                                             "submissions (accepted, or rejected with a strike).")
+    statistical_strike: float = Field(1 / 3, ge=0, le=1, description="The strike of a failed statistical check "
+                                                                     "(EOS probability): honest nodes fail "
+                                                                     "those now and then.")
     keep_checkpoints: int = Field(3, ge=1, le=100, description="Training checkpoints kept on disk.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     shard_size: int = Field(50_000_000, ge=1 << 16, description="Checkpoint shard size in bytes (SHARDCAST: 50 MB).")

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from intellect.coordinator.checks import (
     CHECKS,
     Candidate,
     CheckContext,
+    batch_key,
     check_policy_step,
     counter_in_order,
     read_batch,
@@ -32,13 +34,12 @@ from intellect.coordinator.checks import (
     sampling_summary,
 )
 from intellect.coordinator.faults import pause_point
-from intellect.coordinator.ledger import DuplicateSubmission, Ledger, Submission
+from intellect.coordinator.ledger import DuplicateSubmission, Evidence, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.coordinator.rules import IntakeConfig, RunRules
 from intellect.coordinator.verdicts import NO_STRIKE, Reason, Rejected
 from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.messages import Verdict, decode_submission
-from intellect.protocol.model import eos_token_ids
 from intellect.protocol.rollouts import RolloutBatch
 from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireRejected, open_envelope
 
@@ -59,14 +60,13 @@ class Intake:
     """Turns submission bytes into verdicts; accepted files land in `accepted/` and the ledger."""
 
     def __init__(self, config: IntakeConfig, rules: RunRules, ledger: Ledger, state_dir: Path, tokenizer,
-                 policy_for: Callable[[int], object], steps: Callable[[], tuple[int, int]],
-                 eos_ids: frozenset[int] | None = None) -> None:
-        """`policy_for(step)` gives the bf16 model of a published policy step; `steps()` gives
-        (train step now being collected, latest published policy step); `eos_ids` the tokens that
-        end a completion (default: the tokenizer's)."""
+                 eos_ids: frozenset[int], policy_for: Callable[[int], object],
+                 steps: Callable[[], tuple[int, int]]) -> None:
+        """`eos_ids`: the run's EOS set (`eos_token_ids(tokenizer, policy folder)`, announced in
+        RunInfo); `policy_for(step)` gives the bf16 model of a published policy step; `steps()`
+        gives (train step now being collected, latest published policy step)."""
         self.ledger = ledger
-        self.ctx = CheckContext(run=rules, config=config, tokenizer=tokenizer,
-                                eos_ids=frozenset(eos_token_ids(tokenizer) if eos_ids is None else eos_ids),
+        self.ctx = CheckContext(run=rules, config=config, tokenizer=tokenizer, eos_ids=frozenset(eos_ids),
                                 policy_for=policy_for, steps=steps, batch_holder=ledger.batch_holder,
                                 highest_counter=ledger.highest_batch_counter,
                                 row_secret=row_secret(Path(state_dir)))
@@ -79,6 +79,8 @@ class Intake:
             d.mkdir(parents=True, exist_ok=True)
         # held while a verdict is recorded; the trainer holds it to switch the train step collected
         self.record_lock = threading.RLock()  # _accept may call _reject while holding it
+        self._in_flight: set[str] = set()  # file hashes and batch keys being judged now
+        self._in_flight_lock = threading.Lock()
 
     @property
     def config(self) -> IntakeConfig:
@@ -90,12 +92,20 @@ class Intake:
         """Validate one submission and record its verdict. Never raises for bad input."""
         sender: bytes | None = None
         file_sha: str | None = None
-        file_path: Path | None = None
         try:
             envelope = self._authenticate(data)
             sender = envelope.sender
             header, rollout_file = self._decode(envelope)
             file_sha = header.file_sha256  # from here on the verdict names the file
+            with self._claimed(file_sha, batch_key(sender, header.policy_step, header.batch_counter)):
+                return self._judge(sender, header, rollout_file, on_accept)
+        except Rejected as r:  # before the claim: no file of this submission was stored
+            return self._reject(r, sender, None, file_sha)
+
+    def _judge(self, sender: bytes, header, rollout_file: bytes, on_accept) -> Outcome:
+        """Store, check and record one submission whose file hash and batch key this thread holds."""
+        file_path: Path | None = None
+        try:
             self._check_duplicate(header.file_sha256)
             file_path = self._store(self.inbox, header.file_sha256, rollout_file)
             pause_point("intake.validating")
@@ -105,7 +115,7 @@ class Intake:
             finally:
                 self._note_counter(sub)
         except Rejected as r:
-            return self._reject(r, sender, file_path, file_sha)
+            return self._reject(r, sender, file_path, header.file_sha256)
         return self._accept(sub, file_path, on_accept)
 
     def _note_counter(self, sub: Candidate) -> None:
@@ -115,6 +125,22 @@ class Intake:
         if (meta.node_public_key == sub.sender.hex() and meta.policy_step == sub.header.policy_step
                 and meta.batch_counter == sub.header.batch_counter and counter_in_order(self.ctx, sub)):
             self.ledger.note_batch_counter(sub.sender.hex(), meta.policy_step, meta.batch_counter)
+
+    @contextmanager
+    def _claimed(self, *keys: str):
+        """Hold a file hash and a batch key while one copy is judged: a resend that arrives meanwhile
+        (a node whose first call timed out, or the same batch signed anew) is answered `in_flight`
+        instead of racing the first copy for the inbox path and the ledger row."""
+        with self._in_flight_lock:
+            if self._in_flight.intersection(keys):
+                raise Rejected(Reason.IN_FLIGHT, "another copy of this file or batch is being validated; "
+                                                 "ask again later for its verdict")
+            self._in_flight.update(keys)
+        try:
+            yield
+        finally:
+            with self._in_flight_lock:
+                self._in_flight.difference_update(keys)
 
     # ------------------------------------------------------------------ before any check: who sent what
 
@@ -163,15 +189,17 @@ class Intake:
                 check_policy_step(self.ctx, sub)
             except Rejected as r:
                 return self._reject(r, sub.sender, inbox_path)
-            os.replace(inbox_path, final)
-            fsync_dir(self.accepted_dir)
-            pause_point("intake.stored")
             submission = Submission(sub.file_sha256, sub.sender.hex(), batch.meta.policy_step, train_step,
                                     len(batch.rows), batch.num_output_tokens, str(final), sub.batch_key)
             try:
                 self.ledger.record_submission(submission, LedgerVerdict(True, Reason.ACCEPTED))
-            except DuplicateSubmission as e:
-                return self._reject(Rejected(Reason.REPLAY, str(e)), sub.sender, None, sub.file_sha256)
+            except DuplicateSubmission as e:  # the in-flight claims make this unreachable; kept as a guard
+                return self._reject(Rejected(Reason.REPLAY, str(e)), sub.sender, inbox_path)
+            # the ledger row first, then the file: accepted/ never holds a file the ledger did not
+            # accept; a crash in between leaves it in the inbox, and recover_inbox moves it
+            pause_point("intake.stored")
+            os.replace(inbox_path, final)
+            fsync_dir(self.accepted_dir)
             if on_accept is not None:
                 on_accept(train_step)
         pause_point("intake.recorded")
@@ -188,23 +216,23 @@ class Intake:
         with self.record_lock:
             if file_path is not None and file_path.exists():
                 os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
-            self.ledger.record_rejection(node, r.reason.value, r.detail,
-                                         strike=sender is not None and r.reason not in NO_STRIKE)
+            self.ledger.record_rejection(node, r.reason.value, r.detail, evidence=_evidence(r, sender))
         verdict = Verdict(file_sha256=file_sha, accepted=False, reason=r.reason.value, detail=r.detail[:1024])
         return Outcome(verdict, sender)
 
     def recover_inbox(self) -> int:
-        """After a crash: files in the inbox never got a verdict, and a file moved to accepted/ whose
-        verdict never reached the ledger was not accepted either; their nodes were not acknowledged
-        and will resubmit, so drop them. Returns how many were dropped."""
+        """After a crash: an inbox file whose accepted row is in the ledger was accepted (killed
+        between the ledger commit and the move): it moves to accepted/. Any other inbox file never
+        got a verdict; its node was not answered and will resubmit, so it is dropped. Returns how
+        many were dropped."""
         dropped = 0
         for p in list(self.inbox.glob("*.parquet")) + list(self.inbox.glob("*.part")):
+            if p.suffix == ".parquet" and self.ledger.is_accepted(p.stem):
+                os.replace(p, self.accepted_dir / p.name)
+                continue
             p.unlink(missing_ok=True)
             dropped += 1
-        for p in self.accepted_dir.glob("*.parquet"):
-            if not self.ledger.is_duplicate(p.stem):
-                p.unlink(missing_ok=True)
-                dropped += 1
+        fsync_dir(self.accepted_dir)
         return dropped
 
 
@@ -220,3 +248,9 @@ def row_secret(state_dir: Path) -> bytes:
     if len(secret) != 32:
         raise ValueError(f"{path} holds {len(secret)} bytes, expected 32: delete it to make a new one")
     return secret
+
+
+def _evidence(r: Rejected, sender: bytes | None) -> Evidence:
+    if sender is None or r.reason in NO_STRIKE:
+        return Evidence.NONE  # nothing proves who sent it, or the failure is not misbehaviour
+    return Evidence.STATISTICAL if r.statistical else Evidence.HARD

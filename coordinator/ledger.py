@@ -2,12 +2,17 @@
 
 WAL mode with synchronous=FULL: every recorded verdict survives the process being killed at any
 moment (and a power cut), and readers (dashboard) never block the writer. A submission and its
-verdict, the node's strike count, credit and any automatic ban are written in ONE transaction,
-so a crash can never leave a verdict without its credit or a strike without its ban. The ledger
-does not decide anything: intake hands it verdicts; it only records, counts and bans after
-`max_failures` consecutive rejected submissions (an accepted one resets the count). Safe to share
-between threads: one connection behind a lock
-(intake handlers and the trainer loop record from different threads).
+verdict, the strike it carries, credit and any automatic ban are written in ONE transaction, so a
+crash can never leave a verdict without its credit or a strike without its ban.
+
+The ban policy (`BanPolicy`) lives here; what a rejection proves is the caller's to say (`Evidence`):
+hard evidence (a proof, token, reward or prompt mismatch, a malformed file from a signed sender) is
+one strike; a failed statistical test (honest nodes fail one now and then) is a fraction of one;
+failures that prove nothing about the signer are none. A key is banned once the strikes among its
+last `window` judged submissions (accepted ones and those that carried a strike) reach `strikes`,
+so cheating two batches in three is banned, however the cheats and honest batches interleave.
+Unbanning forgives every strike so far. Safe to share between threads: one connection behind a
+lock (intake handlers and the trainer loop record from different threads).
 """
 
 from __future__ import annotations
@@ -16,21 +21,11 @@ import sqlite3
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-SCHEMA_VERSION = 1
-
-# The highest batch counter seen per (node, policy step), accepted or not: a counter may be at most
-# one past it (checks.check_batch_counter). Created where missing, so older ledgers gain it as is.
-_BATCH_COUNTERS = """
-CREATE TABLE IF NOT EXISTS batch_counters (
-    node TEXT NOT NULL,
-    policy_step INTEGER NOT NULL,
-    highest INTEGER NOT NULL,
-    PRIMARY KEY (node, policy_step)
-)
-"""
+SCHEMA_VERSION = 2
 
 _SCHEMA = """
 CREATE TABLE nodes (
@@ -38,7 +33,7 @@ CREATE TABLE nodes (
     peer_id TEXT NOT NULL,
     first_seen REAL NOT NULL,
     last_seen REAL NOT NULL,
-    strikes INTEGER NOT NULL DEFAULT 0          -- rejections since the last unban
+    forgiven_verdict INTEGER NOT NULL DEFAULT 0 -- strikes count only after this verdict id (unban)
 );
 CREATE TABLE submissions (
     id INTEGER PRIMARY KEY,
@@ -60,7 +55,8 @@ CREATE TABLE verdicts (
     accepted INTEGER NOT NULL CHECK (accepted IN (0, 1)),
     reason TEXT NOT NULL,
     detail TEXT NOT NULL,
-    at REAL NOT NULL
+    at REAL NOT NULL,
+    strike REAL NOT NULL DEFAULT 0              -- towards a ban: 1 hard evidence, less for statistical
 );
 CREATE INDEX verdicts_node ON verdicts(node);
 CREATE TABLE bans (
@@ -75,8 +71,49 @@ CREATE TABLE credit (
 );
 """
 
+# The highest batch counter seen per (node, policy step), accepted or not: a counter may be at most
+# one past it (checks.check_batch_counter). Created where missing, so older ledgers gain it as is.
+_BATCH_COUNTERS = """
+CREATE TABLE IF NOT EXISTS batch_counters (
+    node TEXT NOT NULL,
+    policy_step INTEGER NOT NULL,
+    highest INTEGER NOT NULL,
+    PRIMARY KEY (node, policy_step)
+)
+"""
+
+# v1 -> v2: strikes per verdict (the ban window) instead of a consecutive count per node; strikes
+# recorded before the upgrade are forgotten, bans stay
+_MIGRATE_V1 = """
+ALTER TABLE verdicts ADD COLUMN strike REAL NOT NULL DEFAULT 0;
+ALTER TABLE nodes ADD COLUMN forgiven_verdict INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE nodes DROP COLUMN strikes
+"""
+
 ACCEPTED = "accepted"
 MAX_DETAIL_CHARS = 2000
+
+
+class Evidence(StrEnum):
+    """What a rejection proves about the key that signed it."""
+
+    NONE = "none"  # nothing: a bad signature, a replay, a stale policy, a resend in flight
+    STATISTICAL = "statistical"  # a statistical test failed (honest nodes fail one now and then)
+    HARD = "hard"  # the signer misbehaved: a proof, token, reward or prompt mismatch, a bad file
+
+
+@dataclass(frozen=True)
+class BanPolicy:
+    strikes: float = 3.0  # ban once a key's strikes within the window reach this...
+    window: int = 10  # ...counted over its last `window` judged submissions
+    statistical_weight: float = 1 / 3  # the strike of one failed statistical test
+
+    def __post_init__(self) -> None:
+        if self.strikes <= 0 or self.window < 1 or not 0 <= self.statistical_weight <= 1:
+            raise ValueError(f"ban policy needs strikes > 0, window >= 1, 0 <= statistical_weight <= 1: {self}")
+
+    def weight(self, evidence: Evidence) -> float:
+        return {Evidence.NONE: 0.0, Evidence.STATISTICAL: self.statistical_weight, Evidence.HARD: 1.0}[evidence]
 
 
 class LedgerError(Exception):
@@ -141,11 +178,9 @@ class SubmissionRow:
 
 
 class Ledger:
-    def __init__(self, path: str | Path, max_failures: int = 3):
-        if max_failures < 1:
-            raise ValueError(f"max_failures must be >= 1, got {max_failures}")
+    def __init__(self, path: str | Path, ban_policy: BanPolicy | None = None):
         self.path = Path(path)
-        self.max_failures = max_failures
+        self.ban_policy = ban_policy or BanPolicy()
         try:
             # isolation_level=None: transactions are explicit (BEGIN IMMEDIATE) below
             self._db = sqlite3.connect(self.path, isolation_level=None, timeout=30.0, check_same_thread=False)
@@ -163,6 +198,10 @@ class Ledger:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
+                    self._db.execute(statement)
+                self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            elif version == 1:
+                for statement in filter(str.strip, _MIGRATE_V1.split(";")):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             elif version != SCHEMA_VERSION:
@@ -201,9 +240,11 @@ class Ledger:
             (public_key, peer_id or "", at, at, peer_id),
         )
 
-    def record_submission(self, submission: Submission, verdict: Verdict, at: float | None = None) -> int:
-        """Store a submission with its verdict, credit/strike and any automatic ban, atomically.
-        Returns the submission id; raises DuplicateSubmission (recording nothing) on a replay."""
+    def record_submission(self, submission: Submission, verdict: Verdict, at: float | None = None,
+                          evidence: Evidence = Evidence.HARD) -> int:
+        """Store a submission with its verdict, credit or strike and any automatic ban, atomically
+        (`evidence`: what a rejection proves). Returns the submission id; raises
+        DuplicateSubmission (recording nothing) on a replay."""
         at = time.time() if at is None else at
         s = submission
         with self._transaction():
@@ -226,10 +267,8 @@ class Ledger:
                 )
             except sqlite3.IntegrityError as e:
                 raise DuplicateSubmission(f"submission {s.content_hash} is already recorded") from e
-            self._verdict(s.node, cur.lastrowid, verdict, at)
+            self._verdict(s.node, cur.lastrowid, verdict, at, evidence)
             if verdict.accepted:
-                # strikes count consecutive failures: a node that delivers again starts over
-                self._db.execute("UPDATE nodes SET strikes = 0 WHERE public_key = ?", (s.node,))
                 self._db.execute(
                     "INSERT INTO credit(node, accepted_tokens, accepted_completions) VALUES (?, ?, ?) "
                     "ON CONFLICT(node) DO UPDATE SET accepted_tokens = accepted_tokens + excluded.accepted_tokens,"
@@ -239,20 +278,22 @@ class Ledger:
             return cur.lastrowid
 
     def record_rejection(self, node: str, reason: str, detail: str = "", at: float | None = None,
-                         strike: bool = True) -> None:
-        """A rejection with no stored submission (a replay, an unreadable file). It counts as a strike
-        unless `strike` is False (failures that do not prove the key's owner misbehaved)."""
+                         evidence: Evidence = Evidence.HARD) -> None:
+        """A rejection with no stored submission (a replay, an unreadable file), with the strike its
+        `evidence` carries and any automatic ban."""
         at = time.time() if at is None else at
         with self._transaction():
             self._touch(node, None, at)
-            self._verdict(node, None, Verdict(False, reason, detail), at, strike=strike)
+            self._verdict(node, None, Verdict(False, reason, detail), at, evidence)
 
     def _verdict(self, node: str, submission_id: int | None, verdict: Verdict, at: float,
-                 strike: bool = True) -> None:
+                 evidence: Evidence) -> None:
         if verdict.accepted != (verdict.reason == ACCEPTED):
             raise ValueError(f"verdict reason {verdict.reason!r} contradicts accepted={verdict.accepted}")
+        strike = 0.0 if verdict.accepted else self.ban_policy.weight(evidence)
         self._db.execute(
-            "INSERT INTO verdicts(submission, node, accepted, reason, detail, at) VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO verdicts(submission, node, accepted, reason, detail, at, strike)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 submission_id,
                 node,
@@ -260,18 +301,27 @@ class Ledger:
                 verdict.reason,
                 verdict.detail[:MAX_DETAIL_CHARS],
                 at,
+                strike,
             ),
         )
-        if verdict.accepted or not strike:
+        if strike == 0:
             return
-        strikes = self._db.execute(
-            "UPDATE nodes SET strikes = strikes + 1 WHERE public_key = ? RETURNING strikes", (node,)
-        ).fetchone()[0]
-        if strikes >= self.max_failures:
-            self._db.execute(
-                "INSERT OR IGNORE INTO bans(node, reason, at) VALUES (?, ?, ?)",
-                (node, f"automatic: {strikes} failed submissions, last {verdict.reason}", at),
-            )
+        strikes, judged = self._window(node)
+        if strikes >= self.ban_policy.strikes - 1e-9:
+            why = f"automatic: {strikes:.3g} strikes in its last {judged} judged submissions, last {verdict.reason}"
+            self._db.execute("INSERT OR IGNORE INTO bans(node, reason, at) VALUES (?, ?, ?)", (node, why, at))
+
+    def _window(self, node: str) -> tuple[float, int]:
+        """(strikes, judged submissions) over the node's last `window` judged submissions since its
+        last unban; judged: accepted, or rejected with a strike."""
+        strikes, judged = self._db.execute(
+            "SELECT COALESCE(SUM(strike), 0), COUNT(*) FROM (SELECT v.strike FROM verdicts v"
+            " JOIN nodes n ON n.public_key = v.node"
+            " WHERE v.node = ? AND v.id > n.forgiven_verdict AND (v.accepted = 1 OR v.strike > 0)"
+            " ORDER BY v.id DESC LIMIT ?)",
+            (node, self.ban_policy.window),
+        ).fetchone()
+        return float(strikes), int(judged)
 
     def requeue(self, submission_ids: list[int], train_step: int) -> None:
         """Move accepted submissions to a later train step (the trainer took enough for this one)."""
@@ -288,10 +338,11 @@ class Ledger:
             )
 
     def unban(self, node: str) -> None:
-        """Lift a ban and forgive past strikes (the node starts over with max_failures)."""
+        """Lift a ban and forgive past strikes (the node starts over with an empty window)."""
         with self._transaction():
             self._db.execute("DELETE FROM bans WHERE node = ?", (node,))
-            self._db.execute("UPDATE nodes SET strikes = 0 WHERE public_key = ?", (node,))
+            self._db.execute("UPDATE nodes SET forgiven_verdict = (SELECT COALESCE(MAX(id), 0) FROM verdicts)"
+                             " WHERE public_key = ?", (node,))
 
     # ------------------------------------------------------------ reads
 
@@ -301,6 +352,15 @@ class Ledger:
     def ban_reason(self, node: str) -> str | None:
         rows = self._read("SELECT reason FROM bans WHERE node = ?", (node,))
         return rows[0][0] if rows else None
+
+    def strikes(self, node: str) -> float:
+        """Strikes within the node's ban window now."""
+        with self._lock:
+            return self._window(node)[0]
+
+    def is_accepted(self, content_hash: str) -> bool:
+        return bool(self._read("SELECT 1 FROM submissions s JOIN verdicts v ON v.submission = s.id"
+                               " WHERE s.content_hash = ? AND v.accepted = 1", (content_hash,)))
 
     def is_duplicate(self, content_hash: str) -> bool:
         return bool(self._read("SELECT 1 FROM submissions WHERE content_hash = ?", (content_hash,)))

@@ -27,7 +27,7 @@ from pathlib import Path
 from intellect.coordinator.config import CoordinatorConfig
 from intellect.coordinator.faults import pause_point
 from intellect.coordinator.intake import Intake, Outcome
-from intellect.coordinator.ledger import Ledger
+from intellect.coordinator.ledger import BanPolicy, Ledger
 from intellect.coordinator.rules import run_rules
 from intellect.protocol.identity import Identity, load_identity, peer_id_of
 from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
@@ -44,6 +44,11 @@ LOOP_BACKOFF_MAX_S = 60.0
 class FatalError(RuntimeError):
     """The policy loop cannot go on (no retry would help); the message says why, in plain words."""
 
+
+
+def ban_policy(config: CoordinatorConfig) -> BanPolicy:
+    return BanPolicy(strikes=config.ban_after_failures, window=config.ban_window,
+                     statistical_weight=config.statistical_strike)
 
 
 def base_model_dir(model: str, cache_dir: Path) -> Path:
@@ -66,7 +71,7 @@ class Coordinator:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.identity: Identity = load_identity(self.state_dir, create=True)[0]
         self.run_id = run_id_for(self.identity.public_key, config.run_name)
-        self.ledger = Ledger(self.state_dir / "ledger.sqlite", max_failures=config.ban_after_failures)
+        self.ledger = Ledger(self.state_dir / "ledger.sqlite", ban_policy(config))
         self.metrics_path = self.state_dir / "metrics.jsonl"
         self.stop = threading.Event()
         self.accepted = threading.Condition()
@@ -86,12 +91,14 @@ class Coordinator:
         import torch
 
         from intellect.coordinator.trainer.trainer import GRPOTrainer
-        from intellect.protocol.model import load_model
+        from intellect.protocol.model import eos_token_ids, load_model
 
         if self.config.threads:
             torch.set_num_threads(self.config.threads)
         self.base_dir = base_model_dir(self.config.model, self.state_dir / "models")
         model, self.tokenizer = load_model(self.base_dir, dtype=torch.float32)
+        # the run's one EOS set, from the policy folder: announced to nodes, checked by intake
+        self.eos_ids = eos_token_ids(self.tokenizer, self.base_dir)
         trainer_config = self.config.trainer.model_copy(
             update={"pad_token_id": self.tokenizer.pad_token_id or 0})
         self.trainer = GRPOTrainer(model, trainer_config)
@@ -114,7 +121,8 @@ class Coordinator:
 
     def _setup_intake(self) -> None:
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
-                             self.tokenizer, policy_for=self.policy_for, steps=lambda: (self.collect_step, self.train_step))
+                             self.tokenizer, self.eos_ids, policy_for=self.policy_for,
+                             steps=lambda: (self.collect_step, self.train_step))
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
@@ -172,7 +180,8 @@ class Coordinator:
                        task=self.config.task, train_step=self.collect_step, latest_policy_step=self.train_step,
                        async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
                        completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
-                       temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir))
+                       temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir),
+                       eos_token_ids=sorted(self.eos_ids))
 
     def announce(self) -> None:
         envelope = seal(self.identity, MessageKind.RUN_INFO, self.run_id, encode_body(self.run_info()))

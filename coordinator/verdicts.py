@@ -2,13 +2,15 @@
 
 Reason values are wire and ledger strings (nodes and `intellect-node ledger` read them): never rename.
 
-What this module does not know: which check raises which reason (coordinator/checks.py), or what a
-reason costs the node (the ledger's ban policy).
+What this module does not know: which check raises which reason (coordinator/checks.py), or how
+much a strike weighs and when a key is banned (the ledger's BanPolicy).
 """
 
 from __future__ import annotations
 
 from enum import StrEnum
+
+from intellect.protocol.messages import IN_FLIGHT
 
 
 class Reason(StrEnum):
@@ -17,6 +19,7 @@ class Reason(StrEnum):
     BAD_ENVELOPE = "bad_envelope"
     WRONG_RUN = "wrong_run"
     REPLAY = "replay"
+    IN_FLIGHT = IN_FLIGHT  # another copy of the file or batch is being validated: ask again later
     BATCH_REUSED = "batch_reused"
     COUNTER_SKIPPED = "counter_skipped"  # a batch counter past the node's highest + 1 for that policy step
     BANNED = "banned"
@@ -34,12 +37,16 @@ class Reason(StrEnum):
 
 
 # Rejections that do not prove the signer misbehaved: recorded, but no strike towards a ban.
-NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.BANNED,
+NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.IN_FLIGHT, Reason.BANNED,
              Reason.STALE_POLICY}
 
 
 class Rejected(Exception):
-    def __init__(self, reason: Reason, detail: str = "") -> None:
+    """`statistical`: the check is a statistical test that honest nodes fail now and then (the EOS
+    probability rule), so the rejection weighs less than hard evidence."""
+
+    def __init__(self, reason: Reason, detail: str = "", statistical: bool = False) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason = reason
         self.detail = detail
+        self.statistical = statistical

@@ -81,7 +81,7 @@ def verify_file(path: Path, coordinator_state: Path, checkpoint: Path | None = N
     with tempfile.TemporaryDirectory() as tmp, \
             Ledger(ledger_path if ledger_path.is_file() else Path(tmp) / "ledger.sqlite") as ledger:
         ctx = CheckContext(run=run_rules(config, run_id), config=config.intake, tokenizer=tokenizer,
-                           eos_ids=eos_token_ids(tokenizer), policy_for=lambda _: model,
+                           eos_ids=eos_token_ids(tokenizer, policy_dir), policy_for=lambda _: model,
                            steps=lambda: (step, step), batch_holder=ledger.batch_holder,
                            highest_counter=ledger.highest_batch_counter,
                            row_secret=secret.read_bytes() if (secret := coordinator_state / "row_secret").is_file()

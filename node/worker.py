@@ -31,6 +31,7 @@ from intellect.node.status import NodeStatus
 from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import (
+    IN_FLIGHT,
     SUBMIT_RPC,
     RunInfo,
     SubmissionHeader,
@@ -176,6 +177,7 @@ class Worker:
             self.status.engine, self.status.device = self.engine.name, str(self.engine.device)
         else:
             self.engine.load_weights(folder)
+        self.engine.eos_ids = frozenset(info.eos_token_ids)  # the run's one EOS set, as intake checks it
         self.loaded_step = step
         self.status.policy_step = step
         return step
@@ -254,6 +256,8 @@ class Worker:
         except (SwarmError, TimeoutError, WireRejected) as e:
             self.status.pending = len(list(self.outbox.glob("*.parquet")))
             raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
+        if verdict.reason == IN_FLIGHT:  # an earlier copy is still being validated: its verdict comes on a resend
+            raise WorkError("the coordinator is still validating an earlier copy of this batch; it is retried")
         self._record(path, verdict, envelope)
         self.num_batches += 1
         return verdict

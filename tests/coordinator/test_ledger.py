@@ -13,7 +13,9 @@ import pytest
 
 from intellect.coordinator.ledger import (
     ACCEPTED,
+    BanPolicy,
     DuplicateSubmission,
+    Evidence,
     Ledger,
     LedgerError,
     Submission,
@@ -41,7 +43,7 @@ def test_wal_mode_and_schema_version(tmp_path):
     Ledger(path).close()
     db = sqlite3.connect(path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     db.execute("PRAGMA user_version=99")
     db.close()
     with pytest.raises(LedgerError, match="schema version 99"):
@@ -92,25 +94,101 @@ def test_replay_detected_and_nothing_recorded(tmp_path):
         assert ledger.recent_verdicts(1)[0].content_hash is None
 
 
-def test_automatic_ban_after_max_failures_and_unban(tmp_path):
-    with Ledger(tmp_path / "l.sqlite", max_failures=3) as ledger:
-        ledger.record_submission(sub("h1"), Verdict(False, "bad_reward"))
-        ledger.record_rejection(A, "replay")
-        ledger.record_submission(sub("h2"), OK)  # accepted work starts the count over
-        ledger.record_submission(sub("h3"), Verdict(False, "proof_mismatch"))
-        ledger.record_rejection(A, "replay")
-        assert not ledger.is_banned(A)
-        ledger.record_rejection(A, "bad_schema")  # the third failure in a row
+def test_automatic_ban_after_strikes_and_unban(tmp_path):
+    with Ledger(tmp_path / "l.sqlite", BanPolicy(strikes=3, window=10)) as ledger:
+        ledger.record_submission(sub("h1"), Verdict(False, "reward_mismatch"))
+        ledger.record_rejection(A, "replay", evidence=Evidence.NONE)  # proves nothing: no strike
+        ledger.record_submission(sub("h2"), OK)
+        ledger.record_submission(sub("h3"), Verdict(False, "toploc_failed"))
+        assert not ledger.is_banned(A) and ledger.strikes(A) == 2
+        ledger.record_rejection(A, "bad_schema")  # the third strike among its last 4 judged submissions
         assert ledger.is_banned(A)
-        assert "3 failed submissions" in ledger.ban_reason(A)
+        assert "3 strikes in its last 4 judged submissions, last bad_schema" in ledger.ban_reason(A)
         assert not ledger.is_banned(B)
         ledger.unban(A)
-        assert not ledger.is_banned(A)
-        ledger.record_rejection(A, "replay")  # strikes start over after an unban
-        assert not ledger.is_banned(A)
+        assert not ledger.is_banned(A) and ledger.strikes(A) == 0  # forgiven
+        ledger.record_rejection(A, "bad_schema")
+        assert not ledger.is_banned(A) and ledger.strikes(A) == 1
         ledger.ban(B, "manual: spam")
         assert ledger.is_banned(B) and ledger.ban_reason(B) == "manual: spam"
         assert {r.public_key: r.banned for r in ledger.node_table()} == {A: False, B: True}
+
+
+def test_cheating_two_batches_in_three_is_banned(tmp_path):
+    """Cheat, cheat, honest, cheat, ...: never three failures in a row, so a consecutive count never
+    bans it; the window does, at the third cheat."""
+    with Ledger(tmp_path / "l.sqlite", BanPolicy(strikes=3, window=10)) as ledger:
+        for i in range(4):
+            assert not ledger.is_banned(A)
+            cheat = i % 3 != 2
+            ledger.record_submission(sub(f"h{i}"), Verdict(False, "reward_mismatch") if cheat else OK)
+        assert ledger.is_banned(A) and ledger.strikes(A) == 3
+
+
+def test_strikes_expire_with_the_window(tmp_path):
+    """A strike leaves the window after `window` newer judged submissions; verdicts that prove nothing
+    (replays, stale files) neither count nor push strikes out."""
+    with Ledger(tmp_path / "l.sqlite", BanPolicy(strikes=2, window=4)) as ledger:
+        ledger.record_submission(sub("bad0"), Verdict(False, "reward_mismatch"))
+        for i in range(10):
+            ledger.record_rejection(A, "stale_policy", evidence=Evidence.NONE)
+        assert ledger.strikes(A) == 1
+        for i in range(4):
+            ledger.record_submission(sub(f"ok{i}"), OK)
+        assert ledger.strikes(A) == 0  # four judged submissions later, out of the window
+        ledger.record_submission(sub("bad1"), Verdict(False, "reward_mismatch"))
+        assert not ledger.is_banned(A)
+
+
+def test_statistical_failures_add_a_fraction_of_a_strike(tmp_path):
+    """Honest nodes fail a statistical test now and then: it takes three of them to make one strike."""
+    with Ledger(tmp_path / "l.sqlite", BanPolicy(strikes=2, window=10, statistical_weight=1 / 3)) as ledger:
+        for i in range(5):
+            ledger.record_rejection(A, "bad_termination", evidence=Evidence.STATISTICAL)
+        assert not ledger.is_banned(A) and ledger.strikes(A) == pytest.approx(5 / 3)
+        ledger.record_rejection(A, "bad_termination", evidence=Evidence.STATISTICAL)
+        assert ledger.is_banned(A)
+        ledger.record_rejection(B, "toploc_failed")
+        ledger.record_rejection(B, "bad_termination", evidence=Evidence.STATISTICAL)
+        assert not ledger.is_banned(B) and ledger.strikes(B) == pytest.approx(4 / 3)
+
+
+_V1_SCHEMA = """
+CREATE TABLE nodes (public_key TEXT PRIMARY KEY, peer_id TEXT NOT NULL, first_seen REAL NOT NULL,
+                    last_seen REAL NOT NULL, strikes INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE submissions (id INTEGER PRIMARY KEY, content_hash TEXT NOT NULL UNIQUE,
+    node TEXT NOT NULL REFERENCES nodes(public_key), policy_step INTEGER NOT NULL, train_step INTEGER NOT NULL,
+    num_completions INTEGER NOT NULL, num_tokens INTEGER NOT NULL, received_at REAL NOT NULL, stored_path TEXT,
+    batch_key TEXT UNIQUE);
+CREATE INDEX submissions_train_step ON submissions(train_step);
+CREATE TABLE verdicts (id INTEGER PRIMARY KEY, submission INTEGER UNIQUE REFERENCES submissions(id),
+    node TEXT NOT NULL REFERENCES nodes(public_key), accepted INTEGER NOT NULL CHECK (accepted IN (0, 1)),
+    reason TEXT NOT NULL, detail TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX verdicts_node ON verdicts(node);
+CREATE TABLE bans (node TEXT PRIMARY KEY REFERENCES nodes(public_key), reason TEXT NOT NULL, at REAL NOT NULL);
+CREATE TABLE credit (node TEXT PRIMARY KEY REFERENCES nodes(public_key), accepted_tokens INTEGER NOT NULL DEFAULT 0,
+    accepted_completions INTEGER NOT NULL DEFAULT 0);
+INSERT INTO nodes VALUES ('{a}', 'in-a', 1, 1, 2), ('{b}', 'in-b', 1, 1, 3);
+INSERT INTO verdicts(node, accepted, reason, detail, at) VALUES ('{a}', 0, 'reward_mismatch', '', 1);
+INSERT INTO bans VALUES ('{b}', 'automatic', 1);
+PRAGMA user_version=1;
+"""
+
+
+def test_version_1_ledger_is_migrated(tmp_path):
+    """A ledger written by the consecutive-strikes version opens: verdicts and bans kept, old strikes
+    forgotten."""
+    path = tmp_path / "l.sqlite"
+    db = sqlite3.connect(path)
+    db.executescript(_V1_SCHEMA.format(a=A, b=B))
+    db.close()
+    with Ledger(path, BanPolicy(strikes=2)) as ledger:
+        assert ledger.is_banned(B) and not ledger.is_banned(A) and ledger.strikes(A) == 0
+        assert ledger.counts_by_reason() == {"reward_mismatch": 1}
+        ledger.record_rejection(A, "reward_mismatch")
+        ledger.record_rejection(A, "reward_mismatch")
+        assert ledger.is_banned(A)
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 2
 
 
 def test_contradictory_verdict_rolls_back(tmp_path):
@@ -134,8 +212,8 @@ def test_persists_across_reopen(tmp_path):
 _WRITER = textwrap.dedent(
     """
     import sys
-    from intellect.coordinator.ledger import ACCEPTED, Ledger, Submission, Verdict
-    ledger = Ledger(sys.argv[1], max_failures=10**9)
+    from intellect.coordinator.ledger import ACCEPTED, BanPolicy, Ledger, Submission, Verdict
+    ledger = Ledger(sys.argv[1], BanPolicy(strikes=10**9))
     i = 0
     while True:
         verdict = Verdict(True, ACCEPTED) if i % 3 else Verdict(False, "bad_reward", "x" * 500)

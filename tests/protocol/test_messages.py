@@ -28,7 +28,7 @@ def examples():
         RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c", coordinator_addrs=["/ip4/127.0.0.1/tcp/1"],
                 task=TaskConfig(name="arithmetic", length_targets=(16, 32)), train_step=3, latest_policy_step=2,
                 async_level=2, prompts_per_batch=8, completions_per_prompt=4, max_new_tokens=48, temperature=1.0,
-                model_config_hash=H),
+                model_config_hash=H, eos_token_ids=[0, 2]),
         SubmissionHeader(policy_step=1, batch_counter=1, num_completions=32, num_tokens=999, file_sha256=H,
                          file_size=123),
         Verdict(file_sha256=H, accepted=False, reason="toploc_failed", detail="chunk 3"),

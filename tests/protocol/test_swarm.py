@@ -111,7 +111,7 @@ def test_store_time_validator_takes_only_our_sealed_records():
     info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
                    task=TaskConfig(name="arithmetic"), train_step=3, latest_policy_step=3, async_level=1,
                    prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
-                   model_config_hash="c" * 64)
+                   model_config_hash="c" * 64, eos_token_ids=[2])
     run_info = seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
     ours = record(COORD, run_info_key(), run_info, now + 300)
     assert validator.validate(as_stored(run_info_key(), COORD.public_key_hex, ours, now + 300))
@@ -255,7 +255,7 @@ def run_info_envelope(train_step: int) -> bytes:
     info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
                    task=TaskConfig(name="arithmetic"), train_step=train_step, latest_policy_step=train_step,
                    async_level=1, prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
-                   model_config_hash="c" * 64)
+                   model_config_hash="c" * 64, eos_token_ids=[2])
     return seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
 
 
