@@ -455,3 +455,40 @@ def test_a_grader_timeout_is_the_same_zero_for_node_and_coordinator():
     assert completion_reward(task, config, problem, "7, hang on", 10, 30) == wrong == pytest.approx((-0.2, 0.0, 0.2))
     with pytest.raises(ValidationError):
         TaskConfig(grade_timeout_s=0)
+
+
+_KILLED_MID_GRADING = r"""
+from intellect.protocol.tasks import Problem, grade_with_timeout
+from intellect.protocol.tasks.timelimit import _helper
+from tests.protocol.test_tasks import SleepyTask
+grade_with_timeout(SleepyTask(), Problem(0, "q", "7"), "7", timeout_s=60)
+print(_helper._process.pid, flush=True)
+grade_with_timeout(SleepyTask(), Problem(0, "q", "7"), "hang", timeout_s=600)
+"""
+
+
+def test_grading_helper_leaves_with_its_parent():
+    """SIGKILL the process while its helper hangs in a grading: the helper exits too (no orphan)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    parent = subprocess.Popen([sys.executable, "-c", _KILLED_MID_GRADING], stdout=subprocess.PIPE, text=True,
+                              env=dict(os.environ, PYTHONPATH=root))
+    try:
+        helper = int(parent.stdout.readline())
+        time.sleep(1.0)  # the hanging grading has begun
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        try:
+            os.kill(helper, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(helper, 9)
+    pytest.fail("the grading helper outlived its parent")
