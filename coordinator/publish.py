@@ -3,6 +3,10 @@ manifest, put it under the run's manifest key for its step, announce that
 the origin holds every shard, and serve them (rate-limited, super-seeding so each shard leaves the
 origin about once while peers spread it).
 
+When the step before is still published, the manifest also gives each changed shard a delta against
+it (protocol/manifest.add_deltas), served like the shards, so nodes holding that step fetch a few
+percent of the checkpoint.
+
 Records expire in the DHT, so a background thread republishes the last `cache_steps` steps.
 
 What this module does not know: training; it is handed a checkpoint folder and a step number.
@@ -15,7 +19,14 @@ import threading
 from pathlib import Path
 
 from intellect.protocol.identity import Identity
-from intellect.protocol.manifest import ShardStore, manifest_digest, shard_checkpoint, sign_manifest
+from intellect.protocol.manifest import (
+    ShardStore,
+    add_deltas,
+    manifest_deltas,
+    manifest_digest,
+    shard_checkpoint,
+    sign_manifest,
+)
 from intellect.protocol.messages import PolicyManifest, ShardAnnounce, encode_body
 from intellect.protocol.model import model_config_hash
 from intellect.protocol.swarm import Swarm, SwarmError
@@ -50,8 +61,12 @@ class Publisher:
         manifest = shard_checkpoint(checkpoint, self.store, run_id=self.swarm.run_id, policy_step=step,
                                     model_config_hash=config_hash or model_config_hash(checkpoint),
                                     shard_size=shard_size)
+        with self._lock:
+            base = self._published.get(step - 1)
+        if base is not None:
+            manifest = add_deltas(manifest, base[1], self.store)
         signed = sign_manifest(self.identity, manifest)
-        self.server.allow(s.sha256 for s in manifest.shards)
+        self.server.allow(_blobs(manifest))
         with self._lock:
             self._published[step] = (signed, manifest)
             for old in sorted(self._published)[:-self.config.cache_steps]:
@@ -63,14 +78,14 @@ class Publisher:
         ttl = self.config.record_ttl_s
         self.swarm.publish(manifest_key(step), signed, ttl)
         body = ShardAnnounce(policy_step=step, manifest_sha256=manifest_digest(signed),
-                             shard_sha256s=sorted({s.sha256 for s in manifest.shards}), complete=True)
+                             shard_sha256s=sorted(_blobs(manifest)), complete=True)
         self.swarm.publish(shards_key(step),
                            seal(self.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body)), ttl)
 
     def _retire(self, step: int) -> None:
         _, manifest = self._published.pop(step)
-        live = {s.sha256 for _, m in self._published.values() for s in m.shards}
-        gone = {s.sha256 for s in manifest.shards} - live
+        live = {sha for _, m in self._published.values() for sha in _blobs(m)}
+        gone = _blobs(manifest) - live
         self.server.disallow(gone)
         for sha in gone:
             self.store.remove(sha)
@@ -88,3 +103,8 @@ class Publisher:
     def close(self) -> None:
         self._stop.set()
         self._refresher.join(timeout=5.0)
+
+
+def _blobs(manifest: PolicyManifest) -> set[str]:
+    """Everything the origin serves for a step: its shards and their deltas."""
+    return {s.sha256 for s in manifest.shards} | {d.sha256 for d in manifest_deltas(manifest)}

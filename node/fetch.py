@@ -7,6 +7,12 @@ checks each against the manifest as it lands, announces and serves it at once, a
 checkpoint folder. Verified shards stay on disk, so a restarted node fetches only what it lacks; a peer
 that served bad bytes is dropped for good; timeouts move the shard to another holder.
 
+Deltas: when the manifest gives a shard a delta and the node holds the delta's base (the shard at the
+same place of the step before), it fetches the delta instead (checked against its signed hash like a
+shard, so a wrong one is a bad peer), rebuilds the shard and checks it against the manifest before
+use; after `MAX_DELTA_FAILURES` failed copies, or a delta that does not rebuild, it fetches the whole
+shard. Held deltas are announced and served like shards.
+
 What this module does not know: models or engines (it hands back a folder), or how the swarm travels.
 """
 
@@ -23,13 +29,17 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from intellect.protocol.delta import DeltaRejected
 from intellect.protocol.manifest import (
     ShardRejected,
     ShardStore,
     assemble,
+    delta_entry,
+    manifest_deltas,
     manifest_digest,
     missing_shards,
     open_manifest,
+    rebuild_shard,
 )
 from intellect.protocol.messages import PolicyManifest, ShardAnnounce, ShardEntry, decode_body, encode_body
 from intellect.protocol.swarm import PeerKey, RemoteError, Swarm, SwarmError
@@ -39,6 +49,7 @@ from intellect.protocol.swarm.shard_server import ShardServer, call_get_shard
 from intellect.protocol.wire import MessageKind, WireRejected, seal
 
 logger = logging.getLogger(__name__)
+MAX_DELTA_FAILURES = 2  # bad or failed copies of a delta before the node takes the whole shard
 
 
 class ShardUnavailable(Exception):
@@ -70,10 +81,15 @@ class FetchTuning:
 
 @dataclass
 class _Job:
-    entry: ShardEntry
+    entry: ShardEntry  # the shard this job gets the node
     peer: PeerKey
     others_failed: bool
+    blob: ShardEntry  # what it downloads: the shard itself, or its delta
     started: float = field(default_factory=time.monotonic)
+
+    @property
+    def is_delta(self) -> bool:
+        return self.blob.sha256 != self.entry.sha256
 
 
 class ShardFetcher:
@@ -165,10 +181,17 @@ class ShardFetcher:
 
     def _download(self, step: int, manifest: PolicyManifest, digest: str, deadline: float) -> None:
         pending = {e.sha256: e for e in missing_shards(manifest, self.store)}
+        state = _PickState()
+        for sha, entry in list(pending.items()):
+            if entry.delta is None or not self.store.has(entry.delta.base_sha256):
+                continue
+            if self.store.has(entry.delta.sha256) and self._rebuild(entry):  # fetched before a restart
+                pending.pop(sha)
+            else:
+                state.deltas[sha] = delta_entry(entry.delta)
         total = sum(e.size for e in manifest.shards)
         done_bytes = total - sum(e.size for e in pending.values())
         started, first_done = time.monotonic(), done_bytes
-        state = _PickState()
         jobs: dict[Future, _Job] = {}
         with ThreadPoolExecutor(self.tuning.parallel, thread_name_prefix="shard-fetch") as pool:
             while pending:
@@ -181,7 +204,7 @@ class ShardFetcher:
                     job = self._pick(pending, jobs.values(), state)
                     if job is None:
                         break
-                    jobs[pool.submit(call_get_shard, self.swarm, job.peer, job.entry,
+                    jobs[pool.submit(call_get_shard, self.swarm, job.peer, job.blob,
                                      self.tuning.shard_timeout_s, job.others_failed)] = job
                 if not jobs and time.monotonic() - state.failures_cleared > 2.0:
                     state.failed.clear()  # every holder failed once: give them another chance
@@ -200,7 +223,8 @@ class ShardFetcher:
                 future.cancel()
 
     def _pick(self, pending: dict[str, ShardEntry], running, state: _PickState) -> _Job | None:
-        """Next (shard, peer): rarest shard first from the least-loaded peer; the origin last."""
+        """Next (shard, peer): rarest shard first from the least-loaded peer; the origin last. A shard
+        with a usable delta is looked up, and fetched, by the delta's hash."""
         now = time.monotonic()
         busy = {j.entry.sha256 for j in running}
         load = Counter(j.peer for j in running)
@@ -209,15 +233,15 @@ class ShardFetcher:
         best = None
         if not self.tuning.origin_only:
             for sha in usable:
-                peers = [p for p in state.holders.get(sha, ()) if p != origin and self._usable(p, load, state, now)
-                         and p not in state.failed[sha]]
+                peers = [p for p in state.holders.get(state.blob(pending[sha]).sha256, ())
+                         if p != origin and self._usable(p, load, state, now) and p not in state.failed[sha]]
                 if peers:
                     peer = min(peers, key=lambda p: (load[p], random.random()))
                     key = (len(peers), load[peer], random.random())
                     if best is None or key < best[0]:
                         best = (key, sha, peer)
             if best is not None:
-                return _Job(pending[best[1]], best[2], False)
+                return _Job(pending[best[1]], best[2], False, state.blob(pending[best[1]]))
         limit = self.tuning.parallel if self.tuning.origin_only else self.tuning.origin_parallel
         if load[origin] >= limit or not self._usable(origin, Counter(), state, now):
             return None
@@ -225,8 +249,9 @@ class ShardFetcher:
         if not candidates:
             return None
         sha = random.choice(candidates)
-        others_failed = bool(state.failed[sha]) or any(p in self.bad_peers for p in state.holders.get(sha, ()))
-        return _Job(pending[sha], origin, others_failed)
+        blob = state.blob(pending[sha])
+        others_failed = bool(state.failed[sha]) or any(p in self.bad_peers for p in state.holders.get(blob.sha256, ()))
+        return _Job(pending[sha], origin, others_failed, blob)
 
     def _usable(self, peer: PeerKey, load: Counter, state: _PickState, now: float) -> bool:
         return (peer not in self.bad_peers and peer != self.swarm.identity.public_key
@@ -238,11 +263,13 @@ class ShardFetcher:
         is_origin = peer == self.coordinator_key
         try:
             data = future.result()
-            self.store.put(job.entry, data)
+            self.store.put(job.blob, data)
         except ShardRejected as e:
             self.bad_peers[peer] = str(e)
-            self.stats["shards_rejected"] += 1
-            logger.warning("peer %s served a bad shard (%s); dropping it", peer.hex()[:12], e)
+            self.stats["deltas_rejected" if job.is_delta else "shards_rejected"] += 1
+            logger.warning("peer %s served a bad %s (%s); dropping it", peer.hex()[:12],
+                           "delta" if job.is_delta else "shard", e)
+            self._delta_failed(job, state)
             return False
         except RemoteError as e:
             self.stats[f"remote_{e.code}"] += 1
@@ -255,6 +282,7 @@ class ShardFetcher:
                 state.cooldown[peer] = now + random.uniform(0.1, 0.5)
             else:
                 state.failed[sha].add(peer)
+                self._delta_failed(job, state)
             return False
         except SwarmError as e:
             self.stats["transfer_errors"] += 1
@@ -262,15 +290,47 @@ class ShardFetcher:
             state.errors[peer] += 1
             state.cooldown[peer] = now + min(30.0, 0.5 * 2 ** state.errors[peer])
             logger.info("shard %s from %s failed: %s", sha[:12], peer.hex()[:12], e)
+            self._delta_failed(job, state)
             return False
         state.errors[peer] = 0
-        self.stats["bytes_downloaded"] += job.entry.size
-        self.stats["bytes_from_origin" if is_origin else "bytes_from_peers"] += job.entry.size
-        self.stats["shards_downloaded"] += 1
+        self.stats["bytes_downloaded"] += job.blob.size
+        self.stats["bytes_from_origin" if is_origin else "bytes_from_peers"] += job.blob.size
         state.sources.add(peer)
-        self.server.allow([sha])
+        self.server.allow([job.blob.sha256])
         self._dirty.set()
+        if not job.is_delta:
+            self.stats["shards_downloaded"] += 1
+            return True
+        self.stats["delta_bytes"] += job.blob.size
+        if self._rebuild(job.entry):
+            return True
+        self._delta_failed(job, state, give_up=True)
+        return False
+
+    def _rebuild(self, entry: ShardEntry) -> bool:
+        """Shard = its held base + its held delta, checked against the manifest. False (and the delta
+        dropped) when the signed delta does not rebuild the shard: the node then fetches it whole."""
+        try:
+            rebuild_shard(entry, self.store)
+        except (ShardRejected, DeltaRejected) as e:
+            self.stats["deltas_unusable"] += 1
+            logger.warning("shard %s: its delta does not rebuild it (%s); fetching it whole", entry.sha256[:12], e)
+            self.server.disallow([entry.delta.sha256])
+            self.store.remove(entry.delta.sha256)
+            return False
+        self.stats["shards_from_delta"] += 1
+        self.server.allow([entry.sha256])
         return True
+
+    def _delta_failed(self, job: _Job, state: _PickState, give_up: bool = False) -> None:
+        """Count a failed copy of a delta; past the limit (or at once with `give_up`) fetch the whole shard."""
+        if not job.is_delta:
+            return
+        sha = job.entry.sha256
+        state.delta_failures[sha] += 1
+        if (give_up or state.delta_failures[sha] >= MAX_DELTA_FAILURES) and state.deltas.pop(sha, None):
+            self.stats["delta_fallbacks"] += 1
+            state.failed[sha].clear()  # they failed the delta, not the shard
 
     def _report(self, step, manifest, done_bytes, total, first_done, started, state) -> None:
         if self.progress is None:
@@ -303,8 +363,7 @@ class ShardFetcher:
     # ---- announcing and serving -------------------------------------------------------------------
 
     def _follow(self, step: int, manifest: PolicyManifest, signed: bytes) -> None:
-        held = [s.sha256 for s in manifest.shards if self.store.has(s.sha256)]
-        self.server.allow(held)
+        self.server.allow(self._held(manifest))
         with self._lock:
             self._announce[step] = (manifest_digest(signed), manifest)
         self._dirty.set()
@@ -329,17 +388,22 @@ class ShardFetcher:
     def _publish_announce(self, step: int, digest: str, manifest: PolicyManifest) -> None:
         if self.config.client_mode:
             return
-        shas = sorted({s.sha256 for s in manifest.shards if self.store.has(s.sha256)})
+        shas = self._held(manifest)
         if not shas:
             return
         body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas,
-                             complete=len(shas) == len({s.sha256 for s in manifest.shards}))
+                             complete=all(self.store.has(s.sha256) for s in manifest.shards))
         envelope = seal(self.swarm.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body))
         try:
             self.swarm.publish(shards_key(step), envelope, self.config.record_ttl_s)
         except (SwarmError, TimeoutError, OSError) as e:
             logger.info("announce for step %s failed: %s (will retry)", step, e)
             self._dirty.set()
+
+    def _held(self, manifest: PolicyManifest) -> list[str]:
+        """The manifest's shards and deltas this node holds (and so serves)."""
+        wanted = {s.sha256 for s in manifest.shards} | {d.sha256 for d in manifest_deltas(manifest)}
+        return sorted(sha for sha in wanted if self.store.has(sha))
 
     # ---- the cache --------------------------------------------------------------------------------
 
@@ -357,7 +421,9 @@ class ShardFetcher:
         referenced = set()
         for step in self._cached_steps():
             try:
-                referenced.update(s.sha256 for s in self._manifest_from_disk(step)[0].shards)
+                manifest = self._manifest_from_disk(step)[0]
+                referenced.update(s.sha256 for s in manifest.shards)
+                referenced.update(d.sha256 for d in manifest_deltas(manifest))
             except (OSError, WireRejected):
                 continue
         orphans = self.store.held() - referenced
@@ -414,6 +480,12 @@ class _PickState:
     origin_busy_until: dict[str, float] = field(default_factory=dict)
     errors: Counter = field(default_factory=Counter)
     sources: set = field(default_factory=set)
+    deltas: dict[str, ShardEntry] = field(default_factory=dict)  # shard sha -> its delta, while the delta is wanted
+    delta_failures: Counter = field(default_factory=Counter)
+
+    def blob(self, entry: ShardEntry) -> ShardEntry:
+        """What to download for this shard: its delta while that is wanted, else the shard."""
+        return self.deltas.get(entry.sha256, entry)
 
 
 def envelope_bytes(envelope) -> bytes:

@@ -186,3 +186,161 @@ def test_cache_keeps_last_steps_and_reports_progress(tmp_path):
         publisher.close()
         node_swarm.close()
         origin_swarm.close()
+
+
+# ---- deltas: in-process origin and node swarms (each with its own DHT process and daemon) -------------
+
+
+def make_policy_steps(folder: Path, size_mb: float = 1.0, num_steps: int = 2) -> list[Path]:
+    """bf16 checkpoints of consecutive policy steps: each moves 2% of the weights by one bf16 ulp."""
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(1)
+    numel = int(size_mb * 1e6 / 2)
+    tensors = {"embed.weight": torch.randn(numel // 2, generator=gen).to(torch.bfloat16),
+               "head.weight": torch.randn(numel - numel // 2, generator=gen).to(torch.bfloat16)}
+    folders = []
+    for step in range(1, num_steps + 1):
+        out = folder / f"step{step}"
+        out.mkdir(parents=True)
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps({"numel": numel}))
+        folders.append(out)
+        for name, t in tensors.items():
+            words = t.view(torch.int16).clone()
+            words[torch.randint(0, numel // 2, (numel // 100,), generator=gen)] += 1
+            tensors[name] = words.view(torch.bfloat16)
+    return folders
+
+
+class DeltaSwarm:
+    """A publishing origin and any number of fetching nodes, all in this process."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        from intellect.coordinator.publish import Publisher
+        from intellect.protocol.identity import Identity
+        from intellect.protocol.swarm import SwarmConfig, setup_swarm
+        from intellect.protocol.wire import run_id_for
+
+        self.tmp_path = tmp_path
+        self.coord = Identity.from_seed(b"delta-coord")
+        self.run_id = run_id_for(self.coord.public_key, "delta")
+        self.origin = setup_swarm(SwarmConfig(host="127.0.0.1"), self.coord, self.run_id, self.coord.public_key)
+        self.publisher = Publisher(self.origin, self.coord, SwarmConfig(host="127.0.0.1"), tmp_path / "coord")
+        self.nodes: dict = {}
+
+    def node(self, name: str, server_class=None):
+        from intellect.node.fetch import FetchTuning, ShardFetcher
+        from intellect.protocol.identity import Identity
+        from intellect.protocol.manifest import ShardStore
+        from intellect.protocol.swarm import SwarmConfig, setup_swarm
+
+        config = SwarmConfig(host="127.0.0.1", bootstrap=self.origin.visible_addrs())
+        swarm = setup_swarm(config, Identity.from_seed(name.encode()), self.run_id, self.coord.public_key)
+        cache = self.tmp_path / name
+        server = server_class(ShardStore(cache / "shards")) if server_class else None
+        fetcher = ShardFetcher(swarm, config, cache, self.coord.public_key, server=server,
+                               tuning=FetchTuning(shard_timeout_s=20))
+        self.nodes[name] = (swarm, fetcher)
+        return fetcher
+
+    def wait_announced(self, step: int, holder, shas: set[str], timeout: float = 30) -> None:
+        """Until the DHT shows `holder` announcing every one of `shas` for `step`."""
+        from intellect.protocol.messages import ShardAnnounce, decode_body
+        from intellect.protocol.swarm.keys import shards_key
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for envelope in self.origin.read(shards_key(step)):
+                if envelope.sender == holder and shas <= set(decode_body(ShardAnnounce, envelope.body).shard_sha256s):
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"step {step}: holder never announced its {len(shas)} blobs")
+
+    def close(self) -> None:
+        for swarm, fetcher in self.nodes.values():
+            fetcher.close()
+            swarm.close()
+        self.publisher.close()
+        self.origin.close()
+
+
+@pytest.fixture
+def delta_swarm(tmp_path):
+    s = DeltaSwarm(tmp_path)
+    yield s
+    s.close()
+
+
+def changed_shards(fetcher, step: int) -> list:
+    new, _ = fetcher.manifest(step)
+    old = {s.sha256 for s in fetcher.manifest(step - 1)[0].shards}
+    return [s for s in new.shards if s.sha256 not in old]
+
+
+@pytest.mark.slow
+def test_delta_path_equals_full_path_and_peers_serve_deltas(delta_swarm, tmp_path):
+    steps = make_policy_steps(tmp_path / "policies")
+    a, b = delta_swarm.node("a"), delta_swarm.node("b")
+    delta_swarm.publisher.publish(steps[0], 1, shard_size=64 * 1024)
+    for node in (a, b):
+        node.fetch(1, timeout_s=60)
+    manifest = delta_swarm.publisher.publish(steps[1], 2, shard_size=64 * 1024)
+    assert manifest.delta_base_step == 1
+
+    before = dict(a.stats)
+    via_delta = a.fetch(2, timeout_s=60)
+    got = {k: a.stats[k] - before.get(k, 0) for k in a.stats}
+    changed = changed_shards(a, 2)
+    assert len(changed) >= 10 and all(s.delta is not None for s in changed)
+    assert got["shards_from_delta"] == len(changed) and got.get("shards_downloaded", 0) == 0
+    assert got["bytes_downloaded"] == got["delta_bytes"] == sum(s.delta.size for s in changed)
+    assert got["bytes_downloaded"] < 0.2 * sum(s.size for s in changed)
+
+    c = delta_swarm.node("c")  # holds no step 1: fetches whole shards
+    full = c.fetch(2, timeout_s=60)
+    assert c.stats.get("shards_from_delta", 0) == 0 and c.stats.get("delta_bytes", 0) == 0
+    assert c.stats["shards_downloaded"] == len({s.sha256 for s in manifest.shards})
+    for f in ("model.safetensors", "config.json"):
+        assert (via_delta / f).read_bytes() == (full / f).read_bytes() == (steps[1] / f).read_bytes()
+
+    # the origin stops serving: b (holding step 1) gets the deltas from a, who announced them
+    delta_swarm.wait_announced(2, delta_swarm.nodes["a"][0].identity.public_key, {s.delta.sha256 for s in changed})
+    delta_swarm.publisher.server.disallow(delta_swarm.publisher.store.held())
+    from_peer = b.fetch(2, timeout_s=60)
+    assert b.stats["shards_from_delta"] == len(changed) and b.stats.get("bytes_from_origin", 0) == 0
+    assert b.stats["delta_bytes"] == sum(s.delta.size for s in changed)
+    assert sha256_of(from_peer / "model.safetensors") == sha256_of(steps[1] / "model.safetensors")
+
+
+@pytest.mark.slow
+def test_corrupted_delta_is_refused_and_a_rotten_base_falls_back_to_the_shard(delta_swarm, tmp_path):
+    from fetch_worker import CorruptShardServer
+
+    steps = make_policy_steps(tmp_path / "policies")
+    a = delta_swarm.node("a")
+    delta_swarm.publisher.publish(steps[0], 1, shard_size=64 * 1024)
+    a.fetch(1, timeout_s=60)
+    evil = delta_swarm.node("evil", CorruptShardServer)  # after a's first fetch: a has not met it yet
+    evil.fetch(1, timeout_s=60)
+    delta_swarm.publisher.publish(steps[1], 2, shard_size=64 * 1024)
+    evil.fetch(2, timeout_s=60)  # it holds the deltas now, and serves them with a flipped byte
+    changed = changed_shards(a, 2)
+    evil_key = delta_swarm.nodes["evil"][0].identity.public_key
+    delta_swarm.wait_announced(2, evil_key, {s.delta.sha256 for s in changed})
+    rotten = changed[0]  # a's copy of this shard's base rots on disk: its delta cannot rebuild it
+    base = a.store.path(rotten.delta.base_sha256)
+    base.write_bytes(bytes([base.read_bytes()[0] ^ 1]) + base.read_bytes()[1:])
+
+    before = dict(a.stats)
+    out = a.fetch(2, timeout_s=90)
+    got = {k: a.stats[k] - before.get(k, 0) for k in a.stats}
+    assert sha256_of(out / "model.safetensors") == sha256_of(steps[1] / "model.safetensors")
+    assert evil_key in a.bad_peers
+    assert got.get("deltas_rejected", 0) >= 1  # its deltas are the first thing a asks it for
+    assert got.get("deltas_rejected", 0) + got.get("shards_rejected", 0) <= 2  # dropped after its first
+    assert got["deltas_unusable"] == 1 and got["delta_fallbacks"] == 1
+    assert got["shards_downloaded"] == 1 and got["shards_from_delta"] == len(changed) - 1
