@@ -14,8 +14,12 @@ network namespaces, --natted of the nodes each behind its own NAT router, every 
 "shaping", "peer_share" (bytes nodes got from peers / bytes they got) and "nat_first_accept_s" (null:
 this bench moves checkpoints only; tests/test_netns.py runs the whole loop behind NATs).
 
+With --delta it measures policy updates as shard deltas instead (bench/delta.py, whose options follow:
+real GRPO steps on SmolLM2, one JSON line per learning rate with delta_share, full_share and exact).
+
 Usage: python bench/distribution.py --nodes 8 --size-mb 64 --origin-mbit 200
        sudo .venv/bin/python bench/distribution.py --netns --nodes 8 --natted 4 --size-mb 64
+       python bench/distribution.py --delta --lr 1e-6 --lr 3e-7
 """
 
 from __future__ import annotations
@@ -91,6 +95,11 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
 
 
 def main() -> None:
+    if "--delta" in sys.argv[1:]:
+        import delta  # bench/delta.py, beside this file
+
+        delta.main([a for a in sys.argv[1:] if a != "--delta"])
+        return
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--nodes", type=int, default=8)
     p.add_argument("--size-mb", type=float, default=64)
