@@ -3,6 +3,8 @@ origin's super-seeding. Used alike by the coordinator (origin) and by nodes (who
 
 Request: the shard's sha256 as 64 lowercase hex characters, optionally followed by "!" meaning "every
 other holder I knew of failed me". Answer: the shard's bytes, or a refusal (not_found, busy, bad_request).
+A shard delta (protocol/delta.py) is served the same way, named by its own sha256: to this module it
+is one more content-addressed blob in the store.
 
 Super-seeding (BitTorrent's trick for a slow origin): the origin sends each shard to one peer, refuses
 ("busy") a shard it is sending or has sent in the last `hold_s` seconds, so others take it from peers.
