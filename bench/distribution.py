@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import tempfile
 import time
@@ -141,6 +142,7 @@ def run_netns(tmp: Path, checkpoint: Path, args) -> tuple[dict, dict, dict]:
     why = netns_harness.unavailable()
     if why:
         raise SystemExit(f"--netns: {why}")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the namespaces are deleted
     shape = netns_harness.Shape(args.delay_ms, args.loss_pct, args.link_mbit)
     with netns_harness.Network(tmp, shape) as net:
         hosts = {"origin": net.add_public("origin")}
