@@ -43,7 +43,7 @@ class IntakeConfig(BaseModel):
                                   description="...or when any EOS ending is below this floor (0: off).")
     max_logprob_abs_err: float = Field(0.25, gt=0,
                                        description="Largest mean |claimed - recomputed| sampled-token log-prob.")
-    tie_tolerance: float = Field(0.25, ge=0, le=5,  # = protocol.sampling.DEFAULT_TIE_TOLERANCE
+    tie_tolerance: float = Field(0.5, ge=0, le=5,  # = protocol.sampling.DEFAULT_TIE_TOLERANCE
                                  description="Sampling check: a claimed token that is not the seeded sampler's pick "
                                              "but whose noisy score is within this (logit units) of it is a tie, "
                                              "not a mismatch (docs/protocol.md has the measurements).")

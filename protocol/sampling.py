@@ -46,7 +46,7 @@ GUMBEL_MIN = float(_TABLE_NP[0])  # -2.68
 GUMBEL_MAX = float(_TABLE_NP[-1])  # 14.56
 # A claimed token that is not the validator's argmax but scores within this much of it (in logit
 # units: the gap in logits / T times T) is a tie, not a mismatch. Measured: docs/protocol.md.
-DEFAULT_TIE_TOLERANCE = 0.25
+DEFAULT_TIE_TOLERANCE = 0.5
 DENSE_FRACTION = 0.25  # above this share of tokens left to hash, hash them all (same result, faster)
 
 

@@ -39,3 +39,10 @@ def test_ledger_keeps_the_highest_batch_counter_per_node_and_step(tmp_path):
         assert ledger.highest_batch_counter("aa", 4) == 0 and ledger.highest_batch_counter("bb", 3) == 0
     with Ledger(tmp_path / "ledger.sqlite") as ledger:  # kept across restarts
         assert ledger.highest_batch_counter("aa", 3) == 2
+
+
+def test_run_default_tie_tolerance_is_the_protocol_default():
+    from intellect.coordinator.rules import IntakeConfig
+    from intellect.protocol.sampling import DEFAULT_TIE_TOLERANCE
+
+    assert IntakeConfig().tie_tolerance == DEFAULT_TIE_TOLERANCE
