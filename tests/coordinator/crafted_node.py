@@ -29,16 +29,17 @@ from pathlib import Path
 import numpy as np
 
 from intellect.node.config import NodeConfig
-from intellect.node.engine import TorchEngineConfig, setup_engine
+from intellect.node.engine import SamplingParams, TorchEngineConfig, setup_engine
 from intellect.node.fetch import ShardFetcher
 from intellect.node.status import NodeStatus
 from intellect.node.worker import Worker, WorkError
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import SUBMIT_RPC, SubmissionHeader, Verdict, decode_body, encode_submission
-from intellect.protocol.rollouts import RolloutBatch, read_rollouts, rollouts_to_bytes
+from intellect.protocol.rollouts import RolloutBatch, rollouts_to_bytes
 from intellect.protocol.swarm import SwarmConfig, setup_swarm
 from intellect.protocol.tasks import completion_reward, group_advantages, setup_task
-from intellect.protocol.toploc_torch import verify_completions
+from intellect.protocol.toploc import build_chunk_proofs, decode_chunks
+from intellect.protocol.toploc_torch import prefill_final_norm, verify_completions
 from intellect.protocol.wire import MessageKind, open_envelope, seal
 
 NUM_FALSE_SIGNATURES = 4  # bad signatures claiming the victim's key: more than ban_after_failures
@@ -242,7 +243,7 @@ class CraftedNode:
         """Batch 1 answered twice (fresh samples): a node keeping only its luckiest answers."""
         w = self.worker(case)
         self.emit(case, w, self.generate(w))
-        w.counters_path.unlink()
+        w.counters_path.unlink(missing_ok=True)  # generating does not advance the counter, writing does
         again = self.generate(w)
         assert again.meta.batch_counter == 1
         self.emit(case, w, again)
@@ -324,24 +325,85 @@ class CraftedNode:
         self.emit(case, w, dataclasses.replace(batch, rows=rows))
 
 
-    def case_concurrent(self, case: str) -> None:
-        """Resends racing the first copy: batch 1 signed three times (a node whose first call timed out),
-        another file for batch 1's seed signed twice between them, then batch 2 signed four times."""
+    # ------------------------------------------------------------------ sampling attacks (issue 11)
+    # Each one passes TOPLOC (proofs rebuilt by one prefill of the real policy, or made by it) and
+    # the log-prob check (log-probs recomputed at the run's temperature): only the seeded sampler
+    # check can tell.
+
+    def _reproved(self, batch: RolloutBatch, outputs: list[list[int]] | None = None) -> RolloutBatch:
+        """Rows with these output tokens, proofs rebuilt by a prefill of the policy, log-probs the
+        policy's at the run's temperature, rewards and advantages recomputed."""
+        model = self.base.engine.model
+        outputs = outputs or [r.output_tokens for r in batch.rows]
+        rows = []
+        for r, out in zip(batch.rows, outputs, strict=True):
+            hidden = prefill_final_norm(model, r.input_tokens, out)
+            proof = b"".join(build_chunk_proofs(decode_chunks(hidden, 32), 128)) if len(out) > 1 else b""
+            rows.append(dataclasses.replace(r, output_tokens=list(out), proof=proof))
+        checks = verify_completions(model, [r.input_tokens for r in rows], [r.output_tokens for r in rows],
+                                    [r.proof for r in rows], temperature=self.info.temperature)
+        rows = [dataclasses.replace(r, output_logprobs=c.token_logprobs) for r, c in zip(rows, checks, strict=True)]
+        return self.rescore(dataclasses.replace(batch, rows=rows))
+
+    def case_edited_one_token(self, case: str) -> None:
+        """One token of one completion replaced (the middle one), then re-proved."""
         w = self.worker(case)
         batch = self.generate(w)
-        first = rollouts_to_bytes(batch)
-        other = rollouts_to_bytes(self._forge_reward(batch))  # other bytes for the same seed
-        w.counters_path.write_text(json.dumps({str(self.step): 1}))
-        second = rollouts_to_bytes(self.generate(w))
-        for data in (first, first, other, first, other, second, second, second, second):
-            self.emit(case, w, read_rollouts(data), data=data)
+        outputs = [list(r.output_tokens) for r in batch.rows]
+        k = len(outputs[0]) // 2
+        outputs[0][k] = (outputs[0][k] + 1) % 1000 + 1000  # another ordinary token
+        self.emit(case, w, self._reproved(batch, outputs))
+
+    def _colder(self, case: str, temperature: float) -> None:
+        """Sampled at `temperature` (with the run's own seeds), claimed at the run's temperature."""
+        w = self.worker(case)
+        batch = self.generate(w, info=self.info.model_copy(update={"temperature": temperature}))
+        meta = batch.meta.model_copy(update={"sampling": batch.meta.sampling.model_copy(
+            update={"temperature": self.info.temperature})})
+        self.emit(case, w, self._reproved(dataclasses.replace(batch, meta=meta)))
+
+    def case_colder_sampling(self, case: str) -> None:
+        self._colder(case, 0.2)
+
+    def case_greedy(self, case: str) -> None:
+        self._colder(case, 0.0)
+
+    def case_best_of_4(self, case: str) -> None:
+        """Four samples per completion (seeds of the node's own choosing), the highest reward kept."""
+        w = self.worker(case)
+        batch = self.generate(w)
+        params = SamplingParams(temperature=self.info.temperature, max_tokens=self.info.max_new_tokens, proofs=True)
+        tries = [self.base.engine.generate([r.input_tokens for r in batch.rows], params,
+                                           [10_000 * k + i for i in range(len(batch.rows))]) for k in range(1, 5)]
+        outputs = []
+        for i, r in enumerate(batch.rows):
+            def reward(c, r=r):
+                text = self.base.tokenizer.decode(c.output_tokens, skip_special_tokens=True)
+                return completion_reward(self.task, self.info.task, self.task.problem(r.problem_index), text,
+                                         r.target_length, len(c.output_tokens))[0]
+            outputs.append(max((t[i] for t in tries), key=reward).output_tokens)
+        self.emit(case, w, self._reproved(batch, outputs))
+
+    def case_other_model_reproved(self, case: str) -> None:
+        """Tokens sampled by another model, then proved with the policy by one prefill."""
+        w = self.worker(case, engine=self.wrong_engine)
+        batch = self.generate(w)
+        self.emit(case, w, self._reproved(batch))
+
+    def case_counter_skipped(self, case: str) -> None:
+        """An honest batch 3 from a key that never sent batches 1 and 2 of this step."""
+        w = self.worker(case)
+        w.counters_path.write_text(json.dumps({str(self.step): 2}))
+        batch = self.generate(w)
+        assert batch.meta.batch_counter == 3
+        self.emit(case, w, batch)
 
 
 CASES = ["honest_swarm", "wrong_model", "edited_tokens", "swapped_proofs", "forged_reward",
          "forged_advantage", "cherry_picked", "bad_target_length", "stale_policy", "during_training", "unknown_policy", "replay",
          "batch_reused", "oversize", "bad_signature", "bad_signature_swarm", "wrong_run", "malformed_parquet",
          "wrong_temperature", "banned", "stop_without_eos", "length_short", "improbable_eos", "forged_logprobs",
-         "concurrent"]
+         "edited_one_token", "colder_sampling", "greedy", "best_of_4", "other_model_reproved", "counter_skipped"]
 
 
 def main() -> int:
