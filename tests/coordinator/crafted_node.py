@@ -35,7 +35,7 @@ from intellect.node.status import NodeStatus
 from intellect.node.worker import Worker, WorkError
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import SUBMIT_RPC, SubmissionHeader, Verdict, decode_body, encode_submission
-from intellect.protocol.rollouts import RolloutBatch, rollouts_to_bytes
+from intellect.protocol.rollouts import RolloutBatch, read_rollouts, rollouts_to_bytes
 from intellect.protocol.swarm import SwarmConfig, setup_swarm
 from intellect.protocol.tasks import completion_reward, group_advantages, setup_task
 from intellect.protocol.toploc import build_chunk_proofs, decode_chunks
@@ -324,6 +324,18 @@ class CraftedNode:
         rows = [dataclasses.replace(r, output_logprobs=[-0.01] * len(r.output_tokens)) for r in batch.rows]
         self.emit(case, w, dataclasses.replace(batch, rows=rows))
 
+    def case_concurrent(self, case: str) -> None:
+        """Resends racing the first copy: batch 1 signed three times (a node whose first call timed out),
+        another file for batch 1's seed signed twice between them, then batch 2 signed four times."""
+        w = self.worker(case)
+        batch = self.generate(w)
+        first = rollouts_to_bytes(batch)
+        other = rollouts_to_bytes(self._forge_reward(batch))  # other bytes for the same seed
+        w.counters_path.write_text(json.dumps({str(self.step): 1}))
+        second = rollouts_to_bytes(self.generate(w))
+        for data in (first, first, other, first, other, second, second, second, second):
+            self.emit(case, w, read_rollouts(data), data=data)
+
 
     # ------------------------------------------------------------------ sampling attacks (issue 11)
     # Each one passes TOPLOC (proofs rebuilt by one prefill of the real policy, or made by it) and
@@ -403,7 +415,8 @@ CASES = ["honest_swarm", "wrong_model", "edited_tokens", "swapped_proofs", "forg
          "forged_advantage", "cherry_picked", "bad_target_length", "stale_policy", "during_training", "unknown_policy", "replay",
          "batch_reused", "oversize", "bad_signature", "bad_signature_swarm", "wrong_run", "malformed_parquet",
          "wrong_temperature", "banned", "stop_without_eos", "length_short", "improbable_eos", "forged_logprobs",
-         "edited_one_token", "colder_sampling", "greedy", "best_of_4", "other_model_reproved", "counter_skipped"]
+         "concurrent", "edited_one_token", "colder_sampling", "greedy", "best_of_4", "other_model_reproved",
+         "counter_skipped"]
 
 
 def main() -> int:
