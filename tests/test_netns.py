@@ -2,8 +2,8 @@
 nodes each behind its own NAT router (masquerade, nothing inbound), every link shaped. The real
 `intellect-node coordinator` and `join` commands run inside the namespaces. The tests share one run and
 go in file order: NATed nodes complete policy steps; each node's reachability line names its case; the
-coordinator's link goes down for 30 s and the nodes carry on by themselves; a SIGKILLed coordinator
-leaves no process behind in its namespace.
+coordinator's link goes down for 30 s and the nodes carry on by themselves; a coordinator restarted on
+the same key and port is found again; a SIGKILLed coordinator leaves no process behind in its namespace.
 
 Skipped (with the reason) only where namespaces cannot be made: not root, or no `ip`/`nft`."""
 
@@ -31,6 +31,11 @@ def node_cmd(run_file, state_dir, host: netns_harness.Host) -> list[str]:
                    "--threads", "1", "--host", host.ip, "--headless")
 
 
+def swarm_coordinator_cmd(tmp, coord: netns_harness.Host) -> list[str]:
+    return command("coordinator", "--config", str(tmp / "coordinator.toml"), "--headless", "--host", coord.ip,
+                   "--port", str(PORT))
+
+
 def status(tmp, name: str) -> dict:
     try:
         return json.loads((tmp / name / "status.json").read_text())
@@ -42,7 +47,7 @@ def status(tmp, name: str) -> dict:
 def swarm(tmp_path_factory, tiny_model_path):
     tmp = tmp_path_factory.mktemp("netns")
     state = tmp / "coordinator"
-    config = write_toml(tmp / "coordinator.toml", {
+    write_toml(tmp / "coordinator.toml", {
         "state_dir": state, "run_name": "netns", "model": str(tiny_model_path), "async_level": 1,
         "batches_per_step": 1, "threads": 1, "shard_size": 4_000_000,
         "rollouts": {"prompts_per_batch": 2, "completions_per_prompt": 4, "max_new_tokens": 16, "temperature": 1.0},
@@ -55,8 +60,7 @@ def swarm(tmp_path_factory, tiny_model_path):
         coord = net.add_public("coord")
         hosts = {"pub": net.add_public("pub"), "nat1": net.add_natted("nat1"), "nat2": net.add_natted("nat2")}
         procs = net.procs
-        procs.start(coord, "coordinator", command("coordinator", "--config", str(config), "--headless",
-                                                  "--host", coord.ip, "--port", str(PORT)))
+        procs.start(coord, "coordinator", swarm_coordinator_cmd(tmp, coord))
         run_file = state / "run.toml"
 
         def ready():
@@ -112,6 +116,22 @@ def test_nodes_recover_by_themselves_after_the_coordinators_link_was_down(swarm)
         return all(accepted(tmp, n) > before[n] for n in NODES)
 
     wait_for(all_again, 420, "a newly accepted batch from every node after the link came back",
+             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
+
+
+def test_a_coordinator_restarted_on_the_same_key_and_port_is_found_again(swarm):
+    """Nobody re-runs `join`: the nodes keep running and reach the new coordinator process."""
+    _, procs, tmp, coord, _ = swarm
+    procs.procs["coordinator"].terminate()
+    assert procs.wait_exit("coordinator", 60) == 0, procs.tails("coordinator")
+    before = {n: accepted(tmp, n) for n in NODES}
+    procs.start(coord, "coordinator", swarm_coordinator_cmd(tmp, coord))
+
+    def all_again():
+        procs.check_alive("coordinator", *NODES)
+        return all(accepted(tmp, n) > before[n] for n in NODES)
+
+    wait_for(all_again, 600, "a newly accepted batch from every node after the restart",
              lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
 
 

@@ -74,6 +74,7 @@ _MAX_ERROR_BYTES = 1024
 _REQUEST_READ_TIMEOUT_S = 30.0
 _ED25519_PUBKEY_PB = b"\x08\x01\x12\x20"  # libp2p PublicKey protobuf: type Ed25519, 32-byte data
 _PROTO_PREFIX = "intellect."
+_REBOOTSTRAP_EVERY_S = 15.0
 _MAX_IN_FLIGHT_PER_PEER = 2
 
 
@@ -191,6 +192,7 @@ class HivemindSwarm(Swarm):
         self._thread.start()
         self._workers = ThreadPoolExecutor(max_workers=_HANDLER_THREADS, thread_name_prefix="swarm-handler")
         self._closed = False
+        self._last_rebootstrap = 0.0
         self._dialback_lock = threading.Lock()
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
         if not config.client_mode:
@@ -245,6 +247,7 @@ class HivemindSwarm(Swarm):
             future = self._dht.get(dht_key(self.run_id, key), latest=True, return_future=True)
         found = future.result(timeout=60.0)
         if found is None:
+            self._rebootstrap_soon()
             return []
         if not isinstance(found.value, dict):
             self._count("rejected_no_subkey")
@@ -259,6 +262,18 @@ class HivemindSwarm(Swarm):
                 if envelope is not None:
                     envelopes.append(envelope)
         return envelopes
+
+    def _rebootstrap_soon(self) -> None:
+        """A read found nothing: maybe our bootstrap peer restarted with an empty DHT (a coordinator on
+        the same key and port) and neither side lists the other. Dial and ping the bootstrap peers again
+        in the background (at most every _REBOOTSTRAP_EVERY_S), so both routing tables hold each other."""
+        now = time.monotonic()
+        if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
+            return
+        self._last_rebootstrap = now
+        with self._dht_lock:
+            self._dht.run_coroutine(functools.partial(_ping_peers, list(self.config.bootstrap)), return_future=True)
+        self._count("rebootstraps")
 
     # ---- handlers ---------------------------------------------------------------------------------
 
@@ -487,6 +502,25 @@ async def _read_request(reader, max_request_bytes: int) -> bytes:
     if size > max_request_bytes:
         raise RequestRefused("too_large", f"request of {size} bytes exceeds {max_request_bytes}")
     return await reader.readexactly(size)
+
+
+async def _ping_peers(maddrs: list[str], _dht, node) -> int:
+    """In the DHT process: connect to each multiaddr (/ip4/../tcp/../p2p/ID) and ping its DHT; a ping
+    puts each side in the other's routing table. Returns how many answered."""
+    from hivemind.p2p import PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    answered = 0
+    for addr in maddrs:
+        try:
+            maddr = Multiaddr(addr)
+            peer = PeerID.from_base58(maddr.value_for_protocol("p2p"))
+            await asyncio.wait_for(node.p2p._client.connect(peer, [maddr.decapsulate(Multiaddr(f"/p2p/{peer}"))]),
+                                   10.0)
+            answered += await node.protocol.call_ping(peer) is not None
+        except (ValueError, *_net_errors()) as e:
+            logger.debug("re-bootstrap through %s failed: %s", addr, e)
+    return answered
 
 
 async def _drain_quietly(writer) -> None:
