@@ -175,8 +175,12 @@ def test_cache_keeps_last_steps_and_reports_progress(tmp_path):
             out = fetcher.fetch(step, timeout_s=60)
             assert sha256_of(out / "model.safetensors") == sha256_of(tmp_path / f"ck{step}" / "model.safetensors")
         assert sorted(p.name for p in (tmp_path / "cache" / "steps").iterdir()) == ["2", "3"]
-        wanted = {s.sha256 for step in (2, 3) for s in fetcher.manifest(step)[0].shards}
-        assert fetcher.store.held() == wanted
+        from intellect.protocol.manifest import manifest_deltas
+
+        manifests = [fetcher.manifest(step)[0] for step in (2, 3)]
+        wanted = {s.sha256 for m in manifests for s in m.shards} | {d.sha256 for m in manifests
+                                                                    for d in manifest_deltas(m)}
+        assert fetcher.store.held() == wanted  # the shards and the deltas (served too) of the kept steps
         assert seen and seen[-1].bytes_done == seen[-1].bytes_total and seen[-1].rate_bytes_per_s > 0
         fetcher.config = config.model_copy(update={"max_cache_bytes": 1})
         fetcher.prune(keep_step=3)  # over the disk cap: only the step in use survives
