@@ -238,10 +238,12 @@ def test_gpu_bf16_step_matches_layouts():
     data = samples(16, seed=5)
     metrics = []
     for collate, rows in (("packing", 1), ("padding", 4)):
-        cfg = config(collate=collate, micro_batch_rows=rows, loss=LossConfig(aggregation="token_mean"))
-        model = tiny_llama().cuda()
+        cfg = config(collate=collate, micro_batch_rows=rows, device="cuda",
+                     loss=LossConfig(aggregation="token_mean"))
+        model = tiny_llama()  # the trainer moves it to the GPU (fp32 master weights)
         metrics.append(GRPOTrainer(model, cfg).train_step(data))
         assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert next(model.parameters()).is_cuda and next(model.parameters()).dtype == torch.float32
     assert metrics[0]["loss"] == pytest.approx(metrics[1]["loss"], abs=2e-2)
     assert metrics[0]["entropy"] == pytest.approx(metrics[1]["entropy"], rel=1e-2)
 
