@@ -54,7 +54,8 @@ class Swarm(abc.ABC):
 
     @abc.abstractmethod
     def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
-        """Store our signed envelope under `key` (a name from `keys`), subkey = our public key."""
+        """Store our signed envelope under `key` (a name from `keys`), subkey = our public key, for `ttl_s`.
+        The answer is a hint: hivemind reports the last replica's reply, and a vandal's storage says no."""
 
     @abc.abstractmethod
     def read(self, key: str) -> list[Envelope]:

@@ -240,8 +240,9 @@ def test_records_are_checked_when_stored(pair):
             vandal.store(key, b"junk", now + 1e9)  # a plain value: today it blocks every later subkey store
             vandal.store(key, b"junk", now + 1e9, subkey=PEER.public_key_hex)
             vandal.store(key, announce(EVIL), now + 1e9, subkey=EVIL.public_key_hex)
-        assert b.publish(shards_key(9), announce(PEER), 60)
-        assert a.publish(shards_key(9), announce(COORD), 60)
+        # not asserted: hivemind reports the answer of the last replica to reply, which may be the vandal's no
+        b.publish(shards_key(9), announce(PEER), 60)
+        a.publish(shards_key(9), announce(COORD), 60)
         for step in (7, 9):
             assert {e.sender for e in a.read(shards_key(step))} == {PEER.public_key, COORD.public_key}
             assert {e.sender for e in b.read(shards_key(step))} == {PEER.public_key, COORD.public_key}
@@ -333,23 +334,23 @@ def test_requests_beyond_the_in_flight_limit_are_refused_busy(pair):
 
     def slow(peer, request):
         entered.set()
-        release.wait(60)
+        release.wait(120)
         return b"done"
 
     a.register_request_handler("slow", slow, max_request_bytes=16, max_in_flight=1)
-    first = threading.Thread(target=lambda: results.append(b.call(COORD.public_key, "slow", b"1", timeout=60)))
     results = []
+    first = threading.Thread(target=lambda: results.append(b.call(COORD.public_key, "slow", b"1", timeout=120)))
     first.start()
     try:
-        assert entered.wait(30)
+        assert entered.wait(90)
         with pytest.raises(RemoteError) as e:  # refused before its (oversized) request is read
-            b.call(COORD.public_key, "slow", b"x" * 1000, timeout=30)
+            b.call(COORD.public_key, "slow", b"x" * 1000, timeout=60)
         assert e.value.code == "busy" and a.stats["refused_slow_busy"] == 1
     finally:
         release.set()
-        first.join(60)
+        first.join(120)
     assert results == [b"done"]
-    assert b.call(COORD.public_key, "slow", b"2", timeout=30) == b"done"  # the slot is free again
+    assert b.call(COORD.public_key, "slow", b"2", timeout=60) == b"done"  # the slot is free again
 
 
 @pytest.mark.slow
