@@ -252,8 +252,9 @@ def submit_concurrently(r: Run) -> None:
             t.join()
         release.set()
         first.join()
-        for t in together(("x3", x3)) + together(("y2", y2)):
-            t.join()
+        for name, data in (("x3", x3), ("y2", y2)):  # one after the other: both hold x1's batch key
+            for t in together((name, data)):
+                t.join()
         for t in together(*[("z", z) for z in zs]):
             t.join()
     finally:
@@ -370,8 +371,9 @@ def test_every_rejection_reason_is_exercised(run):
 
 def test_verify_runs_the_intake_checks(run):
     """`verify` judges files with the intake's own check list: an accepted file passes every check;
-    a forged advantage fails exactly the rewards check; the second answer to one seed fails the batch
-    check (found in the coordinator's ledger), while the first answer, itself in the ledger, passes."""
+    a forged advantage fails exactly the rewards check; another file for an accepted batch's seed
+    (with a forged reward) fails the batch check, found in the coordinator's ledger, and the rewards
+    check, while the accepted file, itself in the ledger, passes."""
     from intellect.coordinator.checks import CHECKS
     from intellect.coordinator.verify import check_name, verify_file
 
@@ -385,9 +387,9 @@ def test_verify_runs_the_intake_checks(run):
         assert [r.name for r in results] == names
         return {r.name: r.detail for r in results if not r.ok}
 
-    first, second = run.files("batch_reused")
-    assert failures(first) == {}
-    assert list(failures(second)) == ["batch unseen"]
+    accepted, other = run.files("concurrent")[0], run.files("concurrent")[2]
+    assert failures(accepted) == {}
+    assert list(failures(other)) == ["batch unseen", "rewards"]
     failed = failures(run.files("forged_advantage")[0])
     assert list(failed) == ["rewards"] and failed["rewards"].startswith("advantage_mismatch")
 
