@@ -240,13 +240,18 @@ class CraftedNode:
         self.emit(case, w, batch, data=data)
 
     def case_batch_reused(self, case: str) -> None:
-        """Batch 1 answered twice (fresh samples): a node keeping only its luckiest answers."""
+        """Batch 1 answered twice: a node keeping only its luckiest answers. Its seeds make a second
+        honest answer the same file (a replay), so the second copy re-samples completion 0 off-seed."""
         w = self.worker(case)
         self.emit(case, w, self.generate(w))
         w.counters_path.unlink(missing_ok=True)  # generating does not advance the counter, writing does
         again = self.generate(w)
         assert again.meta.batch_counter == 1
-        self.emit(case, w, again)
+        params = SamplingParams(temperature=self.info.temperature, max_tokens=self.info.max_new_tokens)
+        c = self.base.engine.generate([again.rows[0].input_tokens], params, [12345])[0]
+        row = dataclasses.replace(again.rows[0], output_tokens=c.output_tokens, output_logprobs=c.output_logprobs,
+                                  proof=c.proofs, finish_reason=c.finish_reason)
+        self.emit(case, w, self.rescore(dataclasses.replace(again, rows=[row] + again.rows[1:])))
 
     def case_oversize(self, case: str) -> None:
         w = self.worker(case)
