@@ -463,9 +463,21 @@ class HivemindSwarm(Swarm):
         except (SwarmError, *_net_errors()):
             pass  # the daemon belongs to the DHT process, which we stop next
         self._dht.shutdown()
+        try:  # handlers still running would otherwise die with the loop ("Event loop is closed")
+            self._run(_cancel_pending_tasks(), timeout=5.0)
+        except (SwarmError, *_net_errors()):
+            pass
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5.0)
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _cancel_pending_tasks() -> None:
+    """Cancel every other task on this loop and wait for them to unwind (their writers close cleanly)."""
+    tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 _HANDLER_THREADS = 8  # request handlers run here; InFlight bounds what waits for them
