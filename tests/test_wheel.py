@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TOPS = ("node", "protocol", "coordinator")
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # core dependencies no module imports by name, and why they are still needed
-USED_INDIRECTLY = {"gguf": "transformers reads the SmolLM2 GGUF (weights and tokenizer) with it"}
+USED_INDIRECTLY = {"gguf": "transformers reads the SmolLM2 GGUF (weights and tokenizer) with it",
+                   "accelerate": "transformers requires it to load a GGUF file (from_pretrained(gguf_file=...))"}
 IMPORT_NAMES = {"pydantic-settings": "pydantic_settings", "prometheus-client": "prometheus_client"}
 
 
