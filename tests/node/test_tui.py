@@ -43,7 +43,9 @@ def run(tmux, tmp_path_factory) -> SimpleNamespace:
 
 @pytest.mark.slow  # starts the module's coordinator (10-30 s)
 def test_dashboard_shows_run_step_and_nodes_table(tmux, run):
-    screen = tmux.wait_screen("coordinator", r"nodes", 60, "the dashboard").string
+    # wait for the last part drawn (the nodes table header), so the capture holds a whole frame
+    header_pattern = r"peer id.*tokens/s.*policy.*accepted.*rejected.*credit.*last seen.*banned"
+    screen = tmux.wait_screen("coordinator", header_pattern, 120, "the dashboard").string
     assert "intellect-node coordinator" in screen
     assert re.search(rf"run\s+{re.escape(run.run_id)}\s+coordinator in-", screen), screen
     assert re.search(r"step\s+\d+\s+collecting \d+/\d+ batches", screen), screen
