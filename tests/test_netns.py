@@ -104,19 +104,25 @@ def test_reachability_names_each_nodes_case(swarm):
         assert "client_mode" in lines[n] and "use_auto_relay" in lines[n], lines  # and what to do
 
 
+def _wait_for_new_accepts(procs, tmp, before: dict, timeout: float, when: str) -> dict:
+    """Wait until every node has a batch accepted beyond `before` (all processes alive); the counts."""
+    def all_again():
+        procs.check_alive("coordinator", *NODES)
+        return all(accepted(tmp, n) > before[n] for n in NODES)
+
+    wait_for(all_again, timeout, f"a newly accepted batch from every node {when}",
+             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
+    return {n: accepted(tmp, n) for n in NODES}
+
+
 def test_nodes_recover_by_themselves_after_the_coordinators_link_was_down(swarm):
     net, procs, tmp, coord, _ = swarm
     before = {n: accepted(tmp, n) for n in NODES}
     net.link(coord, up=False)
     time.sleep(LINK_DOWN_S)
     net.link(coord, up=True)
-
-    def all_again():
-        procs.check_alive("coordinator", *NODES)
-        return all(accepted(tmp, n) > before[n] for n in NODES)
-
-    wait_for(all_again, 420, "a newly accepted batch from every node after the link came back",
-             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
+    after = _wait_for_new_accepts(procs, tmp, before, 420, "after the link came back")
+    assert all(after[n] > before[n] for n in NODES), (before, after)
 
 
 def test_a_coordinator_restarted_on_the_same_key_and_port_is_found_again(swarm):
@@ -126,13 +132,8 @@ def test_a_coordinator_restarted_on_the_same_key_and_port_is_found_again(swarm):
     assert procs.wait_exit("coordinator", 60) == 0, procs.tails("coordinator")
     before = {n: accepted(tmp, n) for n in NODES}
     procs.start(coord, "coordinator", swarm_coordinator_cmd(tmp, coord))
-
-    def all_again():
-        procs.check_alive("coordinator", *NODES)
-        return all(accepted(tmp, n) > before[n] for n in NODES)
-
-    wait_for(all_again, 600, "a newly accepted batch from every node after the restart",
-             lambda: json.dumps({n: status(tmp, n) for n in NODES}, indent=1) + procs.tails("coordinator", *NODES))
+    after = _wait_for_new_accepts(procs, tmp, before, 600, "after the restart")
+    assert all(after[n] > before[n] for n in NODES), (before, after)
 
 
 def test_a_sigkilled_coordinator_leaves_nothing_behind_in_its_namespace(swarm):
