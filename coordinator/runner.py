@@ -89,7 +89,7 @@ def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console)
         raise SystemExit(1)
 
 
-def show_dashboard(coordinator: Coordinator, done: threading.Event, extra=lambda: []) -> None:
+def show_dashboard(coordinator: Coordinator, done: threading.Event, extra=list) -> None:
     from intellect.coordinator.dashboard import heartbeats, render
 
     beats: dict = {}

@@ -105,8 +105,7 @@ def test_assembly_streams_in_bounded_memory(tmp_path):
     folder = tmp_path / "big"
     folder.mkdir()
     with open(folder / "model.safetensors", "wb") as f:
-        for _ in range(48):
-            f.write(os.urandom(1 << 20))
+        f.writelines(os.urandom(1 << 20) for _ in range(48))
     store, manifest, _ = publish(folder, tmp_path / "origin", shard_size=4 << 20)
     tracemalloc.start()
     assemble(manifest, store.path, tmp_path / "out")

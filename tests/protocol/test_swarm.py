@@ -358,7 +358,7 @@ def test_a_busy_coordinator_leaves_the_batch_in_the_outbox(pair, tmp_path):
     """A `busy` refusal reads to the node like a timeout: the batch stays in the outbox for the next turn."""
     from intellect.node.config import NodeConfig
     from intellect.node.status import NodeStatus
-    from intellect.node.worker import WorkError, Worker
+    from intellect.node.worker import Worker, WorkError
     from intellect.protocol.messages import SUBMIT_RPC
     from tests.protocol.test_rollouts import make_batch
 
