@@ -4,8 +4,9 @@ binary streams between peers named by their Ed25519 public keys.
 A peer's transport identity is derived from its node key, so the peer that answers a call is the key
 the caller named, and a handler learns the caller's key from the authenticated connection.
 
-What this module does not know: manifests, shards or the coordinator's logic; `setup_swarm` picks a
-backend (only hivemind today; a py-libp2p one would be a second module beside it).
+What this module does not know: manifests, shards or the coordinator's logic; `setup_swarm` imports only
+the backend `config.backend` names (hivemind and py-libp2p cannot share a process: each defines the
+protobuf symbol `crypto.pb.KeyType`).
 """
 
 from __future__ import annotations
@@ -90,6 +91,13 @@ class Swarm(abc.ABC):
 
 def setup_swarm(config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes) -> Swarm:
     """Start and join a swarm (raises SwarmJoinError naming the bootstrap peers tried)."""
+    if config.backend == "libp2p":
+        try:
+            from intellect.protocol.swarm.libp2p_backend import Libp2pSwarm
+        except ImportError as e:
+            raise SwarmJoinError(f"swarm.backend = 'libp2p' needs py-libp2p ({e}): pip install "
+                                 "'intellect-node[libp2p]'") from None
+        return Libp2pSwarm.start(config, identity, run_id, coordinator_key)
     from intellect.protocol.swarm.hivemind_backend import HivemindSwarm
 
     return HivemindSwarm.start(config, identity, run_id, coordinator_key)

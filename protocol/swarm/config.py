@@ -1,12 +1,12 @@
 """Settings of the peer-to-peer plane, one pydantic model shared by the node and the coordinator.
 
-What this module does not know: which backend runs the swarm or how the values are collected (TOML,
+What this module does not know: how a backend runs the swarm or how the values are collected (TOML,
 environment, CLI flags); the app's settings tree embeds `SwarmConfig` and validates it once.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -16,6 +16,9 @@ Multiaddr = Annotated[str, Field(min_length=1, max_length=256, pattern=r"^/")]
 class SwarmConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
+    backend: Literal["hivemind", "libp2p"] = Field(
+        "hivemind", description="Peer-to-peer stack: hivemind (its bundled Go daemon) or libp2p (py-libp2p, pure "
+                                "Python). Every peer of a run uses the coordinator's.")
     host: str = Field("0.0.0.0", description="IP address to listen on ('0.0.0.0' = all interfaces).")
     port: int = Field(0, ge=0, le=65535,
                       description="TCP port to listen on; 0 picks a free one. Fix it to forward it in a router.")

@@ -12,10 +12,7 @@ of other keys or runs and expirations past `max_record_ttl_s` never enter an hon
 Request handlers take at most `max_in_flight` requests at once (and 2 per caller); more are refused
 with `busy` before their bytes are read.
 
-Stream framing (both directions over one libp2p stream, protocol id `intellect.<name>`):
-  request:  u32 length, bytes
-  answer:   frames of u32 length + bytes; u32 0 ends the answer; u32 0xFFFFFFFF, u32 length and a
-            utf-8 "code\\ndetail" is a refusal (RemoteError on the caller's side).
+Streams use protocol id `intellect.<name>` and the framing of `framing`.
 
 What this module does not know: what the records, requests and streams mean.
 """
@@ -39,7 +36,6 @@ from collections import Counter
 from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
 
 import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
@@ -56,6 +52,17 @@ from intellect.protocol.swarm import (
     SwarmJoinError,
 )
 from intellect.protocol.swarm.config import SwarmConfig
+from intellect.protocol.swarm.framing import (
+    END,
+    MAX_IN_FLIGHT_PER_PEER,
+    REQUEST_READ_TIMEOUT_S,
+    InFlight,
+    node_key_of_bytes,
+    peer_id_bytes,
+    read_answer,
+    read_request,
+    refusal_frame,
+)
 from intellect.protocol.swarm.keys import (
     MAX_SEALED_BYTES,
     RecordRejected,
@@ -64,36 +71,32 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
+from intellect.protocol.swarm.reachability import (
+    CLIENT_MODE,
+    DIALBACK_RPC,
+    Reachability,
+    dialback_request,
+    judge,
+    parse_dialback_request,
+)
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
 
-_END = 0
-_ERR = 0xFFFFFFFF
-_MAX_ERROR_BYTES = 1024
-_REQUEST_READ_TIMEOUT_S = 30.0
-_ED25519_PUBKEY_PB = b"\x08\x01\x12\x20"  # libp2p PublicKey protobuf: type Ed25519, 32-byte data
 _PROTO_PREFIX = "intellect."
 _REBOOTSTRAP_EVERY_S = 15.0
-_MAX_IN_FLIGHT_PER_PEER = 2
 
 
 def libp2p_peer_id(peer: PeerKey):
     """The libp2p PeerID of a node key (identity multihash of the protobuf public key)."""
     from hivemind.p2p import PeerID
 
-    if len(peer) != 32:
-        raise ValueError("a node key is 32 bytes")
-    encoded = _ED25519_PUBKEY_PB + peer
-    return PeerID(b"\x00" + bytes([len(encoded)]) + encoded)
+    return PeerID(peer_id_bytes(peer))
 
 
 def node_key_of(peer_id) -> PeerKey | None:
     """Inverse of libp2p_peer_id; None for peers whose libp2p key is not an Ed25519 node key."""
-    raw = peer_id.to_bytes()
-    if len(raw) == 38 and raw[:2] == b"\x00\x24" and raw[2:6] == _ED25519_PUBKEY_PB:
-        return raw[6:]
-    return None
+    return node_key_of_bytes(peer_id.to_bytes())
 
 
 def _write_libp2p_key(identity: Identity, folder: str) -> str:
@@ -160,19 +163,6 @@ def _unpack_small(data: bytes, max_bytes: int = 256) -> object:
         raise RecordRejected("bad_record", f"not a msgpack scalar ({type(e).__name__})") from None
 
 
-@dataclass(frozen=True)
-class Reachability:
-    reachable: bool | None  # None: could not tell (no peer to ask)
-    detail: str
-    advice: str
-    case: str = "unknown"  # public | relayed | behind NAT | client mode | unknown
-
-    @property
-    def line(self) -> str:
-        """One line for the status screen: the case first, then what we saw and what to do."""
-        return f"{self.case}: {self.detail}" + (f". {self.advice}" if self.advice else "")
-
-
 def _net_errors() -> tuple[type[BaseException], ...]:
     from hivemind.p2p import P2PDaemonError, P2PHandlerError
 
@@ -196,7 +186,7 @@ class HivemindSwarm(Swarm):
         self._dialback_lock = threading.Lock()
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
         if not config.client_mode:
-            self.register_request_handler("swarm.dialback", self._rpc_dialback, max_request_bytes=4096)
+            self.register_request_handler(DIALBACK_RPC, self._rpc_dialback, max_request_bytes=4096)
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -282,7 +272,7 @@ class HivemindSwarm(Swarm):
         async def one_answer(peer: PeerKey, request: bytes):
             yield await self._loop.run_in_executor(self._workers, fn, peer, request)
 
-        self._register(name, one_answer, max_request_bytes, InFlight(max_in_flight, _MAX_IN_FLIGHT_PER_PEER))
+        self._register(name, one_answer, max_request_bytes, InFlight(max_in_flight, MAX_IN_FLIGHT_PER_PEER))
 
     def register_stream_handler(self, name: str, fn: StreamHandler, max_request_bytes: int = 4096) -> None:
         self._register(name, fn, max_request_bytes, None)  # stream handlers bound their own work (upload slots)
@@ -305,27 +295,26 @@ class HivemindSwarm(Swarm):
                 if not admitted:  # refused before a byte of the request is read
                     raise RequestRefused("busy", f"{in_flight.max_total} requests in flight "
                                                  f"({in_flight.max_per_peer} per peer): retry later")
-            request = await asyncio.wait_for(_read_request(reader, max_request_bytes), _REQUEST_READ_TIMEOUT_S)
+            request = await asyncio.wait_for(read_request(reader.readexactly, max_request_bytes),
+                                             REQUEST_READ_TIMEOUT_S)
             async for chunk in fn(peer, request):
                 if chunk:
                     writer.write(len(chunk).to_bytes(4, "big"))
                     writer.write(chunk)
                     await writer.drain()
-            writer.write(_END.to_bytes(4, "big"))
+            writer.write(END.to_bytes(4, "big"))
             await writer.drain()
             self._count(f"served_{name}")
         except RequestRefused as e:
             self._count(f"refused_{name}_{e.code}")
-            message = f"{e.code}\n{e.detail}".encode()[:_MAX_ERROR_BYTES]
-            writer.write(_ERR.to_bytes(4, "big") + len(message).to_bytes(4, "big") + message)
+            writer.write(refusal_frame(e.code, e.detail))
             await _drain_quietly(writer)
         except _net_errors():
             self._count(f"aborted_{name}")
         except Exception:  # a bug in a handler must not take the swarm down; answer, count and log it
             logger.exception("handler %s failed", name)
             self._count("handler_errors")
-            message = b"internal\nhandler failed"
-            writer.write(_ERR.to_bytes(4, "big") + len(message).to_bytes(4, "big") + message)
+            writer.write(refusal_frame("internal", "handler failed"))
             await _drain_quietly(writer)
         finally:
             if admitted:
@@ -356,20 +345,7 @@ class HivemindSwarm(Swarm):
         try:
             writer.write(len(request).to_bytes(4, "big") + request)
             await writer.drain()
-            buf = bytearray()
-            while True:
-                size = int.from_bytes(await reader.readexactly(4), "big")
-                if size == _END:
-                    return buf  # a bytearray: no copy of a shard-sized answer; reads like bytes
-                if size == _ERR:
-                    length = int.from_bytes(await reader.readexactly(4), "big")
-                    if length > _MAX_ERROR_BYTES:
-                        raise SwarmError(f"{name}: oversized refusal from {peer.hex()[:12]}")
-                    code, _, detail = (await reader.readexactly(length)).decode(errors="replace").partition("\n")
-                    raise RemoteError(code[:64], detail)
-                if len(buf) + size > max_bytes:
-                    raise SwarmError(f"{name}: answer from {peer.hex()[:12]} exceeds {max_bytes} bytes")
-                buf += await reader.readexactly(size)
+            return await read_answer(reader.readexactly, name, peer, max_bytes)
         finally:
             writer.close()
 
@@ -387,43 +363,20 @@ class HivemindSwarm(Swarm):
         public (dialled), relayed (not dialled, but we hold a relay address), behind NAT (neither),
         client mode (we do not listen), unknown (no peer to ask yet)."""
         if self.config.client_mode:
-            return Reachability(False, "this node only dials out", "fine for downloading, generating and "
-                                "submitting; to serve shards too, open the port and drop client_mode", "client mode")
+            return CLIENT_MODE
         addrs = self.visible_addrs()
-        relayed = [a for a in addrs if "/p2p-circuit" in a]
-        direct = [a for a in addrs if "/p2p-circuit" not in a]
-        request = msgpack.packb(direct[:8], use_bin_type=True)
         answers = []
         for peer in self.peers()[:2]:
             try:
-                answers.append(self.call(peer, "swarm.dialback", request, timeout=timeout).decode(errors="replace"))
+                answers.append(self.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
+                               .decode(errors="replace"))
             except SwarmError as e:
                 answers.append(f"error: {e}")
-        port = self.config.port or "(the port in your addresses)"
-        if any(a == "ok" for a in answers):
-            return Reachability(True, f"peers can dial {', '.join(direct)}", "", "public")
-        if relayed:
-            return Reachability(True, f"peers reach us through a relay ({relayed[0]})",
-                                f"works, but every byte goes through the relay: forward TCP port {port} for "
-                                "direct connections", "relayed")
-        if not answers:
-            return Reachability(None, "no peer to ask yet", "")
-        return Reachability(False, f"peers could not dial {', '.join(direct)} ({'; '.join(answers)})",
-                            "downloading, generating and submitting still work (they dial out), but no peer "
-                            f"can fetch shards from us. To serve: forward TCP port {port} in your router (fix "
-                            "swarm.port, set announce_addrs to /ip4/<public ip>/tcp/<port>), or set "
-                            "use_auto_relay = true to be reached through a relay; or set client_mode = true "
-                            "to stop trying", "behind NAT")
+        return judge(self.config, addrs, answers)
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""
-        try:
-            addrs = msgpack.unpackb(request, raw=False, max_array_len=8, max_str_len=256, max_bin_len=0,
-                                    max_map_len=0)
-        except (ValueError, msgpack.ExtraData, msgpack.FormatError, msgpack.StackError):
-            raise RequestRefused("bad_request", "expected a msgpack list of multiaddrs") from None
-        if type(addrs) is not list or not all(type(a) is str for a in addrs):
-            raise RequestRefused("bad_request", "expected a list of multiaddr strings")
+        addrs = parse_dialback_request(request)
         if not self._dialback_lock.acquire(blocking=False):
             raise RequestRefused("busy", "one dial-back at a time")
         try:
@@ -481,39 +434,6 @@ async def _cancel_pending_tasks() -> None:
 
 
 _HANDLER_THREADS = 8  # request handlers run here; InFlight bounds what waits for them
-
-
-class InFlight:
-    """How many requests one handler holds (read, queued or running), in total and per caller. Used on
-    the swarm's event loop only, so plain counters suffice."""
-
-    def __init__(self, max_total: int, max_per_peer: int) -> None:
-        if max_total < 1 or max_per_peer < 1:
-            raise ValueError("in-flight limits must be at least 1")
-        self.max_total, self.max_per_peer = max_total, max_per_peer
-        self.total = 0
-        self._by_peer: Counter = Counter()
-
-    def enter(self, peer: PeerKey) -> bool:
-        if self.total >= self.max_total or self._by_peer[peer] >= self.max_per_peer:
-            return False
-        self.total += 1
-        self._by_peer[peer] += 1
-        return True
-
-    def leave(self, peer: PeerKey) -> None:
-        self.total -= 1
-        self._by_peer[peer] -= 1
-        if self._by_peer[peer] <= 0:
-            del self._by_peer[peer]
-
-
-async def _read_request(reader, max_request_bytes: int) -> bytes:
-    """u32 length, then that many bytes; a length over the handler's limit is refused unread."""
-    size = int.from_bytes(await reader.readexactly(4), "big")
-    if size > max_request_bytes:
-        raise RequestRefused("too_large", f"request of {size} bytes exceeds {max_request_bytes}")
-    return await reader.readexactly(size)
 
 
 async def _ping_peers(maddrs: list[str], _dht, node) -> int:
