@@ -20,7 +20,8 @@ def write_run_file(coordinator: Coordinator, path: Path) -> None:
     """What a node needs to join, as TOML: `intellect-node join --run-file PATH`."""
     addrs = coordinator.swarm.visible_addrs()
     lines = [f'run_id = "{coordinator.run_id}"', f'coordinator_key = "{coordinator.identity.public_key_hex}"',
-             "bootstrap = [" + ", ".join(f'"{a}"' for a in addrs) + "]"]
+             "bootstrap = [" + ", ".join(f'"{a}"' for a in addrs) + "]",
+             f'backend = "{coordinator.config.swarm.backend}"']
     tmp = path.with_suffix(".tmp")
     tmp.write_text("\n".join(lines) + "\n")
     tmp.replace(path)

@@ -93,3 +93,16 @@ class InFlight:
         self._by_peer[peer] -= 1
         if self._by_peer[peer] <= 0:
             del self._by_peer[peer]
+
+
+# A peer of the other backend answers the transport handshake but not the DHT, which reads like a dead
+# peer after join_timeout_s. Its dial-back handler (every listening peer has one) names it at once.
+PROTOCOL_PREFIX = {"hivemind": "intellect.", "libp2p": "/intellect/"}
+
+
+def backend_mismatch(addr: str, theirs: str, ours: str):
+    from intellect.protocol.swarm import SwarmJoinError
+
+    return SwarmJoinError(f"the bootstrap peer {addr} runs swarm.backend = '{theirs}' and this node '{ours}': "
+                          f"start it with --backend {theirs} (or swarm.backend = \"{theirs}\"); the run's join "
+                          "line and run file name its backend")

@@ -55,8 +55,10 @@ from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
     MAX_IN_FLIGHT_PER_PEER,
+    PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
+    backend_mismatch,
     node_key_of_bytes,
     peer_id_bytes,
     read_answer,
@@ -556,6 +558,8 @@ def _join(config: SwarmConfig, key_path: str, validator):
         except (RuntimeError, TimeoutError, OSError) as e:  # DHTNode: no initial peer answered a ping
             _stop_quietly(dht)
             last_error = str(e)
+        if attempts == 1 and config.bootstrap:
+            _refuse_libp2p_peers(config)
         if not config.bootstrap or time.monotonic() + delay > deadline:
             break
         time.sleep(delay)
@@ -564,6 +568,41 @@ def _join(config: SwarmConfig, key_path: str, validator):
     raise SwarmJoinError(f"could not join the swarm after {attempts} attempts in {config.join_timeout_s:.0f} s: "
                          f"no bootstrap peer answered. Tried: {tried}. Last error: {last_error}. Check that "
                          "these peers are running and that this machine can reach them (firewall, address).")
+
+
+def _refuse_libp2p_peers(config: SwarmConfig) -> None:
+    """SwarmJoinError if a bootstrap peer serves the libp2p backend's dial-back protocol: it answered
+    the handshake but not our DHT because it runs the other backend (a retry would not help)."""
+    from hivemind.p2p import P2P, PeerID
+    from hivemind.utils.multiaddr import Multiaddr
+
+    async def probe() -> str | None:
+        p2p = await P2P.create(host_maddrs=[], no_listen=True, dht_mode="client", auto_nat=False,
+                               startup_timeout=config.startup_timeout_s)
+        try:
+            for addr in config.bootstrap:
+                try:
+                    maddr = Multiaddr(addr)
+                    peer = PeerID.from_base58(maddr.value_for_protocol("p2p"))
+                    await asyncio.wait_for(p2p._client.connect(peer, [maddr.decapsulate(Multiaddr(f"/p2p/{peer}"))]),
+                                           5.0)
+                    _, _, writer = await asyncio.wait_for(p2p.call_binary_stream_handler(
+                        peer, PROTOCOL_PREFIX["libp2p"] + DIALBACK_RPC), 5.0)
+                    writer.close()
+                    return addr
+                except (ValueError, *_net_errors()):
+                    continue
+            return None
+        finally:
+            await p2p.shutdown()
+
+    try:
+        addr = asyncio.run(probe())
+    except _net_errors() as e:
+        logger.debug("could not probe the bootstrap peers' backend: %s", e)
+        return
+    if addr is not None:
+        raise backend_mismatch(addr, "libp2p", "hivemind")
 
 
 def _stop_quietly(dht) -> None:

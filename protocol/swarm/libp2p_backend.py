@@ -60,8 +60,10 @@ from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
     MAX_IN_FLIGHT_PER_PEER,
+    PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
+    backend_mismatch,
     node_key_of_bytes,
     peer_id_bytes,
     read_answer,
@@ -90,7 +92,7 @@ from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 logger = logging.getLogger(__name__)
 
 _NAMESPACE = "intellect"
-_PROTO_PREFIX = "/intellect/"
+_PROTO_PREFIX = PROTOCOL_PREFIX["libp2p"]
 _MAX_DHT_VALUE = 1024 * 1024 - 1024  # py-libp2p's DHT refuses records over 1 MiB (with its own fields)
 _MAX_PROVIDERS = 256
 _REBOOTSTRAP_EVERY_S = 15.0
@@ -274,11 +276,22 @@ class Libp2pSwarm(Swarm):
                 info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
                 with trio.fail_after(10.0):
                     await self._host.connect(info)
+                    await self._refuse_hivemind_peer(addr, info.peer_id)
                     await self._dht.routing_table.add_peer(info)
                 answered += 1
             except (ValueError, *_net_errors()) as e:  # ValueError: a bootstrap address without /p2p/
                 last_error = f"{addr}: {type(e).__name__}: {e}"
         return answered, last_error
+
+    async def _refuse_hivemind_peer(self, addr: str, peer_id: ID) -> None:
+        """SwarmJoinError if the peer serves hivemind's dial-back protocol (it runs the other backend)."""
+        try:
+            with trio.move_on_after(3.0):
+                stream = await self._host.new_stream(peer_id, [TProtocol(PROTOCOL_PREFIX["hivemind"] + DIALBACK_RPC)])
+                await _close_quietly(stream)
+                raise backend_mismatch(addr, "hivemind", "libp2p")
+        except _net_errors():
+            return  # not a hivemind peer (or not a listening one: then we cannot tell)
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
