@@ -298,7 +298,7 @@ class Coordinator:
         addrs = self.swarm.visible_addrs() if self.swarm else []
         boots = " ".join(f"--bootstrap {a}" for a in addrs[:2])
         return (f"intellect-node join {boots} --run {self.run_id} "
-                f"--coordinator {self.identity.public_key_hex}")
+                f"--coordinator {self.identity.public_key_hex} --backend {self.config.swarm.backend}")
 
     def close(self) -> None:
         self.stop.set()

@@ -146,6 +146,7 @@ def join(
     state_dir: Path | None = StateDir,
     host: str = typer.Option(None, "--host", help="IP to listen on."),
     port: int = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)."),
+    backend: str = typer.Option(None, "--backend", help="hivemind | libp2p: the run's (its join line says)."),
     engine: str = typer.Option(None, "--engine", help="torch | vllm | auto"),
     gpu_memory: float = typer.Option(None, "--gpu-memory", help="Share of GPU memory vLLM may use (0-1)."),
     max_disk: float = typer.Option(None, "--max-disk", help="Disk cap for the shard cache, GB."),
@@ -160,7 +161,7 @@ def join(
     from intellect.protocol.settings import ConfigError, load_settings
 
     flags = {"run_id": run, "coordinator_key": coordinator, "state_dir": state_dir, "swarm.host": host,
-             "swarm.port": port, "swarm.bootstrap": bootstrap or None, "swarm.client_mode": client_mode,
+             "swarm.port": port, "swarm.backend": backend, "swarm.bootstrap": bootstrap or None, "swarm.client_mode": client_mode,
              "swarm.max_upload_mbit": max_upload_mbit, "engine.type": engine, "engine.threads": threads,
              "engine.gpu_memory_fraction": gpu_memory, "max_batches": max_batches,
              "swarm.max_cache_bytes": int(max_disk * 1e9) if max_disk else None}
@@ -184,7 +185,7 @@ def _run_file_flags(path: Path) -> dict:
     except (OSError, tomllib.TOMLDecodeError) as e:
         _fail(f"cannot read run file {path}: {e}")
     return {"run_id": data.get("run_id"), "coordinator_key": data.get("coordinator_key"),
-            "swarm.bootstrap": data.get("bootstrap")}
+            "swarm.bootstrap": data.get("bootstrap"), "swarm.backend": data.get("backend")}
 
 
 def _run_node(cfg, headless: bool) -> None:
@@ -246,6 +247,7 @@ def coordinator_cmd(
     host: str = typer.Option(None, "--host", help="IP to listen on."),
     port: int = typer.Option(None, "--port", help="TCP port to listen on (0: any free port)."),
     bootstrap: list[str] = typer.Option(None, "--bootstrap", help="Join an existing swarm through this peer."),
+    backend: str = typer.Option(None, "--backend", help="hivemind | libp2p (swarm.backend); nodes use the same."),
     max_steps: int = typer.Option(None, "--max-steps", help="Stop after this many train steps."),
     metrics_port: int = typer.Option(None, "--metrics-port", help="Serve Prometheus /metrics on this port."),
     max_upload_mbit: float = typer.Option(None, "--max-upload-mbit", help="Upload cap for serving shards."),
@@ -257,7 +259,7 @@ def coordinator_cmd(
     from intellect.protocol.settings import ConfigError, load_settings
 
     flags = {"state_dir": state_dir, "run_name": run_name, "model": model, "swarm.host": host, "swarm.port": port,
-             "swarm.bootstrap": bootstrap or None, "max_steps": max_steps, "metrics_port": metrics_port,
+             "swarm.bootstrap": bootstrap or None, "swarm.backend": backend, "max_steps": max_steps, "metrics_port": metrics_port,
              "swarm.max_upload_mbit": max_upload_mbit, "threads": threads}
     try:
         cfg = load_settings(CoordinatorConfig, config, flags)
