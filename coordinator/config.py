@@ -25,6 +25,24 @@ class RolloutConfig(BaseModel):
     temperature: float = Field(0.6, gt=0, le=10, description="Sampling temperature (the loss uses the same tau).")
 
 
+class EvalConfig(BaseModel):
+    """Held-out evaluation of the policy while it trains (coordinator/heldout.py); off by default."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    every: int = Field(0, ge=0, le=1_000_000, description="Score the policy on held-out problems every this many "
+                                                          "train steps, and the first and last policies "
+                                                          "(0: off). Needs task.heldout > 0.")
+    num_problems: int = Field(64, ge=1, le=100_000, description="Held-out problems per evaluation: the split's "
+                                                                "first N, the same ones every time.")
+    samples: int = Field(4, ge=1, le=256, description="k of mean@k: sampled completions per problem.")
+    temperature: float | None = Field(None, gt=0, le=10, description="Temperature of the mean@k samples "
+                                                                     "(None: rollouts.temperature).")
+    max_new_tokens: int | None = Field(None, ge=1, le=131072, description="Most tokens per completion "
+                                                                          "(None: rollouts.max_new_tokens).")
+    batch_size: int = Field(64, ge=1, le=4096, description="Completions generated together.")
+
+
 class CoordinatorConfig(LayeredSettings):
     """`intellect-node coordinator` settings. Env prefix INTELLECT_COORD_ (nested: INTELLECT_COORD_TRAINER__LR)."""
 
@@ -53,6 +71,7 @@ class CoordinatorConfig(LayeredSettings):
     swarm: SwarmConfig = Field(default_factory=SwarmConfig)
     intake: IntakeConfig = Field(default_factory=IntakeConfig)
     trainer: TrainerConfig = Field(default_factory=TrainerConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
 
     @field_validator("state_dir")
     @classmethod
@@ -68,4 +87,7 @@ class CoordinatorConfig(LayeredSettings):
         if abs(self.trainer.temperature - self.rollouts.temperature) > 1e-9:
             raise ValueError(f"trainer.temperature ({self.trainer.temperature}) must equal rollouts.temperature "
                              f"({self.rollouts.temperature}): the loss uses the sampling temperature (spec B.9)")
+        if self.eval.every and not self.task.heldout:
+            raise ValueError(f"eval.every ({self.eval.every}) scores the policy on held-out problems, but task.heldout "
+                             "is 0: set task.heldout to the number of problems to keep out of training")
         return self

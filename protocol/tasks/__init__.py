@@ -5,7 +5,7 @@ Imports numpy and pydantic only; sympy is imported when a math answer is first g
 """
 
 from .arithmetic import Arithmetic
-from .base import Problem, Task, ThinkingFormat
+from .base import Problem, Split, Task, ThinkingFormat
 from .config import TaskConfig, completion_reward, setup_task
 from .math_jsonl import MathJsonl, TaskDataError
 from .rewards import group_advantages, length_reward
@@ -24,6 +24,7 @@ __all__ = [
     "MathJsonl",
     "Problem",
     "SampledPrompt",
+    "Split",
     "Task",
     "TaskConfig",
     "TaskDataError",

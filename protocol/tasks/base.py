@@ -9,8 +9,12 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 THINK_END = "</think>"
+# Which problems a task object holds: the ones nodes train on, or the ones set aside (task.heldout)
+# that only the coordinator's evaluation sees. Problem indices count within the split.
+Split = Literal["train", "heldout"]
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Names: "arithmetic" (generated; see `Arithmetic`) or "jsonl:PATH" (math problems from a file).
 The same `TaskConfig` is given to node and coordinator, so both sample, render and reward the
-same way; it is part of what a run announces.
+same way, and both leave the same held-out problems out of training; it is part of what a run announces.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .arithmetic import Arithmetic
-from .base import Problem, Task, ThinkingFormat
+from .base import Problem, Split, Task, ThinkingFormat
 from .math_jsonl import MathJsonl
 from .rewards import LengthMode, length_reward
 from .timelimit import DEFAULT_GRADE_TIMEOUT_S, grade_with_timeout
@@ -29,6 +29,8 @@ class TaskConfig(BaseModel):
     max_operand: int = Field(20, ge=1, le=10**6, description="arithmetic: operands in 0..max_operand")
     operators: str = Field("+", description="arithmetic: operator characters drawn from '+-*'")
     pool: int = Field(0, ge=0, le=10**7, description="arithmetic: use a fixed subset of this many problems (0: all)")
+    heldout: int = Field(0, ge=0, le=10**6, description="problems set aside for held-out evaluation, never drawn "
+                                                         "for training (0: none)")
     instruction: str = Field("", max_length=200,
                              description='arithmetic: sentence after the question, e.g. "Answer with just the number."')
     grade_timeout_s: float = Field(DEFAULT_GRADE_TIMEOUT_S, gt=0.0, le=600.0,
@@ -49,11 +51,14 @@ class TaskConfig(BaseModel):
         return v
 
 
-def setup_task(config: TaskConfig) -> Task:
+def setup_task(config: TaskConfig, split: Split = "train") -> Task:
+    """The task's training problems (what nodes draw from), or with split="heldout" the problems kept
+    out of training for evaluation."""
     if config.name == "arithmetic":
-        task: Task = Arithmetic(config.max_operand, config.operators, config.instruction, config.pool)
+        task: Task = Arithmetic(config.max_operand, config.operators, config.instruction, config.pool,
+                                config.heldout, split)
     else:
-        task = MathJsonl(config.name.removeprefix("jsonl:"))
+        task = MathJsonl(config.name.removeprefix("jsonl:"), config.heldout, split)
     return ThinkingFormat(task) if config.thinking else task
 
 

@@ -4,14 +4,19 @@ Each line is an object with "prompt" (or "problem") and "answer" (string or numb
 are ignored. The file is read once, bounded in size, and any bad line fails the whole load with
 an error naming the file and line: a silently skipped line would shift every problem index and
 break seeded prompt choice between node and coordinator.
+
+The held-out split (`heldout` problems) is chosen by content: the distinct prompts with the smallest
+sha256, so it does not depend on line order, and a prompt written on several lines is held out on
+all of them. Training keeps the other lines in file order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
-from .base import Problem, Task
+from .base import Problem, Split, Task
 from .mathgrade import MAX_ANSWER_CHARS, equivalent, extract_answer
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
@@ -61,11 +66,30 @@ def load_problems(path: str | Path) -> list[tuple[str, str]]:
     return rows
 
 
+def split_rows(rows: list[tuple[str, str]], heldout: int, split: Split, where: Path) -> list[tuple[str, str]]:
+    """The rows of one split: held-out are the `heldout` distinct prompts of smallest sha256 (one row
+    each), training every row whose prompt is not one of them."""
+    if split == "heldout" and not heldout:
+        raise TaskDataError(f"{where}: this task has no held-out problems: set task.heldout")
+    if not heldout:
+        return rows
+    digests = {}
+    for prompt, answer in rows:
+        digests.setdefault(hashlib.sha256(prompt.encode()).digest(), (prompt, answer))
+    if heldout >= len(digests):
+        raise TaskDataError(f"{where}: heldout {heldout} leaves no training problems, the file has "
+                            f"{len(digests)} distinct prompts")
+    held = {digests[d][0]: digests[d] for d in sorted(digests)[:heldout]}
+    if split == "heldout":
+        return list(held.values())
+    return [row for row in rows if row[0] not in held]
+
+
 class MathJsonl(Task):
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, heldout: int = 0, split: Split = "train"):
         self.path = Path(path)
         self.name = f"jsonl:{self.path}"
-        self._rows = load_problems(self.path)
+        self._rows = split_rows(load_problems(self.path), heldout, split, self.path)
 
     @property
     def num_problems(self) -> int:

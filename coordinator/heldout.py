@@ -1,0 +1,195 @@
+"""Held-out evaluation: a finished policy checkpoint scored on the task's held-out problems, greedy and
+mean@k, in a background thread so the policy loop keeps training while it runs.
+
+The problems are the held-out split's first `eval.num_problems` (the same ones at every step, so the
+curve compares like with like); they are never drawn for training (`setup_task(..., "heldout")`).
+Sampling uses the protocol's seeded sampler with fixed seeds per (problem, sample): two evaluations of
+one policy give the same numbers, and no torch RNG is touched. Scores are task rewards (1 right, 0
+wrong), without length penalties.
+
+What this module does not know: the swarm, the trainer, or where results go (a callback takes each).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from intellect.coordinator.config import CoordinatorConfig
+from intellect.protocol.tasks import Task, grade_with_timeout, prompt_token_ids, setup_task
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EvalResult:
+    policy_step: int
+    heldout_greedy: float  # share of problems the greedy completion answers right
+    heldout_mean_at_k: float  # mean task reward over k sampled completions per problem
+    k: int
+    temperature: float
+    num_problems: int
+    eval_s: float
+
+    def line(self) -> dict:
+        """The metrics.jsonl line (kind "eval" tells it from the train-step lines)."""
+        return {"kind": "eval"} | asdict(self) | {"at": time.time()}
+
+
+def sample_seed(problem_index: int, sample: int) -> int:
+    digest = hashlib.sha256(f"intellect-node/heldout-eval/v1\0{problem_index}\0{sample}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") >> 1
+
+
+def generate(model, prompts: list[list[int]], seeds: list[int], temperature: float, max_new_tokens: int,
+             eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
+    """Output tokens of each prompt (left-padded batch, KV cache), up to and including an EOS."""
+    import torch
+    from transformers import DynamicCache
+
+    from intellect.protocol.sampling import sample
+
+    num, width = len(prompts), max(map(len, prompts))
+    ids = torch.full((num, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((num, width), dtype=torch.long)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[r, width - len(p):] = 1
+    positions = (mask.cumsum(-1) - 1).clamp_(min=0)
+    cache = DynamicCache(config=model.config)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                       use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_pos = positions[:, -1:] + 1
+        out: list[list[int]] = [[] for _ in range(num)]
+        done = [False] * num
+        for t in range(max_new_tokens):
+            tokens, _ = sample(logits, temperature, seeds, [t] * num)
+            for r, v in enumerate(tokens.tolist()):
+                if not done[r]:
+                    out[r].append(v)
+                    done[r] = v in eos_ids
+            if all(done) or t == max_new_tokens - 1:
+                break
+            mask = torch.cat([mask, mask.new_ones(num, 1)], dim=1)
+            # finished rows keep decoding (their tokens are dropped): simpler than shrinking the cache
+            logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
+                           past_key_values=cache, use_cache=True).logits[:, -1]
+            next_pos = next_pos + 1
+    return out
+
+
+class HeldoutEval:
+    """Scores policy checkpoints on held-out problems; one at a time, in order of policy step."""
+
+    def __init__(self, config: CoordinatorConfig, tokenizer, eos_ids: frozenset[int]) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        self.eos_ids = eos_ids
+        self.task: Task = setup_task(config.task, "heldout")
+        self.num_problems = min(config.eval.num_problems, self.task.num_problems)
+        self.problems = [self.task.problem(i) for i in range(self.num_problems)]
+        targets = config.task.length_targets
+        # with length targets on, the prompt asks for the largest budget (training prompts always ask for one)
+        self.prompts = [prompt_token_ids(tokenizer, p, max(targets) if targets else 0, config.task.thinking)
+                        for p in self.problems]
+        self.temperature = config.eval.temperature or config.rollouts.temperature
+        self.max_new_tokens = config.eval.max_new_tokens or config.rollouts.max_new_tokens
+
+    def due(self, policy_step: int) -> bool:
+        every = self.config.eval.every
+        return every > 0 and (policy_step % every == 0 or policy_step == self.config.max_steps)
+
+    def evaluate(self, model, policy_step: int, stop: threading.Event | None = None) -> EvalResult | None:
+        """Greedy and mean@k of `model` on the held-out problems; None if `stop` was set meanwhile."""
+        started = time.perf_counter()
+        n, k = self.num_problems, self.config.eval.samples
+        greedy = self._total(model, [(i, 0) for i in range(n)], 0.0, stop)
+        sampled = self._total(model, [(i, j) for i in range(n) for j in range(k)], self.temperature, stop)
+        if greedy is None or sampled is None:
+            return None
+        return EvalResult(policy_step=policy_step, heldout_greedy=greedy / n, heldout_mean_at_k=sampled / (n * k),
+                          k=k, temperature=self.temperature, num_problems=n, eval_s=time.perf_counter() - started)
+
+    def _total(self, model, jobs: list[tuple[int, int]], temperature: float,
+               stop: threading.Event | None) -> float | None:
+        """Summed task reward of one completion per (problem, sample) job; None if stopped."""
+        total, batch = 0.0, self.config.eval.batch_size
+        for start in range(0, len(jobs), batch):
+            if stop is not None and stop.is_set():
+                return None
+            chunk = jobs[start:start + batch]
+            outs = generate(model, [self.prompts[i] for i, _ in chunk], [sample_seed(i, j) for i, j in chunk],
+                            temperature, self.max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id or 0)
+            for (i, _), tokens in zip(chunk, outs, strict=True):
+                text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+                total += grade_with_timeout(self.task, self.problems[i], text, self.config.task.grade_timeout_s)
+        return total
+
+
+class EvalWorker:
+    """A daemon thread that evaluates the checkpoints `submit`ted to it, oldest first, and hands each
+    result to `on_result`. A checkpoint is loaded (protocol.model.load_model, on the CPU) when its turn
+    comes; one deleted by then (the trainer keeps `keep_checkpoints`) is skipped with a warning."""
+
+    def __init__(self, heldout: HeldoutEval, policy_dir: Callable[[int], Path],
+                 on_result: Callable[[EvalResult], None]) -> None:
+        self.heldout, self.policy_dir, self.on_result = heldout, policy_dir, on_result
+        self.queue: list[int] = []
+        self.running: int | None = None  # the policy step being evaluated
+        self.skipped = 0  # evaluations that failed or whose checkpoint was gone
+        self._cv = threading.Condition()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="heldout-eval", daemon=True)
+        self._thread.start()
+
+    def submit(self, policy_step: int) -> None:
+        with self._cv:
+            if policy_step != self.running and policy_step not in self.queue:
+                self.queue.append(policy_step)
+                self._cv.notify_all()
+
+    def busy(self) -> bool:
+        with self._cv:
+            return bool(self.queue) or self.running is not None
+
+    def drain(self, timeout_s: float | None = None) -> bool:
+        """Wait until every submitted step is evaluated; False on timeout."""
+        with self._cv:
+            return self._cv.wait_for(lambda: not self.queue and self.running is None, timeout_s)
+
+    def close(self, timeout_s: float = 30.0) -> None:
+        self._stop.set()
+        with self._cv:
+            self._cv.notify_all()
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._cv.wait_for(lambda: self.queue or self._stop.is_set())
+                if self._stop.is_set():
+                    return
+                self.running = self.queue.pop(0)
+            try:
+                result = self._evaluate(self.running)
+                if result is not None:
+                    self.on_result(result)
+            except Exception as e:  # noqa: BLE001 -- an evaluation never ends the run; the next one may work
+                self.skipped += 1
+                logger.warning("held-out evaluation of policy %s failed: %s: %s", self.running, type(e).__name__, e)
+            finally:
+                with self._cv:
+                    self.running = None
+                    self._cv.notify_all()
+
+    def _evaluate(self, step: int) -> EvalResult | None:
+        from intellect.protocol.model import load_model
+
+        model, _ = load_model(self.policy_dir(step))
+        return self.heldout.evaluate(model, step, self._stop)
