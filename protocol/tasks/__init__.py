@@ -1,12 +1,14 @@
 """Task environments: numbered problems with verifiers, seeded prompt choice, prompt rendering,
 length-target rewards and GRPO advantages (spec B.3, B.5, B.6).
 
-Imports numpy and pydantic only; sympy is imported when a math answer is first graded.
+Imports numpy and pydantic only; math_verify is imported when a math answer is first graded,
+reasoning_gym when a gym task is first built.
 """
 
 from .arithmetic import Arithmetic
 from .base import Problem, Split, Task, ThinkingFormat
 from .config import TaskConfig, completion_reward, setup_task
+from .gym import ReasoningGym
 from .math_jsonl import MathJsonl, TaskDataError
 from .rewards import group_advantages, length_reward
 from .sampling import (
@@ -23,6 +25,7 @@ __all__ = [
     "Arithmetic",
     "MathJsonl",
     "Problem",
+    "ReasoningGym",
     "SampledPrompt",
     "Split",
     "Task",

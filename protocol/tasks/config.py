@@ -1,25 +1,34 @@
 """Task configuration and the `setup_task` factory: configs select a task by name.
 
-Names: "arithmetic" (generated; see `Arithmetic`) or "jsonl:PATH" (math problems from a file).
+Names: "arithmetic" (generated; see `Arithmetic`), "jsonl:PATH" (math problems from a file) or
+"gym:<dataset>" (a reasoning-gym generator; see `ReasoningGym`).
 The same `TaskConfig` is given to node and coordinator, so both sample, render and reward the
 same way, and both leave the same held-out problems out of training; it is part of what a run announces.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, field_validator
 
 from .arithmetic import Arithmetic
 from .base import Problem, Split, Task, ThinkingFormat
+from .gym import DATASET_NAME, ReasoningGym
 from .math_jsonl import MathJsonl
 from .rewards import LengthMode, length_reward
 from .timelimit import DEFAULT_GRADE_TIMEOUT_S, grade_with_timeout
+
+# one field of a reasoning-gym dataset's config (e.g. max_terms=3, operators=["+", "-"])
+GymOption = (StrictBool | StrictInt | StrictFloat | Annotated[str, Field(max_length=200)]
+             | Annotated[list[StrictInt | StrictFloat | Annotated[str, Field(max_length=200)]], Field(max_length=64)])
+MAX_GYM_OPTIONS = 32
 
 
 class TaskConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field("arithmetic", description='"arithmetic" or "jsonl:PATH"')
+    name: str = Field("arithmetic", description='"arithmetic", "jsonl:PATH" or "gym:<dataset>"')
     length_targets: tuple[int, ...] = Field(
         (), description="'Think for N tokens' targets drawn per prompt; empty turns length rewards off"
     )
@@ -32,9 +41,14 @@ class TaskConfig(BaseModel):
     heldout: int = Field(0, ge=0, le=10**6, description="problems set aside for held-out evaluation, never drawn "
                                                          "for training (0: none)")
     instruction: str = Field("", max_length=200,
-                             description='arithmetic: sentence after the question, e.g. "Answer with just the number."')
+                             description='arithmetic, gym: sentence after the question, e.g. "Answer with just the '
+                                         'number." (gym: asks for <answer> tags when empty)')
     grade_timeout_s: float = Field(DEFAULT_GRADE_TIMEOUT_S, gt=0.0, le=600.0,
                                    description="a completion whose grading takes longer scores 0 (math tasks)")
+    gym_seed: int = Field(0, ge=0, lt=2**32, description="gym: the generator seed (problem i is item seed + i)")
+    gym_size: int = Field(10_000, ge=1, le=10**8, description="gym: number of training problems")
+    gym_options: dict[str, GymOption] = Field(
+        default_factory=dict, description='gym: the dataset\'s config fields, e.g. {"max_terms": 3}')
 
     @field_validator("length_targets")
     @classmethod
@@ -43,11 +57,19 @@ class TaskConfig(BaseModel):
             raise ValueError(f"length targets must be in 1..1000000, got {list(v)}")
         return v
 
+    @field_validator("gym_options")
+    @classmethod
+    def _gym_options_bounded(cls, v: dict) -> dict:
+        if len(v) > MAX_GYM_OPTIONS or not all(DATASET_NAME.match(key) for key in v):
+            raise ValueError(f"gym_options: at most {MAX_GYM_OPTIONS} fields named in lowercase words, got {list(v)[:40]}")
+        return v
+
     @field_validator("name")
     @classmethod
     def _known_name(cls, v: str) -> str:
-        if v != "arithmetic" and not (v.startswith("jsonl:") and len(v) > len("jsonl:")):
-            raise ValueError(f'unknown task {v!r}: use "arithmetic" or "jsonl:PATH"')
+        if v != "arithmetic" and not (v.startswith("jsonl:") and len(v) > len("jsonl:")) and not (
+                v.startswith("gym:") and DATASET_NAME.match(v.removeprefix("gym:"))):
+            raise ValueError(f'unknown task {v!r}: use "arithmetic", "jsonl:PATH" or "gym:<dataset>"')
         return v
 
 
@@ -57,6 +79,9 @@ def setup_task(config: TaskConfig, split: Split = "train") -> Task:
     if config.name == "arithmetic":
         task: Task = Arithmetic(config.max_operand, config.operators, config.instruction, config.pool,
                                 config.heldout, split)
+    elif config.name.startswith("gym:"):
+        task = ReasoningGym(config.name.removeprefix("gym:"), config.gym_seed, config.gym_size, config.gym_options,
+                            config.instruction, config.heldout, split)
     else:
         task = MathJsonl(config.name.removeprefix("jsonl:"), config.heldout, split)
     return ThinkingFormat(task) if config.thinking else task

@@ -1,4 +1,4 @@
-"""Math problems from a JSONL file, graded by symbolic equivalence (see `mathgrade`).
+"""Math problems from a JSONL file, graded by math-verify (see `math_answers`).
 
 Each line is an object with "prompt" (or "problem") and "answer" (string or number); other keys
 are ignored. The file is read once, bounded in size, and any bad line fails the whole load with
@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 from .base import Problem, Split, Task
-from .mathgrade import MAX_ANSWER_CHARS, equivalent, extract_answer
+from .math_answers import MAX_ANSWER_CHARS, grade_math_answer, require_math_verify
 
 MAX_FILE_BYTES = 256 * 1024 * 1024
 MAX_PROMPT_CHARS = 32_768
@@ -87,6 +87,7 @@ def split_rows(rows: list[tuple[str, str]], heldout: int, split: Split, where: P
 
 class MathJsonl(Task):
     def __init__(self, path: str | Path, heldout: int = 0, split: Split = "train"):
+        require_math_verify()
         self.path = Path(path)
         self.name = f"jsonl:{self.path}"
         self._rows = split_rows(load_problems(self.path), heldout, split, self.path)
@@ -101,5 +102,4 @@ class MathJsonl(Task):
         return Problem(index=i, prompt=prompt, answer=answer)
 
     def score(self, problem: Problem, completion_text: str) -> float:
-        given = extract_answer(completion_text)
-        return 1.0 if given is not None and equivalent(given, problem.answer) else 0.0
+        return grade_math_answer(completion_text, problem.answer)

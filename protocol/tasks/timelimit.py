@@ -168,7 +168,9 @@ def _serve() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (HELPER_MEMORY_BYTES, HELPER_MEMORY_BYTES))
     except (ValueError, OSError):  # a lower hard limit already: keep it
         pass
-    import sympy  # noqa: F401  (imported now, so that its import time does not count against a grading)
+    from .math_answers import warm_up
+
+    warm_up()  # math-verify's imports and first parse (~2 s) now: they are not a grading's time
 
     parent = os.getppid()
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()

@@ -1,5 +1,5 @@
-"""Tasks: verifiers on tricky texts, bounded sympy grading, JSONL loading, seeded prompt choice,
-length rewards, GRPO advantages, prompt rendering."""
+"""Tasks: verifiers on tricky texts, JSONL loading, seeded prompt choice, length rewards, GRPO
+advantages, prompt rendering (math-verify's answer table is in test_task_libraries.py)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ from intellect.protocol.tasks import (
     sample_batch,
     setup_task,
 )
-from intellect.protocol.tasks.mathgrade import equivalent, extract_answer
 
 # ---------------------------------------------------------------- arithmetic
 
@@ -72,75 +71,6 @@ def test_thinking_format_grades_only_text_after_think():
     assert task.score(p, "<think>it is 7</think> I don't know") == 0.0
     assert task.score(p, "<think>hmm 8</think> 7") == 1.0
     assert task.score(p, "<think>a</think>b</think> 7") == 1.0  # after the LAST </think>
-
-
-# ---------------------------------------------------------------- symbolic grading
-
-
-@pytest.mark.parametrize(
-    "given_, reference, same",
-    [
-        (r"\frac{1}{2}", "0.5", True),
-        (r"\dfrac12", "1/2", True),
-        (r"2\sqrt{2}", "sqrt(8)", True),
-        (r"\sqrt[3]{8}", "2", True),
-        ("x^2 + 2x + 1", "(x+1)^2", True),
-        ("1,000", "1000", True),
-        (r"\pi/2", "1.5707963267948966", True),
-        (r"90^\circ", "90", True),
-        (r"5\text{ cm}", "5", True),
-        ("0.333", "1/3", False),
-        ("x+1", "x+2", False),
-        ("(x+y)^2", "x^2 + 2xy + y^2", True),
-        ("(x+y)^2", "x^2 + y^2", False),
-        ("sqrt(-4)", "2sqrt(-1)", True),
-        ("(1, 2)", "(1,2)", True),  # unsupported tuple: normalised strings compare
-        ("(1, 2)", "(2,1)", False),
-    ],
-)
-def test_symbolic_equivalence(given_, reference, same):
-    assert equivalent(given_, reference) is same
-
-
-@pytest.mark.parametrize(
-    "hostile",
-    [
-        "9^9^9^9",
-        "((9^1000)^1000)^1000",
-        "2^(10^10)",
-        "(x+1)^100000",
-        "(" * 5000 + "1" + ")" * 5000,
-        "1" * 10_000,
-        "sqrt(" * 200 + "2" + ")" * 200,
-        '__import__("os").system("echo pwned")',
-        "1/0",
-        "0^-1",
-        "(x+y+z)^20*(a+b+c)^20*(d+f+g)^20",
-        "sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(sqrt(2)))))))))))))))))",
-    ],
-)
-def test_hostile_answers_are_refused_quickly(hostile):
-    assert equivalent(hostile, "1") is False
-
-
-@settings(max_examples=300, deadline=None)
-@given(st.text(alphabet="0123456789+-*/^().x\\{}fracsqrtpi ,", max_size=60))
-def test_grader_never_raises_on_random_expressions(text):
-    assert equivalent(text, "2") in (True, False)
-
-
-@pytest.mark.parametrize(
-    "completion, answer",
-    [
-        (r"so \boxed{\frac{3}{4}} and \boxed{7}", "7"),
-        (r"\boxed{\frac{3}{4}}", r"\frac{3}{4}"),
-        ("step 1\nstep 2\nThe final answer is 42.", "42"),
-        ("so x = 5", "5"),
-        ("   ", None),
-    ],
-)
-def test_extract_answer(completion, answer):
-    assert extract_answer(completion) == answer
 
 
 # ---------------------------------------------------------------- JSONL loader
@@ -408,7 +338,7 @@ def _quadratic_last_boxed(text: str) -> str | None:
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.sampled_from(["\\boxed", "\\boxed ", "{", "}", " ", "x", "1"]), max_size=24))
 def test_last_boxed_agrees_with_the_quadratic_reference(parts):
-    from intellect.protocol.tasks.mathgrade import last_boxed
+    from intellect.protocol.tasks.math_answers import last_boxed
 
     text = "".join(parts)
     assert last_boxed(text) == _quadratic_last_boxed(text)
