@@ -49,6 +49,20 @@ def heartbeats(coordinator) -> dict[str, Heartbeat]:
     return out
 
 
+def heldout_row(coordinator) -> str:
+    """Greedy held-out accuracy over the evaluated policies, the last one's mean@k, and the first for comparison."""
+    evals = sorted(coordinator.evals, key=lambda m: m["policy_step"])
+    running = coordinator.evaluator.running if coordinator.evaluator is not None else None
+    busy = f"   evaluating policy {running}" if running is not None else ""
+    if not evals:
+        return "-" + busy
+    first, last = evals[0], evals[-1]
+    greedy = [m["heldout_greedy"] for m in evals]
+    return (f"{sparkline(greedy)}  greedy {last['heldout_greedy']:.3f}   mean@{last['k']} "
+            f"{last['heldout_mean_at_k']:.3f}   (policy {last['policy_step']}; policy {first['policy_step']}: "
+            f"greedy {first['heldout_greedy']:.3f}){busy}")
+
+
 def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = ()) -> Group:
     c = coordinator
     h = c.history
@@ -64,6 +78,8 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     lengths = [m["length"] for m in h]
     head.add_row("reward", f"{sparkline(rewards)}  {rewards[-1]:.3f}" if rewards else "-")
     head.add_row("length", f"{sparkline(lengths)}  {lengths[-1]:.1f}" if lengths else "-")
+    if c.evaluator is not None:
+        head.add_row("held-out", heldout_row(c))
     if last:
         head.add_row("trainer", f"{last.get('tokens_per_s', 0):,.0f} tokens/s   loss {last.get('loss', 0):+.4f}   "
                                 f"clip {last.get('clip_ratio', 0):.3f}   grad norm {last.get('grad_norm', 0):.3f}")
@@ -107,6 +123,15 @@ class _RunCollector:
             ("intellect_trainer_tokens_per_second", "tokens_per_s", "Trainer throughput in the last train step."),
         ):
             yield GaugeMetricFamily(name, what, value=float(last.get(key, 0.0)))
+        evals = sorted(c.evals, key=lambda m: m["policy_step"])
+        if evals:  # absent until the first held-out evaluation is in (eval.every > 0)
+            last_eval = evals[-1]
+            for name, key, what in (
+                ("intellect_heldout_greedy", "heldout_greedy", "Held-out greedy accuracy, newest evaluated policy."),
+                ("intellect_heldout_mean_at_k", "heldout_mean_at_k", "Held-out mean@k, newest evaluated policy."),
+                ("intellect_heldout_policy_step", "policy_step", "The policy step the held-out scores are of."),
+            ):
+                yield GaugeMetricFamily(name, what, value=float(last_eval[key]))
         verdicts = CounterMetricFamily("intellect_verdicts", "Submissions judged, by verdict reason "
                                        "('accepted' or why one was rejected).", labels=["reason"])
         for reason, count in sorted(c.ledger.counts_by_reason().items()):

@@ -158,10 +158,11 @@ class EvalWorker:
         with self._cv:
             return bool(self.queue) or self.running is not None
 
-    def drain(self, timeout_s: float | None = None) -> bool:
-        """Wait until every submitted step is evaluated; False on timeout."""
+    def drain(self, stop: threading.Event) -> None:
+        """Wait until every submitted step is evaluated, or `stop` is set."""
         with self._cv:
-            return self._cv.wait_for(lambda: not self.queue and self.running is None, timeout_s)
+            while (self.queue or self.running is not None) and not stop.is_set():
+                self._cv.wait(0.5)
 
     def close(self, timeout_s: float = 30.0) -> None:
         self._stop.set()

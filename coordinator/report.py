@@ -1,5 +1,8 @@
 """`intellect-node report STATE_DIR`: PNG plots and a short markdown summary of a run, from the
-coordinator's metrics.jsonl and ledger. Reads only; safe on a live run."""
+coordinator's metrics.jsonl and ledger. Reads only; safe on a live run.
+
+Held-out evaluations (metrics lines with "kind": "eval") are drawn beside the training reward, at the
+policy step they scored, and summed up first against last."""
 
 from __future__ import annotations
 
@@ -25,6 +28,16 @@ def _load_metrics(state_dir: Path) -> list[dict]:
 REPORT_EXTRA = "pip install 'intellect-node[report]'"
 
 
+def _heldout_lines(evals: list[dict]) -> list[str]:
+    if not evals:
+        return []
+    a, b = evals[0], evals[-1]
+    line = (f"- held-out ({b['num_problems']} problems never trained on): greedy {a['heldout_greedy']:.3f} at "
+            f"policy {a['policy_step']} -> {b['heldout_greedy']:.3f} at policy {b['policy_step']}; mean@{b['k']} "
+            f"(T={b['temperature']:g}) {a['heldout_mean_at_k']:.3f} -> {b['heldout_mean_at_k']:.3f}")
+    return [line]
+
+
 def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
     try:
         import matplotlib
@@ -38,7 +51,9 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
     state_dir = Path(state_dir)
     out_dir = Path(out_dir) if out_dir else state_dir / "report"
     out_dir.mkdir(parents=True, exist_ok=True)
-    metrics = _load_metrics(state_dir)
+    lines = _load_metrics(state_dir)
+    metrics = [m for m in lines if m.get("kind") != "eval"]
+    evals = sorted((m for m in lines if m.get("kind") == "eval"), key=lambda m: m["policy_step"])
     with Ledger(state_dir / "ledger.sqlite") as ledger:
         nodes = [n for n in ledger.node_table() if n.public_key != "unknown"]
         reasons = ledger.counts_by_reason()
@@ -60,6 +75,13 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
         if key == "reward" and len(values) >= 5:
             smooth = [sum(values[max(0, i - 4): i + 1]) / len(values[max(0, i - 4): i + 1]) for i in range(len(values))]
             ax.plot(steps, smooth, lw=2, label="5-step mean")
+        if key == "reward" and evals:
+            # policy p has trained p steps: its held-out score sits at x = p, step 0 before any training
+            at = [m["policy_step"] for m in evals]
+            ax.plot(at, [m["heldout_greedy"] for m in evals], marker="s", ms=4, label="held-out greedy")
+            ax.plot(at, [m["heldout_mean_at_k"] for m in evals], marker="^", ms=4,
+                    label=f"held-out mean@{evals[-1]['k']}")
+        if key == "reward" and (len(values) >= 5 or evals):
             ax.legend()
         ax.set_xlabel("train step")
         ax.set_ylabel(label)
@@ -89,6 +111,7 @@ def write_report(state_dir: Path, out_dir: Path | None = None) -> list[Path]:
         (f"- mean step time: {mean(metrics, 'step_s'):.1f} s; wall time: "
          f"{(metrics[-1]['at'] - metrics[0]['at']) if len(metrics) > 1 else 0:.0f} s from first to last step"),
         f"- verdicts: {', '.join(f'{k} {v}' for k, v in sorted(reasons.items())) or 'none'}",
+        *_heldout_lines(evals),
         "",
         "| node | accepted | rejected | credit (tokens) | banned |",
         "|---|---|---|---|---|",

@@ -11,6 +11,10 @@ to the ledger; a checkpoint folder appears only whole. Restarted, the coordinato
 last complete checkpoint and finds every accepted rollout of the steps after it in the ledger;
 metrics lines of the steps it redoes are dropped, so metrics.jsonl holds each step once.
 
+With `eval.every` set, a background worker (coordinator/heldout.py) scores saved policies on the task's
+held-out problems, starting with the one the loop starts from; its lines in metrics.jsonl have
+"kind": "eval" and a "policy_step" (train-step lines have neither).
+
 What this module does not know: how the screen looks (dashboard) or what the CLI flags are.
 """
 
@@ -78,12 +82,16 @@ class Coordinator:
         self.loop_errors = 0  # failed turns of the policy loop (it goes on after each)
         self.last_error = ""  # the last one, in words, until a turn succeeds
         self.history: list[dict] = []  # one metrics dict per train step (dashboard, headless lines)
+        self.evals: list[dict] = []  # one metrics dict per held-out evaluation, in the order they finished
+        self._metrics_lock = threading.Lock()  # metrics.jsonl has two writers: the loop and the evaluator
+        self.evaluator = None
         self.swarm = None
         self.publisher = None
         self._policies: OrderedDict[int, object] = OrderedDict()
         self._policy_lock = threading.Lock()
         self._setup_model()
         self._setup_intake()
+        self._setup_eval()
 
     # ------------------------------------------------------------------ set-up
 
@@ -114,10 +122,14 @@ class Coordinator:
     def _sync_metrics(self) -> None:
         """metrics.jsonl and the history hold the finished steps only: a crash (or a failed turn) after
         the metrics line, before its checkpoint, redoes that step."""
-        lines = _read_jsonl(self.metrics_path)
-        self.history = [m for m in lines if m.get("step", -1) < self.train_step]
-        if len(self.history) != len(lines):
-            _write_jsonl(self.metrics_path, self.history)
+        with self._metrics_lock:
+            lines = _read_jsonl(self.metrics_path)
+            # an eval line is of a saved policy, which a restart does not redo
+            kept = [m for m in lines if m.get("kind") == "eval" or m.get("step", -1) < self.train_step]
+            self.history = [m for m in kept if m.get("kind") != "eval"]
+            self.evals = [m for m in kept if m.get("kind") == "eval"]
+            if len(kept) != len(lines):
+                _write_jsonl(self.metrics_path, kept)
 
     def _setup_intake(self) -> None:
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
@@ -126,6 +138,29 @@ class Coordinator:
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
+
+    def _setup_eval(self) -> None:
+        if not self.config.eval.every:
+            return
+        from intellect.coordinator.heldout import EvalWorker, HeldoutEval
+
+        self.evaluator = EvalWorker(HeldoutEval(self.config, self.tokenizer, self.eos_ids), self.policy_dir,
+                                    self._record_eval)
+
+    def _record_eval(self, result) -> None:
+        line = result.line()
+        with self._metrics_lock:
+            with open(self.metrics_path, "a") as f:
+                f.write(json.dumps(line) + "\n")
+            self.evals.append(line)
+        logger.info("held-out evaluation of policy %s: greedy %.3f, mean@%s %.3f (%s problems, %.1f s)",
+                    result.policy_step, result.heldout_greedy, result.k, result.heldout_mean_at_k,
+                    result.num_problems, result.eval_s)
+
+    def _evaluate_if_due(self, policy_step: int) -> None:
+        if self.evaluator is not None and self.evaluator.heldout.due(policy_step) \
+                and policy_step not in {m["policy_step"] for m in self.evals}:
+            self.evaluator.submit(policy_step)
 
     def policy_dir(self, step: int) -> Path:
         from intellect.coordinator.trainer.checkpoint import POLICY_DIR
@@ -197,6 +232,7 @@ class Coordinator:
         LOOP_BACKOFF_S up to LOOP_BACKOFF_MAX_S) and goes on, a half-done train step is redone. What no
         retry can fix, a missing module (ImportError), raises `FatalError` for the runner to exit non-zero."""
         self._last_announce = time.monotonic()
+        self._evaluate_if_due(self.trainer.policy_step)  # the policy it starts from: "before" (0 on a fresh run)
         failures = 0
         while not self.stop.is_set() and not self._finished():
             try:
@@ -214,6 +250,8 @@ class Coordinator:
                 continue
             if worked:
                 failures, self.last_error = 0, ""
+        if self.evaluator is not None and self._finished():
+            self.evaluator.drain(self.stop)  # the last policy's score ("after") is part of the run
 
     def _turn(self, on_step) -> bool:
         """Train if enough batches are in, else wait a little and announce when due; True if it did either."""
@@ -267,10 +305,11 @@ class Coordinator:
         } | {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
         # the line goes first: a crash before the checkpoint is whole redoes the step, and the
         # restart drops this line, so the file never skips a step
-        with open(self.metrics_path, "a") as f:
+        with self._metrics_lock, open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
         self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
         pause_point("train.saved")
+        self._evaluate_if_due(step + 1)  # it reads the checkpoint just saved, in its own thread
         self.train_step = step + 1
         self.publisher.publish(self.policy_dir(self.train_step), self.train_step, shard_size=self.config.shard_size)
         self.announce()
@@ -302,6 +341,8 @@ class Coordinator:
 
     def close(self) -> None:
         self.stop.set()
+        if self.evaluator is not None:
+            self.evaluator.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.swarm is not None:

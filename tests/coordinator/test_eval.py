@@ -80,3 +80,158 @@ def test_a_split_that_does_not_fit_is_refused_in_plain_words(tmp_path):
         setup_task(TaskConfig(name=_jsonl(tmp_path), heldout=60))  # 60 distinct prompts
     with pytest.raises(ValueError, match="task.heldout is 0"):
         CoordinatorConfig(state_dir=tmp_path / "c", eval={"every": 5})
+
+
+# ---------------------------------------------------------------------------- the coordinator's evaluation
+
+EVAL_TASK = {"max_operand": 3, "operators": "+-", "heldout": 8}  # 32 problems, 8 held out
+MAX_STEPS, EVERY = 3, 2  # evaluated: policy 0 (before), 2 (every 2 steps) and 3 (the last)
+
+
+@pytest.fixture(scope="module")
+def answers_one(tmp_path_factory, tiny_model_path):
+    """A one-layer Llama whose attention and MLP write nothing, so the next token depends on the last
+    one only: "1" after any token but "1", EOS after "1". It answers "1" to every prompt, greedy or
+    sampled (the logit gap, 160, is far beyond what the sampler's bounded noise can bridge)."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_path)
+    one = tok.convert_tokens_to_ids("1")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.zero_()
+        model.model.norm.weight.fill_(1.0)
+        embed, head = model.model.embed_tokens.weight, model.lm_head.weight
+        embed[:, 1] = 1.0  # every token: e1, normalised to 8 e1
+        embed[one, 1], embed[one, 0] = 0.0, 1.0  # "1": 8 e0
+        head[one, 1] = 20.0
+        head[tok.eos_token_id, 0] = 20.0
+    out = tmp_path_factory.mktemp("answers-one")
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def _accept_a_batch(c, step: int) -> None:
+    """An accepted batch of policy `step` for train step `step`, recorded as intake records one."""
+    from intellect.coordinator.ledger import Submission, Verdict
+    from intellect.protocol.rollouts import (
+        RolloutBatch,
+        RolloutMeta,
+        RolloutRow,
+        SamplingParams,
+        content_hash,
+        rollouts_to_bytes,
+    )
+
+    meta = RolloutMeta(node_public_key="ab" * 32, run_id=c.run_id, policy_step=step, batch_counter=1,
+                       task="arithmetic", sampling=SamplingParams(temperature=0.6, max_tokens=4, n=2))
+    rows = [RolloutRow(problem_index=i // 2, input_tokens=[5, 6, 7], output_tokens=[8, 9],
+                       output_logprobs=[-1.0, -1.0], advantage=1.0 if i % 2 else -1.0, reward=float(i % 2),
+                       task_reward=float(i % 2), length_penalty=0.0, proof=b"", step=step, target_length=0,
+                       finish_reason="length") for i in range(4)]
+    data = rollouts_to_bytes(RolloutBatch(meta=meta, rows=rows))
+    path = c.state_dir / "accepted" / f"{content_hash(data)}.parquet"
+    path.parent.mkdir(exist_ok=True)
+    path.write_bytes(data)
+    c.ledger.record_submission(Submission(content_hash(data), "ab" * 32, step, step, len(rows), 2 * len(rows),
+                                          str(path), f"{'ab' * 32}:{step}:1"), Verdict(True, "accepted"))
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, answers_one):
+    """A real coordinator trained MAX_STEPS steps with eval.every = EVERY. The evaluation of policy 0 is
+    held until train step 1 is done: had training waited for it, the hold would time out."""
+    import threading
+
+    from intellect.coordinator.runner import start_coordinator
+
+    config = CoordinatorConfig(
+        state_dir=tmp_path_factory.mktemp("eval") / "c", run_name="heldout", model=str(answers_one), async_level=1,
+        batches_per_step=1, max_steps=MAX_STEPS, threads=1, shard_size=16_000_000,
+        rollouts={"prompts_per_batch": 2, "completions_per_prompt": 2, "max_new_tokens": 4},
+        task=EVAL_TASK, eval={"every": EVERY, "num_problems": 100, "samples": 3, "batch_size": 8},
+        trainer={"lr": 1e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "seq_len": 64},
+        swarm={"host": "127.0.0.1", "port": 0, "record_ttl_s": 5.0})
+    c = start_coordinator(config)
+    for step in range(MAX_STEPS):
+        _accept_a_batch(c, step)
+    trained, held = threading.Event(), {}
+    evaluate = c.evaluator.heldout.evaluate
+
+    def held_evaluate(model, policy_step, stop=None):
+        if policy_step == 0:
+            held["steps_trained_meanwhile"] = trained.wait(120) and len(c.history)
+        return evaluate(model, policy_step, stop)
+
+    c.evaluator.heldout.evaluate = held_evaluate
+    loop = threading.Thread(target=c.run, kwargs={"on_step": lambda m: m["step"] == 1 and trained.set()})
+    try:
+        loop.start()
+        loop.join(240)
+        assert not loop.is_alive(), "the run did not finish"
+        yield c, held
+    finally:
+        c.close()
+
+
+def _lines(c) -> list[dict]:
+    return [json.loads(x) for x in (c.state_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_eval_results_land_in_metrics_at_the_right_steps(run):
+    c, _ = run
+    expected = sum(setup_task(TaskConfig(**EVAL_TASK), "heldout").problem(i).answer == "1" for i in range(8)) / 8
+    assert 0 < expected < 1  # the model answers "1": right on some held-out problems, wrong on others
+    lines = _lines(c)
+    assert [m["step"] for m in lines if m.get("kind") != "eval"] == list(range(MAX_STEPS))
+    evals = sorted((m for m in lines if m.get("kind") == "eval"), key=lambda m: m["policy_step"])
+    assert [m["policy_step"] for m in evals] == [0, 2, 3]  # before, every 2 steps, and the last policy
+    for m in evals:
+        assert 0.0 <= m["heldout_greedy"] <= 1.0 and 0.0 <= m["heldout_mean_at_k"] <= 1.0
+        assert m["heldout_greedy"] == m["heldout_mean_at_k"] == expected == 0.375
+        assert (m["num_problems"], m["k"], m["temperature"]) == (8, 3, 0.6)
+    assert c.evals == [m for m in lines if m.get("kind") == "eval"]
+
+
+def test_eval_runs_while_training_continues(run):
+    c, held = run
+    assert held["steps_trained_meanwhile"] >= 2  # steps 0 and 1 trained while policy 0 was being evaluated
+    order = [("eval", m["policy_step"]) if m.get("kind") == "eval" else ("train", m["step"]) for m in _lines(c)]
+    assert order.index(("eval", 0)) > order.index(("train", 1))
+
+
+def test_eval_is_shown_on_the_dashboard_in_metrics_and_in_the_report(run):
+    import io
+
+    from rich.console import Console
+
+    from intellect.coordinator.dashboard import metrics_registry, render
+    from intellect.coordinator.report import write_report
+    from intellect.coordinator.service import Coordinator
+
+    c, _ = run
+    registry = metrics_registry(c)
+    assert registry.get_sample_value("intellect_heldout_greedy") == 0.375
+    assert registry.get_sample_value("intellect_heldout_mean_at_k") == 0.375
+    assert registry.get_sample_value("intellect_heldout_policy_step") == 3
+    screen = Console(file=io.StringIO(), width=200)
+    screen.print(render(c, {}))
+    assert "greedy 0.375   mean@3 0.375   (policy 3; policy 0: greedy 0.375)" in screen.file.getvalue()
+    write_report(c.state_dir)
+    summary = (c.state_dir / "report" / "summary.md").read_text()
+    assert "held-out (8 problems never trained on): greedy 0.375 at policy 0 -> 0.375 at policy 3" in summary
+    assert f"train steps: {MAX_STEPS}" in summary
+    # a restart keeps the eval lines and does not evaluate the last policy again
+    again = Coordinator(c.config)
+    try:
+        assert again.evals == c.evals and len(again.history) == MAX_STEPS
+        again._evaluate_if_due(MAX_STEPS)
+        assert not again.evaluator.busy()
+    finally:
+        again.close()
