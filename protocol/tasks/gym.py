@@ -5,9 +5,10 @@ task reward.
 Node and coordinator build the same problems because both run the reasoning-gym version pinned in
 pyproject.toml (`REASONING_GYM_VERSION` is checked at build) with the seed and options the run
 announces; reasoning-gym seeds item i with `seed + i`, so the training problems are generator
-indices [0, size) and the held-out ones [size, size + heldout): disjoint indices (a dataset with few
-distinct problems may still repeat a text). Datasets that are not reproducible across processes
-are refused (`UNREPRODUCIBLE`).
+indices [0, size) and the held-out ones [size, size + heldout). Small problem spaces repeat texts
+(chain_sum with 2-digit terms: 71 of 200 held-out prompts were also among 10 000 training ones), so a
+training item whose question is a held-out one is replaced by the next index's item that is not.
+Datasets that are not reproducible across processes are refused (`UNREPRODUCIBLE`).
 
 The answer is the text inside the completion's last <answer>...</answer> (reasoning-gym's own
 convention; the prompt asks for it): no tags, no answer. reasoning_gym is imported when a gym task
@@ -17,9 +18,11 @@ dataset generates or how its scorer decides.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections import OrderedDict
+from functools import lru_cache
 from importlib.metadata import PackageNotFoundError, version
 
 from .base import Problem, Split, Task
@@ -31,6 +34,7 @@ MAX_ANSWER_CHARS = 16_384  # longer than any dataset's answer (a sudoku grid, a 
 MAX_PROBLEMS = 10**9
 CACHE_ENTRIES = 4096  # generated items kept for scoring: the scorer needs the item's metadata
 DATASET_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+MAX_SKIPS = 64  # training items in a row that may repeat held-out questions before the task is refused
 
 # Their problems change with Python's per-process string hashing (set iteration order): items of
 # seed 7 differed between processes run with PYTHONHASHSEED 1 and 2 (items 0, 1, 500) and 3 and 4
@@ -54,7 +58,9 @@ def answer_in_tags(text: str) -> str | None:
     return answer if len(answer) <= MAX_ANSWER_CHARS else None
 
 
-def _build_dataset(dataset: str, seed: int, size: int, options: dict):
+@lru_cache(maxsize=8)  # a node builds its task once per batch: generators and held-out sets are reused
+def _build_dataset(dataset: str, seed: int, size: int, options_json: str):
+    options = json.loads(options_json)
     try:
         installed = version("reasoning-gym")
     except PackageNotFoundError as e:
@@ -78,6 +84,12 @@ def _build_dataset(dataset: str, seed: int, size: int, options: dict):
         raise ValueError(f"gym:{dataset}: bad options {options}: {e}") from e
 
 
+@lru_cache(maxsize=8)
+def _heldout_questions(dataset: str, seed: int, size: int, options_json: str, heldout: int) -> frozenset[str]:
+    generator = _build_dataset(dataset, seed, size + heldout, options_json)
+    return frozenset(generator[size + k]["question"] for k in range(heldout))
+
+
 class ReasoningGym(Task):
     needs_time_limit = True  # scorers are arbitrary Python (some parse with sympy)
 
@@ -96,7 +108,10 @@ class ReasoningGym(Task):
         self._args = (dataset, seed, size, dict(options or {}), instruction, heldout, split)
         self.instruction = instruction or ANSWER_INSTRUCTION
         self._offset, self._count = (size, heldout) if split == "heldout" else (0, size)
-        self._dataset = _build_dataset(dataset, seed, size + heldout, dict(options or {}))
+        options_json = json.dumps(options or {}, sort_keys=True)
+        self._dataset = _build_dataset(dataset, seed, size + heldout, options_json)
+        self._held = (_heldout_questions(dataset, seed, size, options_json, heldout) if split == "train" and heldout
+                      else frozenset())
         self._items: OrderedDict[int, dict] = OrderedDict()
 
     def __reduce__(self):
@@ -112,11 +127,21 @@ class ReasoningGym(Task):
         self._check_index(i)
         item = self._items.get(i)
         if item is None:
-            item = self._dataset[self._offset + i]
+            item = self._generate(i)
             self._items[i] = item
             if len(self._items) > CACHE_ENTRIES:
                 self._items.popitem(last=False)
         return item
+
+    def _generate(self, i: int) -> dict:
+        index = self._offset + i
+        for _ in range(MAX_SKIPS + 1):
+            item = self._dataset[index]
+            if item["question"] not in self._held:
+                return item
+            index = (index + 1) % self._count  # only training skips (`_held` is empty otherwise)
+        raise ValueError(f"{self.name}: training problem {i} and the {MAX_SKIPS} after it all repeat held-out "
+                         f"problems: too few distinct problems for heldout={self._args[5]}")
 
     def problem(self, i: int) -> Problem:
         item = self._item(i)

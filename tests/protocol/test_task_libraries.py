@@ -75,6 +75,18 @@ def test_gym_problems_are_identical_in_other_processes():
     assert [other_seed.problem(i).prompt for i in range(12)] != [p for p, _ in here["gym:basic_arithmetic train"]]
 
 
+def test_gym_training_never_repeats_a_held_out_question():
+    config = TaskConfig(name="gym:chain_sum", gym_size=300, heldout=50, gym_options={"max_terms": 2, "max_digits": 1})
+    train, held = setup_task(config), setup_task(config, "heldout")
+    held_questions = {held.problem(i).prompt for i in range(held.num_problems)}
+    unfiltered = setup_task(config.model_copy(update={"heldout": 0}))  # the generator's items 0..299 as they are
+    assert held_questions & {unfiltered.problem(i).prompt for i in range(300)}  # 200 possible sums: texts repeat
+    assert not held_questions & {train.problem(i).prompt for i in range(300)}
+    assert train.problem(7) == setup_task(config).problem(7)  # the replacement is deterministic
+    with pytest.raises(ValueError, match="too few distinct problems"):  # every sum held out
+        [setup_task(config.model_copy(update={"heldout": 3000})).problem(i) for i in range(300)]
+
+
 def test_gym_scores_a_right_and_a_wrong_answer_with_its_own_scorer():
     config = TaskConfig(name="gym:chain_sum", gym_options={"max_terms": 3}, grade_timeout_s=60)
     task = setup_task(config)
