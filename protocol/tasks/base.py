@@ -28,7 +28,7 @@ class Problem:
 
 
 class Task(ABC):
-    """A finite, indexable set of problems plus a verifier with rewards in {0, 1}."""
+    """A finite, indexable set of problems plus a verifier with rewards in [0, 1] (most give 0 or 1)."""
 
     name: str
     # False only for verifiers that are linear-time by construction: they are graded in-process,
@@ -45,7 +45,8 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, problem: Problem, completion_text: str) -> float:
-        """Task reward of a completion: 1.0 if it answers `problem` correctly, else 0.0."""
+        """Task reward of a completion: 1.0 if it answers `problem` correctly, 0.0 if not, and between
+        for a verifier that gives partial credit (some reasoning-gym scorers)."""
 
     def _check_index(self, i: int) -> None:
         if not 0 <= i < self.num_problems:
