@@ -36,6 +36,7 @@ import msgpack
 import multiaddr
 import trio
 from libp2p import new_host
+from libp2p.abc import INotifee
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.exceptions import BaseLibp2pError
@@ -95,6 +96,7 @@ _NAMESPACE = "intellect"
 _PROTO_PREFIX = PROTOCOL_PREFIX["libp2p"]
 _MAX_DHT_VALUE = 1024 * 1024 - 1024  # py-libp2p's DHT refuses records over 1 MiB (with its own fields)
 _MAX_PROVIDERS = 256
+_QUERY_TIMEOUT_S = 5.0
 _REBOOTSTRAP_EVERY_S = 15.0
 _HANDLER_THREADS = 8  # request handlers run in at most this many threads; InFlight bounds what waits
 
@@ -160,6 +162,25 @@ class RunRecordValidator(Validator):
                 return -math.inf
 
         return max(range(len(values)), key=lambda i: expiration(values[i]))
+
+
+class _ForgetDeparted(INotifee):
+    """Drops a peer from the DHT's routing table when its last connection closes. py-libp2p keeps it,
+    and every later lookup then waits out its query timeout (10 s) on a peer that is gone."""
+
+    def __init__(self, dht: KadDHT) -> None:
+        self.dht = dht
+
+    async def disconnected(self, network, conn) -> None:
+        peer = conn.muxed_conn.peer_id
+        if not network.connections.get(peer):
+            self.dht.routing_table.remove_peer(peer)
+
+    async def opened_stream(self, network, stream) -> None: ...
+    async def closed_stream(self, network, stream) -> None: ...
+    async def connected(self, network, conn) -> None: ...
+    async def listen(self, network, multiaddr) -> None: ...
+    async def listen_close(self, network, multiaddr) -> None: ...
 
 
 def _net_errors() -> tuple[type[BaseException], ...]:
@@ -238,11 +259,14 @@ class Libp2pSwarm(Swarm):
             mode = DHTMode.CLIENT if self.config.client_mode else DHTMode.SERVER
             validator = NamespacedValidator({_NAMESPACE: self.validator}, strict_validation=True)
             self._dht = KadDHT(self._host, mode, validator=validator, validator_changed=True)
+            self._host.get_network().register_notifee(_ForgetDeparted(self._dht))
             async with self._host.run([_listen_addr(self.config)]), background_trio_service(self._dht), \
                     trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._ready.set()
                 await self._stop.wait()
+                with trio.move_on_after(5.0):  # peers see us leave (and drop us from their routing tables)
+                    await self._host.close()
                 nursery.cancel_scope.cancel()
         except BaseException as e:  # noqa: BLE001 - reported by start(); the thread ends here
             self._start_error = e
@@ -366,7 +390,7 @@ class Libp2pSwarm(Swarm):
         if key_space(key).coordinator_only:
             writers = [self.coordinator_key]
         else:
-            infos = await self._dht.find_providers(provider_key(self.run_id, key), _MAX_PROVIDERS)
+            infos = await self._providers(bytes.fromhex(provider_key(self.run_id, key)))
             writers = list(dict.fromkeys(k for k in (node_key_of_bytes(i.peer_id.to_bytes()) for i in infos) if k))
         found: dict[str, bytes] = {}
 
@@ -383,6 +407,27 @@ class Libp2pSwarm(Swarm):
             for writer in writers:
                 nursery.start_soon(get_one, writer)
         return found
+
+    async def _providers(self, key: bytes) -> list[PeerInfo]:
+        """Our providers of `key` and those the closest peers hold. py-libp2p's find_providers stops at
+        the local ones when there are any, but a key has many writers: we ask the network too."""
+        store = self._dht.provider_store
+        found = list(store.get_providers(key))
+        closest = [p for p in await self._dht.peer_routing.find_closest_peers_network(key) if p != self._host.get_id()]
+
+        async def ask(peer: ID) -> None:
+            with trio.move_on_after(_QUERY_TIMEOUT_S):
+                try:
+                    providers, _ = await store._get_providers_from_peer_with_closers(peer, key)
+                except _net_errors() as e:
+                    logger.debug("asking %s for providers failed: %s", peer, e)
+                    return
+                found.extend(providers or [])
+
+        async with trio.open_nursery() as nursery:
+            for peer in closest:
+                nursery.start_soon(ask, peer)
+        return found[:_MAX_PROVIDERS]
 
     def _rebootstrap_soon(self) -> None:
         """A read found nothing: maybe our bootstrap peer restarted with an empty DHT. Dial the bootstrap
@@ -552,9 +597,13 @@ class Libp2pSwarm(Swarm):
         probe = new_host(key_pair=create_new_key_pair())
         try:
             async with probe.run([]):
-                with trio.fail_after(10.0):
-                    await probe.connect(PeerInfo(peer_id, maddrs))
-                return b"ok"
+                try:
+                    with trio.fail_after(10.0):
+                        await probe.connect(PeerInfo(peer_id, maddrs))
+                    return b"ok"
+                finally:  # leave cleanly: the caller drops the probe from its routing table at once
+                    with trio.move_on_after(3.0):
+                        await probe.close()
         except _net_errors() as e:
             return f"fail: {type(e).__name__}".encode()
 
