@@ -46,9 +46,12 @@ def sample_seed(problem_index: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "big") >> 1
 
 
-def generate(model, prompts: list[list[int]], seeds: list[int], temperature: float, max_new_tokens: int,
-             eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
-    """Output tokens of each prompt (left-padded batch, KV cache), up to and including an EOS."""
+def generate(model, prompts: list[list[int]], copies: int, temperature: float, seeds: list[int],
+             max_new_tokens: int, eos_ids: frozenset[int], pad_id: int) -> list[list[int]]:
+    """Output tokens (up to and including an EOS) of `copies` completions of each prompt, in rows
+    p * copies + j: copy 0 greedy, the others sampled at `temperature` with seed seeds[row]. One
+    prefill per prompt (left-padded batch), its KV cache repeated for the copies; finished rows leave
+    the batch."""
     import torch
     from transformers import DynamicCache
 
@@ -62,22 +65,32 @@ def generate(model, prompts: list[list[int]], seeds: list[int], temperature: flo
         mask[r, width - len(p):] = 1
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     cache = DynamicCache(config=model.config)
+    out: list[list[int]] = [[] for _ in range(num * copies)]
     with torch.inference_mode():
         logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                       use_cache=True, logits_to_keep=1).logits[:, -1]
-        next_pos = positions[:, -1:] + 1
-        out: list[list[int]] = [[] for _ in range(num)]
-        done = [False] * num
+                       use_cache=True, logits_to_keep=1).logits[:, -1].repeat_interleave(copies, 0)
+        cache.batch_repeat_interleave(copies)
+        mask, next_pos = mask.repeat_interleave(copies, 0), positions[:, -1:].repeat_interleave(copies, 0) + 1
+        active = list(range(num * copies))  # the row of `out` each batch row is
         for t in range(max_new_tokens):
-            tokens, _ = sample(logits, temperature, seeds, [t] * num)
-            for r, v in enumerate(tokens.tolist()):
-                if not done[r]:
-                    out[r].append(v)
-                    done[r] = v in eos_ids
-            if all(done) or t == max_new_tokens - 1:
+            tokens = torch.empty(len(active), dtype=torch.long)
+            for rows, temp in (([r for r, i in enumerate(active) if i % copies == 0], 0.0),
+                               ([r for r, i in enumerate(active) if i % copies], temperature)):
+                if rows:
+                    tokens[rows] = sample(logits[rows], temp, [seeds[active[r]] for r in rows], [t] * len(rows))[0]
+            keep = []
+            for r, (i, v) in enumerate(zip(active, tokens.tolist(), strict=True)):
+                out[i].append(v)
+                if v not in eos_ids:
+                    keep.append(r)
+            if not keep or t == max_new_tokens - 1:
                 break
-            mask = torch.cat([mask, mask.new_ones(num, 1)], dim=1)
-            # finished rows keep decoding (their tokens are dropped): simpler than shrinking the cache
+            if len(keep) < len(active):
+                sel = torch.tensor(keep)
+                cache.batch_select_indices(sel)
+                mask, tokens, next_pos = mask[sel], tokens[sel], next_pos[sel]
+                active = [active[r] for r in keep]
+            mask = torch.cat([mask, mask.new_ones(len(active), 1)], dim=1)
             logits = model(input_ids=tokens[:, None], attention_mask=mask, position_ids=next_pos,
                            past_key_values=cache, use_cache=True).logits[:, -1]
             next_pos = next_pos + 1
@@ -109,27 +122,25 @@ class HeldoutEval:
         """Greedy and mean@k of `model` on the held-out problems; None if `stop` was set meanwhile."""
         started = time.perf_counter()
         n, k = self.num_problems, self.config.eval.samples
-        greedy = self._total(model, [(i, 0) for i in range(n)], 0.0, stop)
-        sampled = self._total(model, [(i, j) for i in range(n) for j in range(k)], self.temperature, stop)
-        if greedy is None or sampled is None:
-            return None
-        return EvalResult(policy_step=policy_step, heldout_greedy=greedy / n, heldout_mean_at_k=sampled / (n * k),
-                          k=k, temperature=self.temperature, num_problems=n, eval_s=time.perf_counter() - started)
-
-    def _total(self, model, jobs: list[tuple[int, int]], temperature: float,
-               stop: threading.Event | None) -> float | None:
-        """Summed task reward of one completion per (problem, sample) job; None if stopped."""
-        total, batch = 0.0, self.config.eval.batch_size
-        for start in range(0, len(jobs), batch):
+        per_batch = max(1, self.config.eval.batch_size // (k + 1))  # problems whose completions go together
+        greedy = sampled = 0.0
+        for start in range(0, n, per_batch):
             if stop is not None and stop.is_set():
                 return None
-            chunk = jobs[start:start + batch]
-            outs = generate(model, [self.prompts[i] for i, _ in chunk], [sample_seed(i, j) for i, j in chunk],
-                            temperature, self.max_new_tokens, self.eos_ids, self.tokenizer.pad_token_id or 0)
-            for (i, _), tokens in zip(chunk, outs, strict=True):
+            chunk = range(start, min(n, start + per_batch))
+            outs = generate(model, [self.prompts[i] for i in chunk], k + 1, self.temperature,
+                            [sample_seed(i, j) for i in chunk for j in range(k + 1)], self.max_new_tokens,
+                            self.eos_ids, self.tokenizer.pad_token_id or 0)
+            for row, tokens in enumerate(outs):
+                i, copy = chunk[row // (k + 1)], row % (k + 1)
                 text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-                total += grade_with_timeout(self.task, self.problems[i], text, self.config.task.grade_timeout_s)
-        return total
+                score = grade_with_timeout(self.task, self.problems[i], text, self.config.task.grade_timeout_s)
+                if copy == 0:
+                    greedy += score
+                else:
+                    sampled += score
+        return EvalResult(policy_step=policy_step, heldout_greedy=greedy / n, heldout_mean_at_k=sampled / (n * k),
+                          k=k, temperature=self.temperature, num_problems=n, eval_s=time.perf_counter() - started)
 
 
 class EvalWorker:
