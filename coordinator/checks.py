@@ -181,12 +181,12 @@ def check_batch_counter(ctx: CheckContext, sub: Candidate) -> None:
 
 def check_policy_step(ctx: CheckContext, sub: Candidate) -> None:
     policy_step = sub.batch.meta.policy_step
-    train_step, latest = ctx.steps()
+    collect_step, latest = ctx.steps()
     if policy_step > latest:
         raise Rejected(Reason.UNKNOWN_POLICY, f"policy step {policy_step} was never published (latest {latest})")
-    if policy_step < train_step - ctx.run.async_level:
-        raise Rejected(Reason.STALE_POLICY, f"policy step {policy_step} is older than train step {train_step} "
-                                            f"- async level {ctx.run.async_level}")
+    if policy_step < collect_step - ctx.run.async_level:
+        raise Rejected(Reason.STALE_POLICY, f"policy step {policy_step} is older than the collected step "
+                                            f"{collect_step} - async level {ctx.run.async_level}")
 
 
 def check_prompts(ctx: CheckContext, sub: Candidate) -> None:

@@ -71,9 +71,10 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     head.add_column(style="bold", justify="right")
     head.add_column()
     head.add_row("run", f"{c.run_id}   coordinator {c.identity.peer_id}")
-    waiting = len(c.ledger.accepted_for_train_step(c.train_step))
-    head.add_row("step", f"{c.train_step}   collecting {waiting}/{c.config.batches_per_step} batches   "
-                         f"last step {last.get('step_s', 0):.1f} s   async level {c.config.async_level}")
+    waiting = len(c.ledger.accepted_for_train_step(c.collect_step))
+    head.add_row("policy", f"step {c.latest_policy_step}   collecting step {c.collect_step}: "
+                           f"{waiting}/{c.config.batches_per_step} batches   last step {last.get('step_s', 0):.1f} s   "
+                           f"async level {c.config.async_level}")
     rewards = [m["reward"] for m in h]
     lengths = [m["length"] for m in h]
     head.add_row("reward", f"{sparkline(rewards)}  {rewards[-1]:.3f}" if rewards else "-")
@@ -91,14 +92,18 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
         head.add_row("[red]error[/]", Text(f"{c.last_error} (retrying; {c.loop_errors} failed turns)", style="red"))
 
     nodes = Table(title="nodes", expand=True)
-    for col in ("peer id", "tokens/s", "policy", "accepted", "rejected", "credit", "last seen", "banned"):
+    for col in ("peer id", "engine", "state", "tokens/s", "policy", "accepted", "rejected", "credit", "last seen",
+                "banned"):
         nodes.add_column(col)
     now = time.time()
     for row in c.ledger.node_table():
         if row.public_key == "unknown":
             continue
         beat = beats.get(row.public_key)
-        nodes.add_row(row.peer_id or row.public_key[:12], f"{beat.tokens_per_s:,.1f}" if beat else "-",
+        # engine and state as the node says in its last heartbeat: shown, never trusted
+        nodes.add_row(row.peer_id or row.public_key[:12], f"{beat.engine} on {beat.device}" if beat else "-",
+                      ("paused" if beat.paused else "working") if beat else "-",
+                      f"{beat.tokens_per_s:,.1f}" if beat else "-",
                       str(beat.policy_step) if beat and beat.policy_step is not None else "-",
                       str(row.accepted), str(row.rejected), f"{row.tokens:,}", f"{now - row.last_seen:,.0f} s ago",
                       "[red]yes[/]" if row.banned else "no")
@@ -114,8 +119,10 @@ class _RunCollector:
     def collect(self):
         c = self.coordinator
         last = c.history[-1] if c.history else {}
-        yield GaugeMetricFamily("intellect_train_step", "The train step the coordinator is collecting rollouts for.",
-                                value=c.train_step)
+        yield GaugeMetricFamily("intellect_collect_step", "The train step newly accepted rollouts are queued for.",
+                                value=c.collect_step)
+        yield GaugeMetricFamily("intellect_latest_policy_step", "The newest published policy step.",
+                                value=c.latest_policy_step)
         for name, key, what in (
             ("intellect_reward", "reward", "Mean reward of the last train step's completions."),
             ("intellect_completion_length", "length", "Mean completion length (tokens) of the last train step."),

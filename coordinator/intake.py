@@ -183,13 +183,13 @@ class Intake:
         final = self.accepted_dir / inbox_path.name
         batch = sub.batch
         with self.record_lock:
-            train_step, _ = self.ctx.steps()
+            collect_step, _ = self.ctx.steps()
             try:
-                # re-check under the lock: the train step may have moved while the model ran
+                # re-check under the lock: the collected step may have moved while the model ran
                 check_policy_step(self.ctx, sub)
             except Rejected as r:
                 return self._reject(r, sub.sender, inbox_path)
-            submission = Submission(sub.file_sha256, sub.sender.hex(), batch.meta.policy_step, train_step,
+            submission = Submission(sub.file_sha256, sub.sender.hex(), batch.meta.policy_step, collect_step,
                                     len(batch.rows), batch.num_output_tokens, str(final), sub.batch_key)
             try:
                 self.ledger.record_submission(submission, LedgerVerdict(True, Reason.ACCEPTED))
@@ -201,12 +201,12 @@ class Intake:
             os.replace(inbox_path, final)
             fsync_dir(self.accepted_dir)
             if on_accept is not None:
-                on_accept(train_step)
+                on_accept(collect_step)
         pause_point("intake.recorded")
         summary = sampling_summary(sub.prefill(self.ctx))
         logger.info("accepted %s from %s: %s", sub.file_sha256[:12], sub.sender.hex()[:12], summary)
         verdict = Verdict(file_sha256=sub.file_sha256, accepted=True, reason=Reason.ACCEPTED.value,
-                          detail=summary, train_step=train_step, credit_tokens=batch.num_output_tokens)
+                          detail=summary, train_step=collect_step, credit_tokens=batch.num_output_tokens)
         return Outcome(verdict, sub.sender, batch, final)
 
     def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None,

@@ -115,8 +115,9 @@ class Coordinator:
             logger.info("resumed at policy step %s", self.trainer.policy_step)
         else:
             self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
-        self.train_step = self.trainer.policy_step  # the next step to train = the latest policy
-        self.collect_step = self.train_step  # the train step newly accepted rollouts are queued for
+        # the newest published policy; the next train step trains it into latest + 1
+        self.latest_policy_step = self.trainer.policy_step
+        self.collect_step = self.latest_policy_step  # the train step newly accepted rollouts are queued for
         self._sync_metrics()
 
     def _sync_metrics(self) -> None:
@@ -125,7 +126,7 @@ class Coordinator:
         with self._metrics_lock:
             lines = _read_jsonl(self.metrics_path)
             # an eval line is of a saved policy, which a restart does not redo
-            kept = [m for m in lines if m.get("kind") == "eval" or m.get("step", -1) < self.train_step]
+            kept = [m for m in lines if m.get("kind") == "eval" or m.get("step", -1) < self.latest_policy_step]
             self.history = [m for m in kept if m.get("kind") != "eval"]
             self.evals = [m for m in kept if m.get("kind") == "eval"]
             if len(kept) != len(lines):
@@ -134,7 +135,7 @@ class Coordinator:
     def _setup_intake(self) -> None:
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
                              self.tokenizer, self.eos_ids, policy_for=self.policy_for,
-                             steps=lambda: (self.collect_step, self.train_step))
+                             steps=lambda: (self.collect_step, self.latest_policy_step))
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
@@ -191,7 +192,7 @@ class Coordinator:
         self.swarm.register_request_handler(SUBMIT_RPC, self.rpc_submit,
                                             max_request_bytes=self.config.intake.max_submission_bytes)
         self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
-        for step in range(max(0, self.train_step - self.config.async_level), self.train_step + 1):
+        for step in range(max(0, self.latest_policy_step - self.config.async_level), self.latest_policy_step + 1):
             if self.policy_dir(step).is_dir():
                 self.publisher.publish(self.policy_dir(step), step, shard_size=self.config.shard_size)
         self.announce()
@@ -211,8 +212,8 @@ class Coordinator:
 
         r = self.config.rollouts
         return RunInfo(run_id=self.run_id, run_name=self.config.run_name, coordinator_peer_id=self.identity.peer_id,
-                       coordinator_addrs=self.swarm.visible_addrs()[:16] if self.swarm else [],
-                       task=self.config.task, train_step=self.collect_step, latest_policy_step=self.train_step,
+                       task=self.config.task, collect_step=self.collect_step,
+                       latest_policy_step=self.latest_policy_step,
                        async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
                        completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
                        temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir),
@@ -270,13 +271,13 @@ class Coordinator:
         return False
 
     def _finished(self) -> bool:
-        return self.config.max_steps is not None and self.train_step >= self.config.max_steps
+        return self.config.max_steps is not None and self.latest_policy_step >= self.config.max_steps
 
     def ready_to_train(self) -> bool:
-        return len(self.ledger.accepted_for_train_step(self.train_step)) >= self.config.batches_per_step
+        return len(self.ledger.accepted_for_train_step(self.latest_policy_step)) >= self.config.batches_per_step
 
     def train_once(self) -> dict:
-        step = self.train_step
+        step = self.latest_policy_step
         with self.intake.record_lock:  # from here on, accepted rollouts are queued for step + 1
             queued = self.ledger.accepted_for_train_step(step)
             # oldest first: later batches wait for the next step (while fresh enough) instead of
@@ -310,8 +311,8 @@ class Coordinator:
         self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
         pause_point("train.saved")
         self._evaluate_if_due(step + 1)  # it reads the checkpoint just saved, in its own thread
-        self.train_step = step + 1
-        self.publisher.publish(self.policy_dir(self.train_step), self.train_step, shard_size=self.config.shard_size)
+        self.latest_policy_step = step + 1
+        self.publisher.publish(self.policy_dir(step + 1), step + 1, shard_size=self.config.shard_size)
         self.announce()
         self.history.append(metrics)
         return metrics

@@ -107,7 +107,7 @@ class NodeApp:
 
     def _heartbeat(self) -> None:
         s = self.status
-        body = Heartbeat(peer_id=s.peer_id, policy_step=s.policy_step, engine=s.engine if s.engine in ("torch", "vllm")
+        body = Heartbeat(policy_step=s.policy_step, engine=s.engine if s.engine in ("torch", "vllm")
                          else "torch", device=s.device[:64], tokens_per_s=float(s.tokens_per_s), paused=s.paused)
         envelope = seal(self.identity, MessageKind.HEARTBEAT, self.config.run_id, encode_body(body))
         self.swarm.publish(peers_key(), envelope, ttl_s=60.0)

@@ -232,7 +232,7 @@ def _headless_node(node, done) -> None:
     last = None
     while not done.is_set() and not node.wait(1.0):
         line = {k: v for k, v in asdict(node.status).items() if k in (
-            "state", "policy_step", "train_step", "submitted", "accepted", "rejected", "last_reward", "error")}
+            "state", "policy_step", "collect_step", "submitted", "accepted", "rejected", "last_reward", "error")}
         if line != last:
             print(json.dumps(line), flush=True)
             last = line

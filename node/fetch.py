@@ -391,8 +391,7 @@ class ShardFetcher:
         shas = self._held(manifest)
         if not shas:
             return
-        body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas,
-                             complete=all(self.store.has(s.sha256) for s in manifest.shards))
+        body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas)
         envelope = seal(self.swarm.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body))
         try:
             self.swarm.publish(shards_key(step), envelope, self.config.record_ttl_s)

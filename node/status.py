@@ -18,8 +18,8 @@ class NodeStatus:
     error: str = ""  # plain words and what to do, while state == "error"
     peers: int = 0
     reachability: str = "unknown"
-    train_step: int | None = None
-    policy_step: int | None = None
+    collect_step: int | None = None  # the run's train step being collected (RunInfo.collect_step)
+    policy_step: int | None = None  # the policy the engine runs
     download_done: int = 0
     download_total: int = 0
     download_rate: float = 0.0
@@ -40,9 +40,9 @@ class NodeStatus:
 
     @property
     def staleness(self) -> int | None:
-        if self.train_step is None or self.policy_step is None:
+        if self.collect_step is None or self.policy_step is None:
             return None
-        return self.train_step - self.policy_step
+        return self.collect_step - self.policy_step
 
     def write(self, path: Path) -> None:
         self.updated_at = time.time()

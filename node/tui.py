@@ -40,7 +40,7 @@ def render(s: NodeStatus) -> Panel:
     grid.add_row("peers", f"{s.peers}   reachability: {s.reachability}")
     stale = "" if s.staleness is None else f"   staleness {s.staleness}"
     grid.add_row("policy", f"step {s.policy_step if s.policy_step is not None else '-'}   "
-                           f"train step {s.train_step if s.train_step is not None else '-'}{stale}")
+                           f"collecting step {s.collect_step if s.collect_step is not None else '-'}{stale}")
     if s.download_total:
         bar = ProgressBar(total=s.download_total, completed=s.download_done, width=30)
         grid.add_row("download", Group(bar, Text(f"{_mb(s.download_done)} / {_mb(s.download_total)} at "

@@ -70,6 +70,21 @@ class WorkError(Exception):
     """A recoverable failure of one turn, in plain words with what to do; the loop retries."""
 
 
+def check_model_config(folder: Path, announced: str, step: int) -> None:
+    """Refuse a policy folder whose config.json is not the model the run announces: its rollouts would be
+    rejected anyway, and a wrong architecture may not even load."""
+    from intellect.protocol.model import model_config_hash
+
+    try:
+        found = model_config_hash(folder)
+    except (OSError, ValueError) as e:
+        raise WorkError(f"policy step {step} has no readable config.json: {e}") from e
+    if found != announced:
+        raise WorkError(f"policy step {step} is a different model than the run announces (its config.json hashes "
+                        f"to {found[:12]}, the run's model config to {announced[:12]}): not running it; the "
+                        "coordinator must publish the run's model")
+
+
 class Worker:
     def __init__(self, config: NodeConfig, identity: Identity, swarm: Swarm, fetcher, status: NodeStatus) -> None:
         self.config = config
@@ -152,12 +167,12 @@ class Worker:
         if self.newest_run_info is not None and seq < self.newest_run_info[0]:
             seq, info = self.newest_run_info  # a replayed older record must not take the node back a step
         self.newest_run_info = (seq, info)
-        self.status.train_step = info.train_step
+        self.status.collect_step = info.collect_step
         self.status.coordinator = info.coordinator_peer_id
         return info
 
     def fetch_policy(self, info: RunInfo) -> int:
-        """Make sure the engine runs the newest policy (never older than train_step - async_level)."""
+        """Make sure the engine runs the newest policy (never older than collect_step - async_level)."""
         step = info.latest_policy_step
         if self.loaded_step is not None and self.loaded_step >= step:
             return self.loaded_step
@@ -166,6 +181,7 @@ class Worker:
             folder = self.fetcher.fetch(step, timeout_s=self.config.policy_wait_s)
         except (ShardUnavailable, SwarmError, TimeoutError, OSError) as e:  # the swarm may heal: retry later
             raise WorkError(f"could not fetch policy step {step}: {e}") from e
+        check_model_config(folder, info.model_config_hash, step)
         if self.engine is None:
             from transformers import AutoTokenizer
 
@@ -266,11 +282,11 @@ class Worker:
         """Resend files that got no verdict; report those too stale to be trained on."""
         for path in sorted(self.outbox.glob("*.parquet")):
             policy_step = int(path.name.split("-", 1)[0])
-            if policy_step < info.train_step - info.async_level:
+            if policy_step < info.collect_step - info.async_level:
                 path.rename(path.with_suffix(".expired"))
                 self.status.expired += 1
-                logger.warning("%s expired: policy %s is older than train step %s - async level %s", path.name,
-                               policy_step, info.train_step, info.async_level)
+                logger.warning("%s expired: policy %s is older than the collected step %s - async level %s",
+                               path.name, policy_step, info.collect_step, info.async_level)
                 continue
             self.submit(path, info)
 

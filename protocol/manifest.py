@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
-import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -124,7 +123,7 @@ def shard_checkpoint(src: Path, store: ShardStore, *, run_id: str, policy_step: 
                 shards.append(entry)
         files.append(FileEntry(name=path.name, size=path.stat().st_size, sha256=whole.hexdigest(), shards=shards))
     return PolicyManifest(run_id=run_id, policy_step=policy_step, model_config_hash=model_config_hash,
-                          shard_size=shard_size, files=files, created_at=time.time())
+                          shard_size=shard_size, files=files)
 
 
 def sign_manifest(identity: Identity, manifest: PolicyManifest) -> bytes:

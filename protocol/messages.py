@@ -25,7 +25,6 @@ Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 digests, publ
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Step = Annotated[int, Field(ge=0, le=10**9)]
-Multiaddr = Annotated[str, Field(min_length=1, max_length=256)]
 
 
 class Body(BaseModel):
@@ -33,9 +32,9 @@ class Body(BaseModel):
 
 
 class Heartbeat(Body):
-    """A node tells the swarm it is alive and what it is doing."""
+    """A node tells the swarm it is alive and what it is doing (the coordinator's dashboard shows it);
+    who sent it is the envelope's signer."""
 
-    peer_id: Name
     policy_step: Step | None
     engine: Literal["torch", "vllm"]
     device: Annotated[str, Field(max_length=64)]
@@ -76,7 +75,6 @@ class PolicyManifest(Body):
     model_config_hash: Hex32
     shard_size: Annotated[int, Field(ge=1024, le=2**32)]
     files: Annotated[list[FileEntry], Field(min_length=1, max_length=64)]
-    created_at: Annotated[float, Field(ge=0, allow_inf_nan=False)]
     delta_base_step: Step | None = None  # the step the shards' deltas apply to (s - 1), if any
 
     @property
@@ -94,26 +92,28 @@ class ShardAnnounce(Body):
     policy_step: Step
     manifest_sha256: Hex32
     shard_sha256s: Annotated[list[Hex32], Field(max_length=100_000)]
-    complete: bool
 
 
 class RunInfo(Body):
     """Signed by the coordinator, published at the run's root key: how to take part, and where the
-    run is now (nodes poll it before every batch, like INTELLECT-2's step endpoint)."""
+    run is now (nodes poll it before every batch, like INTELLECT-2's step endpoint).
+
+    Steps: train step s trains policy s into s + 1 from rollouts queued for it; `collect_step` is the
+    train step newly accepted rollouts are queued for (the latest policy, or one more while that step
+    trains); `latest_policy_step` the newest published policy."""
 
     run_id: Name
     run_name: Name
     coordinator_peer_id: Name
-    coordinator_addrs: Annotated[list[Multiaddr], Field(max_length=16)]
     task: TaskConfig
-    train_step: Step  # the step whose rollouts the coordinator is collecting
+    collect_step: Step
     latest_policy_step: Step
     async_level: Annotated[int, Field(ge=0, le=64)]
     prompts_per_batch: Annotated[int, Field(ge=1, le=4096)]
     completions_per_prompt: Annotated[int, Field(ge=2, le=256)]
     max_new_tokens: Annotated[int, Field(ge=1, le=131072)]
     temperature: Annotated[float, Field(gt=0, le=10, allow_inf_nan=False)]
-    model_config_hash: Hex32
+    model_config_hash: Hex32  # `model_config_hash` of the run's config.json: a node refuses a policy that differs
     # the tokens that end a completion (the policy folder's tokenizer and generation_config EOS ids):
     # engines stop on exactly these, and intake checks terminations against the same set
     eos_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=64)]
@@ -142,7 +142,7 @@ class Verdict(Body):
     accepted: bool
     reason: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[a-z_]+$")]
     detail: Annotated[str, Field(max_length=1024)] = ""
-    train_step: Step | None = None
+    train_step: Step | None = None  # an accepted batch: the train step it is queued for
     credit_tokens: Count = 0
 
 

@@ -281,8 +281,9 @@ def test_coordinator_starts_with_its_flags_and_serves_prometheus_metrics(tmp_pat
         body = wait_for(lambda: _scrape(f"http://127.0.0.1:{port}/metrics", errors), 120, "/metrics",
                         lambda: f"{errors[-3:]}\n{procs.tails('coordinator')}")
         families = {f.name: f for f in text_string_to_metric_families(body)}
-        assert "# HELP intellect_train_step " in body and "# TYPE intellect_verdicts_total counter" in body
-        assert families["intellect_train_step"].samples[0].value == 0
+        assert "# HELP intellect_collect_step " in body and "# TYPE intellect_verdicts_total counter" in body
+        assert families["intellect_collect_step"].samples[0].value == 0
+        assert families["intellect_latest_policy_step"].samples[0].value == 0
         assert families["intellect_verdicts"].type == "counter"
         assert families["intellect_origin_bytes_sent"].samples[0].value == 0, "no node has fetched a shard"
         assert families["process_resident_memory_bytes"].samples[0].value > 10e6

@@ -121,4 +121,4 @@ def test_a_vandal_does_not_stop_the_run(tmp_path, tiny_model_path):
         accepted = [v for v in verdicts if v["accepted"] and v["at"] > vandal.first_round_at]
         assert accepted, verdicts
         status = json.loads((d / "status.json").read_text())  # past the replayed RunInfo of step 0
-        assert status["train_step"] >= 1 and status["policy_step"] >= 1, status
+        assert status["collect_step"] >= 1 and status["policy_step"] >= 1, status

@@ -186,9 +186,9 @@ def submit_crafted(r: Run) -> None:
         c.train_once()
     finally:
         del c.trainer.train_step
-    # a second train step: policy 0 falls out of the async window (train step 2 - async level 1 > 0)
+    # a second train step: policy 0 falls out of the async window (collect step 2 - async level 1 > 0)
     c.train_once()
-    assert c.train_step == 2
+    assert c.latest_policy_step == c.collect_step == 2
     for data in r.files("stale_policy"):
         r.submit("stale_policy", data)
 
@@ -344,7 +344,7 @@ def test_only_accepted_files_can_reach_the_trainer(run):
     """accepted/ holds exactly the ledger's accepted files, each readable; rejected ones are kept
     apart for audit; the first train step took every batch accepted before it."""
     c = run.coordinator
-    accepted = {Path(s.stored_path) for step in range(c.train_step + 1) for s in c.ledger.accepted_for_train_step(step)}
+    accepted = {Path(s.stored_path) for step in range(c.collect_step + 1) for s in c.ledger.accepted_for_train_step(step)}
     assert accepted == set((c.state_dir / "accepted").glob("*.parquet"))
     for path in accepted:
         read_rollouts(path)

@@ -139,7 +139,7 @@ def test_disk_full_at_checkpoint_is_retried_and_the_step_recorded_once(coordinat
         thread.join(30)
         del c.trainer.save
         c.stop.clear()
-    assert full and c.train_step == 1 and c.loop_errors == errors_before + 1
+    assert full and c.latest_policy_step == 1 and c.loop_errors == errors_before + 1
     assert "No space left on device" in caplog.text
     lines = [json.loads(x) for x in (c.state_dir / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [0]  # the failed try's line was dropped; the redo wrote it once

@@ -44,12 +44,12 @@ def run(tmux, tmp_path_factory) -> SimpleNamespace:
 @pytest.mark.slow  # starts the module's coordinator (10-30 s)
 def test_dashboard_shows_run_step_and_nodes_table(tmux, run):
     # wait for the last part drawn (the nodes table header), so the capture holds a whole frame
-    header_pattern = r"peer id.*tokens/s.*policy.*accepted.*rejected.*credit.*last seen.*banned"
+    header_pattern = r"peer id.*engine.*state.*tokens/s.*policy.*accepted.*rejected.*credit.*last seen.*banned"
     screen = tmux.wait_screen("coordinator", header_pattern, 120, "the dashboard").string
     assert "intellect-node coordinator" in screen
     assert re.search(rf"run\s+{re.escape(run.run_id)}\s+coordinator in-", screen), screen
-    assert re.search(r"step\s+\d+\s+collecting \d+/\d+ batches", screen), screen
-    header = re.search(r"peer id.*tokens/s.*policy.*accepted.*rejected.*credit.*last seen.*banned", screen)
+    assert re.search(r"policy\s+step \d+\s+collecting step \d+: \d+/\d+ batches", screen), screen
+    header = re.search(header_pattern, screen)
     assert header, f"no nodes table header:\n{screen}"
 
 
@@ -63,14 +63,15 @@ def test_node_screen_progress_pause_resume_and_quit(tmux, run, tmp_path):
     screen = tmux.wait_screen("node", r"accepted [1-9]", 240, "a first accepted batch on the node screen").string
     peer_id = re.search(r"node\s+(in-[a-z0-9]+)", screen).group(1)
     assert re.search(rf"run\s+{re.escape(run.run_id)}\s+coordinator in-", screen), screen
-    assert re.search(r"policy\s+step \d+\s+train step \d+", screen), screen
+    assert re.search(r"policy\s+step \d+\s+collecting step \d+", screen), screen
     assert re.search(r"engine\s+torch on cpu", screen), screen
     keys = subprocess.run(command("keys", "show", "--state-dir", str(state)), capture_output=True, text=True, check=False,
                           timeout=60)
     assert f"peer id     {peer_id}" in keys.stdout, "the screen must show the identity of the key file"
 
-    # the coordinator's dashboard lists this node once its batches are accepted
-    tmux.wait_screen("coordinator", re.escape(peer_id), 60, "the node's row on the dashboard")
+    # the coordinator's dashboard lists this node once its batches are accepted, with what its heartbeat says
+    tmux.wait_screen("coordinator", rf"{re.escape(peer_id)}[\s│]+torch on cpu[\s│]+working", 60,
+                     "the node's row on the dashboard, with its engine and state")
 
     # pace: how long one batch takes here, so the paused wait below spans several
     accepted = rollout_counts(screen)[1]
@@ -83,6 +84,9 @@ def test_node_screen_progress_pause_resume_and_quit(tmux, run, tmp_path):
     paused = tmux.wait_screen("node", r"\[p\] resume", 5, "the resume hint").string
     counts, ledger = rollout_counts(paused), coordinator_nodes(run.state)[peer_id]
     time.sleep(max(3 * per_batch, 8.0))
+    # the next heartbeat (every 15 s, read every 5 s) tells the dashboard
+    tmux.wait_screen("coordinator", rf"{re.escape(peer_id)}[\s│]+torch on cpu[\s│]+paused", 45,
+                     "the dashboard showing the node paused")
     still = tmux.screen("node")
     assert "PAUSED" in still, still
     assert rollout_counts(still) == counts, f"the node submitted while paused:\n{still}"

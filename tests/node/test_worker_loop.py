@@ -50,8 +50,8 @@ def node(tmp_path_factory, tiny_model_path):
         config.state_dir.mkdir()
         identity = Identity.from_seed(b"loops-node")
         swarm = setup_swarm(config.swarm, identity, RUN_ID, COORDINATOR.public_key)
-        info = RunInfo(run_id=RUN_ID, run_name="loops", coordinator_peer_id=COORDINATOR.peer_id, coordinator_addrs=[],
-                       task=TaskConfig(name=f"jsonl:{data}"), train_step=0, latest_policy_step=0, async_level=8,
+        info = RunInfo(run_id=RUN_ID, run_name="loops", coordinator_peer_id=COORDINATOR.peer_id,
+                       task=TaskConfig(name=f"jsonl:{data}"), collect_step=0, latest_policy_step=0, async_level=8,
                        prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=4, temperature=1.0,
                        model_config_hash="0" * 64, eos_token_ids=[2])
         envelope = seal(COORDINATOR, MessageKind.RUN_INFO, RUN_ID, encode_body(info))

@@ -27,8 +27,8 @@ def test_200_batches_keep_memory_flat(tmp_path, tiny_model_path):
     worker = Worker(config, identity, SimpleNamespace(run_id="r-1"), fetcher=None, status=NodeStatus())
     worker.engine = setup_engine(config.engine, tiny_model_path)
     worker.tokenizer = worker.engine.tokenizer
-    info = RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c", coordinator_addrs=[],
-                   task=TaskConfig(name="arithmetic"), train_step=0, latest_policy_step=0, async_level=2,
+    info = RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c",
+                   task=TaskConfig(name="arithmetic"), collect_step=0, latest_policy_step=0, async_level=2,
                    prompts_per_batch=4, completions_per_prompt=4, max_new_tokens=16, temperature=1.0,
                    model_config_hash="0" * 64, eos_token_ids=[2])
     process = psutil.Process()

@@ -4,6 +4,9 @@ import pytest
 from intellect.protocol.messages import (
     BODY_TYPES,
     Heartbeat,
+    PolicyManifest,
+    RunInfo,
+    ShardAnnounce,
     SubmissionHeader,
     Verdict,
     decode_body,
@@ -20,13 +23,12 @@ def examples():
 
     shard = ShardEntry(sha256=H, size=10)
     return [
-        Heartbeat(peer_id="in-x", policy_step=3, engine="torch", device="cpu", tokens_per_s=12.5, paused=False),
+        Heartbeat(policy_step=3, engine="torch", device="cpu", tokens_per_s=12.5, paused=False),
         PolicyManifest(run_id="r-1", policy_step=2, model_config_hash=H, shard_size=4096,
-                       files=[FileEntry(name="model.safetensors", size=10, sha256=H, shards=[shard])],
-                       created_at=1.0),
-        ShardAnnounce(policy_step=2, manifest_sha256=H, shard_sha256s=[H], complete=True),
-        RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c", coordinator_addrs=["/ip4/127.0.0.1/tcp/1"],
-                task=TaskConfig(name="arithmetic", length_targets=(16, 32)), train_step=3, latest_policy_step=2,
+                       files=[FileEntry(name="model.safetensors", size=10, sha256=H, shards=[shard])]),
+        ShardAnnounce(policy_step=2, manifest_sha256=H, shard_sha256s=[H]),
+        RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c",
+                task=TaskConfig(name="arithmetic", length_targets=(16, 32)), collect_step=3, latest_policy_step=2,
                 async_level=2, prompts_per_batch=8, completions_per_prompt=4, max_new_tokens=48, temperature=1.0,
                 model_config_hash=H, eos_token_ids=[0, 2]),
         SubmissionHeader(policy_step=1, batch_counter=1, num_completions=32, num_tokens=999, file_sha256=H,
@@ -40,6 +42,20 @@ def test_every_kind_has_a_schema_and_round_trips():
     assert {type(m) for m in models} == set(BODY_TYPES.values())
     for m in models:
         assert decode_body(type(m), encode_body(m)) == m
+
+
+def test_removed_and_renamed_fields_are_extra_inputs():
+    """The wire stays strict: a body with a field this version dropped (or its old name) is refused."""
+    heartbeat, manifest, announce, run_info = (msgpack.unpackb(encode_body(m)) for m in examples()[:4])
+    for body_type, d, old in ((Heartbeat, heartbeat, {"peer_id": "in-x"}),
+                              (PolicyManifest, manifest, {"created_at": 1.0}),
+                              (ShardAnnounce, announce, {"complete": True}),
+                              (RunInfo, run_info, {"coordinator_addrs": []})):
+        with pytest.raises(WireRejected, match="Extra inputs"):
+            decode_body(body_type, msgpack.packb({**d, **old}))
+    renamed = {k: v for k, v in run_info.items() if k != "collect_step"} | {"train_step": 3}
+    with pytest.raises(WireRejected, match="collect_step"):
+        decode_body(RunInfo, msgpack.packb(renamed))
 
 
 def test_extra_fields_wrong_types_and_bounds_are_rejected():

@@ -46,7 +46,7 @@ FUZZ = settings(max_examples=1000, deadline=None, suppress_health_check=list(Hea
 
 
 def announce(identity: Identity, run_id: str = RUN) -> bytes:
-    body = ShardAnnounce(policy_step=1, manifest_sha256="a" * 64, shard_sha256s=["b" * 64], complete=False)
+    body = ShardAnnounce(policy_step=1, manifest_sha256="a" * 64, shard_sha256s=["b" * 64])
     return seal(identity, MessageKind.SHARD_ANNOUNCE, run_id, encode_body(body))
 
 
@@ -108,8 +108,8 @@ def test_store_time_validator_takes_only_our_sealed_records():
         return DHTRecord(DHTID.generate(source=dht_key(run_id, key)).to_bytes(), MSGPackSerializer.dumps(subkey),
                          MSGPackSerializer.dumps(value), expiration)
 
-    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
-                   task=TaskConfig(name="arithmetic"), train_step=3, latest_policy_step=3, async_level=1,
+    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id,
+                   task=TaskConfig(name="arithmetic"), collect_step=3, latest_policy_step=3, async_level=1,
                    prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
                    model_config_hash="c" * 64, eos_token_ids=[2])
     run_info = seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
@@ -250,11 +250,11 @@ def test_records_are_checked_when_stored(pair):
         vandal.shutdown()
 
 
-def run_info_envelope(train_step: int) -> bytes:
+def run_info_envelope(step: int) -> bytes:
     from intellect.protocol.tasks.config import TaskConfig
 
-    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id, coordinator_addrs=[],
-                   task=TaskConfig(name="arithmetic"), train_step=train_step, latest_policy_step=train_step,
+    info = RunInfo(run_id=RUN, run_name="swarm", coordinator_peer_id=COORD.peer_id,
+                   task=TaskConfig(name="arithmetic"), collect_step=step, latest_policy_step=step,
                    async_level=1, prompts_per_batch=1, completions_per_prompt=2, max_new_tokens=8, temperature=1.0,
                    model_config_hash="c" * 64, eos_token_ids=[2])
     return seal(COORD, MessageKind.RUN_INFO, RUN, encode_body(info))
@@ -263,7 +263,7 @@ def run_info_envelope(train_step: int) -> bytes:
 @pytest.mark.slow
 def test_a_node_never_follows_an_older_run_info(pair, tmp_path):
     """An old, genuinely signed RunInfo that wins in the DHT (here: re-published with a later expiration)
-    must not take a node back to an old train step."""
+    must not take a node back to an old collect step."""
     from intellect.node.config import NodeConfig
     from intellect.node.status import NodeStatus
     from intellect.node.worker import Worker
@@ -273,12 +273,12 @@ def test_a_node_never_follows_an_older_run_info(pair, tmp_path):
     worker = Worker(NodeConfig(state_dir=tmp_path, run_id=RUN, coordinator_key=COORD.public_key_hex), PEER, b,
                     fetcher=None, status=NodeStatus())
     assert a.publish(run_info_key(), new, 60)
-    assert worker.follow_policy().train_step == 5
+    assert worker.follow_policy().collect_step == 5
     assert a.publish(run_info_key(), old, 120)  # the later expiration wins in the DHT
-    assert [decode_body(RunInfo, e.body).train_step for e in b.read(run_info_key())] == [2]
-    assert worker.follow_policy().train_step == 5 and worker.status.train_step == 5
+    assert [decode_body(RunInfo, e.body).collect_step for e in b.read(run_info_key())] == [2]
+    assert worker.follow_policy().collect_step == 5 and worker.status.collect_step == 5
     assert a.publish(run_info_key(), run_info_envelope(6), 180)
-    assert worker.follow_policy().train_step == 6
+    assert worker.follow_policy().collect_step == 6
 
 
 @pytest.mark.slow
