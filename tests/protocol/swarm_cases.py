@@ -99,7 +99,8 @@ def records_of_every_writer_are_read_and_foreign_ones_refused(a, b):
 def a_late_joiner_reads_every_writer_and_a_departed_peer_does_not_stall_reads(a, b):
     c = setup_swarm(config(bootstrap=a.visible_addrs()), EVIL, RUN, COORD.public_key)
     try:
-        assert b.publish(shards_key(21), announce(PEER), 60) and c.publish(shards_key(21), announce(EVIL), 60)
+        b.publish(shards_key(21), announce(PEER), 60)  # the answer is a hint (Swarm.publish): the reads decide
+        c.publish(shards_key(21), announce(EVIL), 60)
         both = {PEER.public_key, EVIL.public_key}
         assert wait_for_senders(c, shards_key(21), both) == both
         assert wait_for_senders(b, shards_key(21), both) == both

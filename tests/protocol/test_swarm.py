@@ -5,8 +5,11 @@ joining and reachability."""
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import pickle
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections import Counter
@@ -415,3 +418,54 @@ def _pid(i: int) -> str:
     from intellect.protocol.swarm.hivemind_backend import libp2p_peer_id
 
     return libp2p_peer_id(Identity.from_seed(bytes([i])).public_key).to_base58()
+
+
+@pytest.mark.slow
+def test_shared_case_a_late_joiner_and_a_departed_peer(pair):
+    """One of the cases tests/protocol/test_swarm_libp2p.py runs on py-libp2p, here on hivemind (the
+    others are the tests above)."""
+    from .swarm_cases import CASES
+
+    CASES["a_late_joiner_reads_every_writer_and_a_departed_peer_does_not_stall_reads"](*pair)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libp2p") is None, reason="py-libp2p is not installed")
+def test_a_libp2p_node_refuses_a_hivemind_bootstrap_peer_at_once(pair):
+    """In its own process (py-libp2p cannot be imported beside hivemind): the join fails at the first
+    attempt, naming the backend to use, instead of waiting out join_timeout_s."""
+    a, _ = pair
+    script = ("import sys; from intellect.protocol.identity import Identity; "
+              "from intellect.protocol.swarm import SwarmConfig, SwarmJoinError, setup_swarm\n"
+              "try:\n"
+              f"    setup_swarm(SwarmConfig(host='127.0.0.1', backend='libp2p', bootstrap={a.visible_addrs()!r}, "
+              f"join_timeout_s=120), Identity.from_seed(b'late'), {RUN!r}, bytes.fromhex({COORD.public_key_hex!r}))\n"
+              "except SwarmJoinError as e:\n"
+              "    print(e); sys.exit(3)\n")
+    started = time.monotonic()
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 3, done.stderr[-2000:]
+    assert "runs swarm.backend = 'hivemind'" in done.stdout and "--backend hivemind" in done.stdout, done.stdout
+    assert time.monotonic() - started < 60  # not join_timeout_s (120 s)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("libp2p") is None, reason="py-libp2p is not installed")
+def test_a_hivemind_node_refuses_a_libp2p_bootstrap_peer_at_once():
+    script = ("import sys; from intellect.protocol.identity import Identity; "
+              "from intellect.protocol.swarm import SwarmConfig, setup_swarm\n"
+              "s = setup_swarm(SwarmConfig(host='127.0.0.1', backend='libp2p'), Identity.from_seed(b'coord'), "
+              f"{RUN!r}, bytes.fromhex({COORD.public_key_hex!r}))\n"
+              "print(s.visible_addrs()[0], flush=True); sys.stdin.read(); s.close()\n")
+    server = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        addr = server.stdout.readline().strip()
+        assert addr.startswith("/ip4/127.0.0.1/"), addr
+        started = time.monotonic()
+        with pytest.raises(SwarmJoinError, match="runs swarm.backend = 'libp2p'.*--backend libp2p"):
+            setup_swarm(SwarmConfig(host="127.0.0.1", bootstrap=[addr], join_timeout_s=120), PEER, RUN,
+                        COORD.public_key)
+        assert time.monotonic() - started < 60  # not join_timeout_s (120 s)
+    finally:
+        server.communicate("", timeout=30)
