@@ -98,7 +98,7 @@ def generate(model, prompts: list[list[int]], copies: int, temperature: float, s
 
 
 class HeldoutEval:
-    """Scores policy checkpoints on held-out problems; one at a time, in order of policy step."""
+    """The run's held-out problems (prompts rendered once), which policies are due, and how a model scores."""
 
     def __init__(self, config: CoordinatorConfig, tokenizer, eos_ids: frozenset[int]) -> None:
         self.config = config
@@ -153,7 +153,6 @@ class EvalWorker:
         self.heldout, self.policy_dir, self.on_result = heldout, policy_dir, on_result
         self.queue: list[int] = []
         self.running: int | None = None  # the policy step being evaluated
-        self.skipped = 0  # evaluations that failed or whose checkpoint was gone
         self._cv = threading.Condition()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="heldout-eval", daemon=True)
@@ -193,7 +192,6 @@ class EvalWorker:
                 if result is not None:
                     self.on_result(result)
             except Exception as e:  # noqa: BLE001 -- an evaluation never ends the run; the next one may work
-                self.skipped += 1
                 logger.warning("held-out evaluation of policy %s failed: %s: %s", self.running, type(e).__name__, e)
             finally:
                 with self._cv:

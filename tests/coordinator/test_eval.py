@@ -235,3 +235,26 @@ def test_eval_is_shown_on_the_dashboard_in_metrics_and_in_the_report(run):
         assert not again.evaluator.busy()
     finally:
         again.close()
+
+
+def test_a_pruned_checkpoint_is_skipped_and_the_next_one_evaluated(answers_one, tmp_path, caplog):
+    import threading
+
+    from transformers import AutoTokenizer
+
+    from intellect.coordinator.heldout import EvalWorker, HeldoutEval
+    from intellect.protocol.model import eos_token_ids
+
+    config = CoordinatorConfig(state_dir=tmp_path / "c", task=EVAL_TASK, eval={"every": 1, "samples": 2})
+    tok = AutoTokenizer.from_pretrained(answers_one)
+    results = []
+    worker = EvalWorker(HeldoutEval(config, tok, eos_token_ids(tok, answers_one)),
+                        lambda step: answers_one if step == 2 else tmp_path / "pruned", results.append)
+    try:
+        worker.submit(1)
+        worker.submit(2)
+        worker.drain(threading.Event())
+    finally:
+        worker.close()
+    assert [(r.policy_step, r.heldout_greedy, r.heldout_mean_at_k) for r in results] == [(2, 0.375, 0.375)]
+    assert "held-out evaluation of policy 1 failed" in caplog.text
