@@ -11,7 +11,7 @@ Order: cheap before expensive, and a check may rely on the ones before it having
 are the announced shape once `check_schema` passed):
   schema and bounds -> batch not answered before -> batch counter in order -> policy step within the
   async level -> prompts recomputed from the node's seed -> rewards and advantages recomputed ->
-  termination tokens -> [one bf16 prefill of the policy that generated the batch] proofs readable ->
+  termination tokens -> [one prefill of the policy that generated the batch] proofs readable ->
   EOS probability -> token probabilities -> TOPLOC proofs -> every sampled token re-drawn by the
   seeded sampler (protocol/sampling.py).
 
@@ -51,7 +51,7 @@ from intellect.protocol.tasks.sampling import completion_seed
 
 @dataclass(frozen=True)
 class CheckContext:
-    """What a check may consult. `policy_for(step)` gives the bf16 model of a published policy step;
+    """What a check may consult. `policy_for(step)` gives the model of a published policy step (in `compute_dtype`);
     `steps()` gives (train step now being collected, latest published policy step);
     `batch_holder(batch_key)` gives the content hash of the file already recorded for that
     node:policy_step:batch_counter, or None; `highest_counter(node hex, policy step)` the highest
@@ -100,7 +100,7 @@ class Candidate:
         return batch_key(self.sender, self.batch.meta.policy_step, self.batch.meta.batch_counter)
 
     def prefill(self, ctx: CheckContext) -> Prefill:
-        """One bf16 prefill per completion (a sampled share of them) serves every model check."""
+        """One prefill per completion (a sampled share of them) serves every model check."""
         if self._prefill is None:
             self._prefill = _run_prefill(ctx, self)
         return self._prefill

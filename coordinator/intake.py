@@ -63,7 +63,7 @@ class Intake:
                  eos_ids: frozenset[int], policy_for: Callable[[int], object],
                  steps: Callable[[], tuple[int, int]]) -> None:
         """`eos_ids`: the run's EOS set (`eos_token_ids(tokenizer, policy folder)`, announced in
-        RunInfo); `policy_for(step)` gives the bf16 model of a published policy step; `steps()`
+        RunInfo); `policy_for(step)` gives the model of a published policy step (in `compute_dtype`); `steps()`
         gives (train step now being collected, latest published policy step)."""
         self.ledger = ledger
         self.ctx = CheckContext(run=rules, config=config, tokenizer=tokenizer, eos_ids=frozenset(eos_ids),

@@ -20,6 +20,7 @@ What this module does not know: how the screen looks (dashboard) or what the CLI
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -169,14 +170,18 @@ class Coordinator:
         return self.checkpoints / f"step_{step:08d}" / POLICY_DIR
 
     def policy_for(self, step: int):
-        """The bf16 model of a published policy step, as nodes run it (LRU of async_level + 1)."""
-        from intellect.protocol.model import load_model
+        """The model of a published policy step, in `compute_dtype` (LRU of async_level + 1)."""
+        from intellect.protocol.model import load_model, load_weights
 
         with self._policy_lock:
             if step in self._policies:
                 self._policies.move_to_end(step)
                 return self._policies[step]
-            model, _ = load_model(self.policy_dir(step))
+            if self._policies:  # a copy of a loaded policy takes the new weights: a third of a fresh load
+                model = copy.deepcopy(next(reversed(self._policies.values())))
+                load_weights(model, self.policy_dir(step))
+            else:
+                model, _ = load_model(self.policy_dir(step))
             self._policies[step] = model
             while len(self._policies) > self.config.async_level + 1:
                 self._policies.popitem(last=False)

@@ -183,20 +183,51 @@ def model_config_hash(path: Path) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
+def compute_dtype(device: str = "cpu") -> torch.dtype:
+    """The dtype a model runs in on `device` when none is asked for: bf16 on a GPU, float32 on a CPU.
+
+    Checkpoints hold bf16 values, so float32 weights are the same numbers exactly; a CPU computes in
+    float32 because most CPUs have no bf16 matmul and emulate it (measured on an AVX2 CPU: a SmolLM2
+    prefill 6x slower in bf16 than in float32). TOPLOC proofs hash the hidden states rounded to bf16
+    whatever the compute dtype, and the sampling check's tie tolerance covers the logit differences."""
+    import torch
+
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
 def load_model(
     path: Path, dtype: torch.dtype | None = None, device: str = "cpu"
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """(model in eval mode, tokenizer) from a checkpoint folder; dtype defaults to bf16, the
-    dtype TOPLOC proofs are made in."""
-    import torch
+    """(model in eval mode, tokenizer) from a checkpoint folder; dtype defaults to
+    `compute_dtype(device)`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _read_config(path)
     model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype or torch.bfloat16, local_files_only=True
+        str(path), dtype=dtype or compute_dtype(device), local_files_only=True
     )
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     return model.to(device).eval(), tokenizer
+
+
+def load_weights(model: PreTrainedModel, checkpoint_dir: str | Path) -> None:
+    """Copy the safetensors weights of `checkpoint_dir` into `model` (same architecture), in the
+    model's dtype. Several times cheaper than `load_model`: nothing is built, only tensors copied."""
+    from safetensors.torch import load_file
+
+    files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"no *.safetensors in {checkpoint_dir}")
+    state: dict = {}
+    for f in files:
+        state.update(load_file(f))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or ())
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
 
 
 # End-of-turn markers of common chat templates: a chat model ends its answer with these even when

@@ -8,7 +8,7 @@ never-fed last token are not committed.
 - `ProofRecorder`: streaming prover for any sampling loop (the node's engines): one `add_step` per
   decode forward, a proof built as soon as a sequence's 32-row chunk is full.
 - `generate_with_proofs`: a small reference sampler (batched, KV cache) built on it.
-- `verify_completions`: the validator (A.10): one bf16 prefill over prompt + output[:-1] per
+- `verify_completions`: the validator (A.10): one prefill (hidden states rounded to bf16) over prompt + output[:-1] per
   completion, many per forward (right padding), proofs checked, and from the same forward the
   log-probs of the output tokens, P(EOS) at the last position (termination check, A.12) and, given
   the completions' sampling seeds, every sampled token against the seeded sampler
@@ -225,26 +225,37 @@ def _eos_ids(model: torch.nn.Module, eos_token_id: int | list[int] | None) -> li
 
 
 @torch.inference_mode()
-def _prefill_batch(
+def _prefill_group(
     model: torch.nn.Module, items: list[_Item], temperature: float, eos_ids: list[int],
     seeds: list[int | None], tie_tolerance: float,
 ) -> list[tuple[torch.Tensor, list[float], float | None, sampling.TokenCheck | None]]:
-    """One right-padded forward -> per item (decode rows [n-1, H] bf16, log-probs, P(EOS), the token
-    check when its seed is given)."""
-    seqs = [it.prompt + it.output[:-1] for it in items]
-    width = max(map(len, seqs))
-    ids = torch.zeros(len(seqs), width, dtype=torch.int64)
-    mask = torch.zeros(len(seqs), width, dtype=torch.int64)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(s)] = 1
-    device = next(model.parameters()).device
-    hidden = _decoder(model)(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state  # [B, T, H]
-    head = _head(model)
+    """Completions of ONE prompt: the prompt is prefilled once and its KV cache shared by every
+    completion's forward over output[:-1] (right-padded), so a GRPO group of n costs one prompt, not n.
+    Per item: (decode rows [n-1, H] bf16, log-probs, P(EOS), the token check when its seed is given)."""
+    from transformers import DynamicCache
+
+    prompt, device = items[0].prompt, next(model.parameters()).device
+    decoder, head = _decoder(model), _head(model)
+    cache = DynamicCache(config=model.config)
+    first = decoder(input_ids=torch.tensor([prompt], device=device), past_key_values=cache,
+                    use_cache=True).last_hidden_state[:, -1]  # [1, H]: predicts output[0]
+    width = max(len(it.output) for it in items) - 1
+    rest = None
+    if width > 0:
+        ids = torch.zeros(len(items), width, dtype=torch.int64)
+        mask = torch.zeros(len(items), len(prompt) + width, dtype=torch.int64)
+        mask[:, : len(prompt)] = 1
+        for i, it in enumerate(items):
+            ids[i, : len(it.output) - 1] = torch.tensor(it.output[:-1])
+            mask[i, len(prompt) : len(prompt) + len(it.output) - 1] = 1
+        cache.batch_repeat_interleave(len(items))
+        positions = torch.arange(len(prompt), len(prompt) + width)[None].expand(len(items), -1)
+        rest = decoder(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+                       past_key_values=cache, use_cache=True).last_hidden_state  # [B, W, H]
     results = []
     for i, (it, seed) in enumerate(zip(items, seeds, strict=True)):
-        p_len, n_out = len(it.prompt), len(it.output)
-        rows = hidden[i, p_len - 1 : p_len + n_out - 1]  # [n_out, H]: predict output[0..n_out-1]
+        n_out = len(it.output)
+        rows = first if rest is None else torch.cat([first, rest[i, : n_out - 1]])  # [n_out, H]
         logits = head(rows).float()  # the node's sampler sees lm_head(hidden).float() too
         token_check = (None if seed is None
                        else sampling.check_tokens(logits, temperature, seed, it.output, tie_tolerance))
@@ -269,30 +280,31 @@ def verify_completions(
     seeds: list[int] | None = None,
     tie_tolerance: float = sampling.DEFAULT_TIE_TOLERANCE,
 ) -> list[CompletionCheck]:
-    """Validate completions by bf16 prefill (A.10); model should be the claimed policy in bf16.
+    """Validate completions by bf16 prefill (A.10); model should be the claimed policy.
     With `seeds` (each completion's sampling seed), every output token is also checked against the
     seeded sampler at `temperature` (`CompletionCheck.tokens`).
 
     Malformed input (bad proof bytes, token ids, lengths) is refused with `rejection` set and never
-    evaluated. Completions are prefilled `batch_size` at a time, sorted by length to limit padding.
+    evaluated. Completions of the same prompt are prefilled together, `batch_size` at a time, over one
+    shared prefill of their prompt.
     """
     if not len(prompts) == len(outputs) == len(proofs) == len(seeds if seeds is not None else proofs):
         raise ValueError("prompts, outputs, proofs (and seeds) must have the same length")
     items = [_screen(model, p, o, pr, chunk_size, topk) for p, o, pr in zip(prompts, outputs, proofs)]
-    runnable = sorted(
-        (i for i, it in enumerate(items) if it.rejection is None and it.output),
-        key=lambda i: len(items[i].prompt) + len(items[i].output),
-    )
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, it in enumerate(items):
+        if it.rejection is None and it.output:
+            by_prompt.setdefault(tuple(it.prompt), []).append(i)
+    groups = [same[k : k + batch_size] for same in by_prompt.values() for k in range(0, len(same), batch_size)]
     eos_ids = _eos_ids(model, eos_token_id)
     checks: list[CompletionCheck] = [
         CompletionCheck(False, rejection=it.rejection) if it.rejection else CompletionCheck(True)
         for it in items
     ]
-    for start in range(0, len(runnable), batch_size):
-        group = runnable[start : start + batch_size]
+    for group in groups:
         group_seeds = [None if seeds is None else seeds[j] for j in group]
         for i, (rows, token_lp, eos_prob, token_check) in zip(
-            group, _prefill_batch(model, [items[j] for j in group], temperature, eos_ids, group_seeds, tie_tolerance)
+            group, _prefill_group(model, [items[j] for j in group], temperature, eos_ids, group_seeds, tie_tolerance)
         ):
             chunk_checks = (
                 toploc.verify_proofs(rows, items[i].proofs, chunk_size, topk) if rows.shape[0] else []

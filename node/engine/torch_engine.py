@@ -1,7 +1,7 @@
 """The reference engine: a transformers causal LM driven by our own batched sampling loop.
 
-One prefill over the left-padded batch, then one decode forward per step through the KV cache
-(`DynamicCache`). The LM head runs on the last position only; rows that finished are dropped
+One prefill over the batch's distinct prompts (left-padded; a prompt sampled n times is prefilled
+once and its cache rows copied), then one decode forward per step through the KV cache (`DynamicCache`). The LM head runs on the last position only; rows that finished are dropped
 from the batch and the cache, so they cost nothing afterwards. The final-norm output of every
 decode step (the LM-head input, spec A.2) is kept in bf16 and turned into TOPLOC proofs 32 rows
 at a time on a background thread while generation goes on. (This is what
@@ -44,13 +44,13 @@ class TorchEngine(Engine):
 
     def __init__(self, config, model_dir: str | Path) -> None:
         super().__init__()
-        from intellect.protocol.model import load_model
+        from intellect.protocol.model import compute_dtype, load_model
 
         if config.threads:
             torch.set_num_threads(config.threads)
         self.config = config
         self.device = str(_pick_device(config.device))
-        self.dtype = getattr(torch, config.dtype)
+        self.dtype = compute_dtype(self.device) if config.dtype == "auto" else getattr(torch, config.dtype)
         self.model, self.tokenizer = load_model(Path(model_dir), self.dtype, self.device)
         self.model.eval()
         self.eos_ids = eos_token_ids(self.tokenizer, model_dir)
@@ -60,22 +60,9 @@ class TorchEngine(Engine):
 
     def load_weights(self, checkpoint_dir: str | Path) -> None:
         """Copy the safetensors weights of `checkpoint_dir` into the live model."""
-        from safetensors.torch import load_file
+        from intellect.protocol.model import load_weights
 
-        files = sorted(Path(checkpoint_dir).glob("*.safetensors"))
-        if not files:
-            raise ValueError(f"no *.safetensors in {checkpoint_dir}")
-        state: dict[str, torch.Tensor] = {}
-        for f in files:
-            state.update(load_file(f))
-        missing, unexpected = self.model.load_state_dict(state, strict=False)
-        tied = set(getattr(self.model, "_tied_weights_keys", None) or ())
-        missing = [k for k in missing if k not in tied]
-        if missing or unexpected:
-            raise ValueError(f"checkpoint does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-        if getattr(self.model.config, "tie_word_embeddings", False):
-            self.model.tie_weights()
+        load_weights(self.model, checkpoint_dir)
 
     def close(self) -> None:
         self._prover.shutdown(wait=True)
@@ -98,13 +85,18 @@ class TorchEngine(Engine):
                              f"under max_model_len={self.config.max_model_len}")
         stop = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_ids)
 
-        input_ids, mask = self._left_pad(prompts)  # [B, L], [B, L]
-        positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [B, L]
+        # GRPO samples each prompt n times: prefill every distinct prompt once, then give each
+        # sequence its prompt's cache rows (an 8-fold cut of the prefill at n = 8).
+        distinct: dict[tuple[int, ...], int] = {}
+        of_seq = torch.tensor([distinct.setdefault(tuple(p), len(distinct)) for p in prompts], device=dev)
+        input_ids, mask = self._left_pad([list(p) for p in distinct])  # [U, L], [U, L]
+        positions = (mask.cumsum(-1) - 1).clamp_(min=0)  # [U, L]
         cache = self._new_cache()
         body = self.model.model
         hidden = body(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [B, H]
-        next_pos = positions[:, -1] + 1  # [B]
+                      past_key_values=cache, use_cache=True).last_hidden_state[:, -1]  # [U, H]
+        cache.batch_select_indices(of_seq)
+        hidden, mask, next_pos = hidden[of_seq], mask[of_seq], positions[of_seq, -1] + 1  # [B, H], [B, L], [B]
 
         rows = _RowBuffer(num, hidden.shape[-1], dev) if params.proofs else None
         proofs: list[list[tuple[Future, int]]] = [[] for _ in range(num)]  # (build, index in it)

@@ -38,7 +38,7 @@ def engine32(tiny_model_path):
 def test_config_is_a_tagged_union():
     assert isinstance(parse_engine_config({"type": "torch"}), TorchEngineConfig)
     cfg = parse_engine_config({"type": "vllm", "gpu_memory_fraction": 0.5})
-    assert isinstance(cfg, VllmEngineConfig) and cfg.dtype == "bfloat16"
+    assert isinstance(cfg, VllmEngineConfig) and cfg.dtype == "auto"
     with pytest.raises(ValueError):
         parse_engine_config({"type": "torch", "gpu_memory_fraction": 0.5})  # vLLM-only field
     with pytest.raises(ValueError):
