@@ -27,6 +27,7 @@ import asyncio
 import hashlib
 import logging
 import math
+import os
 import threading
 import time
 from collections import Counter
@@ -91,6 +92,11 @@ from intellect.protocol.swarm.reachability import (
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
+# py-libp2p warns on routine events (a peer left, our validator refused a vandal's record), a screenful
+# per minute on stderr (it logs there, not through our handlers); keep its errors unless LIBP2P_DEBUG
+# chooses its levels
+if not os.environ.get("LIBP2P_DEBUG"):
+    logging.getLogger("libp2p").setLevel(logging.ERROR)
 
 _NAMESPACE = "intellect"
 _PROTO_PREFIX = PROTOCOL_PREFIX["libp2p"]
