@@ -311,6 +311,7 @@ class HivemindSwarm(Swarm):
             self._count(f"refused_{name}_{e.code}")
             writer.write(refusal_frame(e.code, e.detail))
             await _drain_quietly(writer)
+            await _discard_unread(reader)
         except _net_errors():
             self._count(f"aborted_{name}")
         except Exception:  # a bug in a handler must not take the swarm down; answer, count and log it
@@ -346,7 +347,10 @@ class HivemindSwarm(Swarm):
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(peer), _PROTO_PREFIX + name)
         try:
             writer.write(len(request).to_bytes(4, "big") + request)
-            await writer.drain()
+            try:
+                await writer.drain()
+            except _net_errors():
+                pass  # the peer may have refused and closed before reading the request: read its answer
             return await read_answer(reader.readexactly, name, peer, max_bytes)
         finally:
             writer.close()
@@ -455,6 +459,16 @@ async def _ping_peers(maddrs: list[str], _dht, node) -> int:
         except (ValueError, *_net_errors()) as e:
             logger.debug("re-bootstrap through %s failed: %s", addr, e)
     return answered
+
+
+async def _discard_unread(reader) -> None:
+    """Read and drop what the caller is still sending (a refused request, at most 64 KiB, 0.2 s), so the
+    stream closes with nothing unread: closing over unread bytes resets the stream, and the reset can
+    overtake the refusal on its way to the caller, who then sees "connection lost" instead of the reason."""
+    try:
+        await asyncio.wait_for(reader.read(1 << 16), 0.2)
+    except (*_net_errors(), asyncio.TimeoutError):
+        pass
 
 
 async def _drain_quietly(writer) -> None:
