@@ -22,6 +22,15 @@ from intellect.protocol.identity import (
     new_identity,
 )
 
+
+def _wait_passively() -> None:
+    """OpenMP threads spin while they wait for work unless told otherwise; beside other busy torch
+    threads or processes the spinning takes the cores the work needs (two processes on 2 cores: 1.8x to
+    3x slower spinning than waiting passively, bench/omp_wait.py). A lone node keeps spinning, which is
+    ~20% faster alone. Set before torch loads libgomp; the user's own setting wins."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 app = typer.Typer(
     help="intellect-node: volunteer compute for decentralized RL of language models.",
     no_args_is_help=True,
@@ -255,6 +264,7 @@ def coordinator_cmd(
     headless: bool = typer.Option(False, "--headless", help="JSON lines instead of the dashboard."),
 ) -> None:
     """Host a run: validate submissions, train with GRPO, publish each new policy through the swarm."""
+    _wait_passively()  # its trainer and its validators run torch at the same time
     from intellect.coordinator.config import CoordinatorConfig
     from intellect.protocol.settings import ConfigError, load_settings
 
@@ -284,6 +294,7 @@ def demo(
                                                              "folder under ~/.intellect-node/demo)."),
 ) -> None:
     """A coordinator and N nodes on this machine (127.0.0.1) learning arithmetic with SmolLM2-135M."""
+    _wait_passively()  # the coordinator and the nodes share this machine's cores (the nodes inherit it)
     from intellect.node.demo import run_demo
 
     raise typer.Exit(run_demo(steps=steps, num_nodes=nodes, model=model, headless=headless, state_dir=state_dir,

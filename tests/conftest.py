@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in the tests may reach the HF hub
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `coordinator` and `demo` set it (node/cli.py): tests run many busy processes
 
 
 @pytest.fixture(scope="session")

@@ -237,7 +237,8 @@ class GRPOTrainer:
 def batch_logprobs(
     model: torch.nn.Module, mb: PackedBatch, config: TrainerConfig, device: torch.device
 ) -> tuple[Tensor, Tensor]:
-    """(logprobs, entropy), each [r, S], at temperature tau, samples isolated by the block mask.
+    """(logprobs, entropy), each [r, S], at temperature tau, samples isolated by the block mask; zero
+    outside the loss mask on the chunked path (nothing reads them there).
 
     Chunked from the final hidden states when `config.logprobs` says so and the model allows it,
     else from the full logits; on CUDA under bf16 autocast.
@@ -258,11 +259,16 @@ def batch_logprobs(
             return token_logprobs(model(**inputs).logits, mb.input_ids, tau)
         hidden = final_hidden_states(model, **inputs)
         weight = model.get_output_embeddings().weight
-        logprobs, entropy = chunked_logprobs(
-            hidden[:, :-1], weight, mb.input_ids[:, 1:], tau, config.chunk_tokens
+        # Only positions that predict a completion token carry loss: the LM head (a quarter of the
+        # model's work per token, twice in backward) skips prompts and padding, most of a GRPO row.
+        trained = mb.loss_mask.to(hidden.device)
+        trained[:, 0] = False  # column 0 has no prefix (as token_logprobs)
+        picked_lp, picked_ent = chunked_logprobs(
+            hidden[:, :-1][trained[:, 1:]], weight, mb.input_ids[trained], tau, config.chunk_tokens
         )
-    zero = logprobs.new_zeros(logprobs.shape[0], 1)  # column 0 has no prefix (as token_logprobs)
-    return torch.cat([zero, logprobs], dim=1), torch.cat([zero, entropy], dim=1)
+    logprobs = torch.zeros(trained.shape, dtype=picked_lp.dtype, device=hidden.device)
+    entropy = torch.zeros_like(logprobs)
+    return logprobs.masked_scatter(trained, picked_lp), entropy.masked_scatter(trained, picked_ent)
 
 
 def staleness_histogram(samples: Sequence[Any], policy_step: int) -> dict[str, float]:
