@@ -287,7 +287,7 @@ def coordinator_cmd(
 @app.command()
 def demo(
     headless: bool = typer.Option(False, "--headless", help="JSON lines per step instead of the screen."),
-    steps: int = typer.Option(30, "--steps", min=1, help="Train steps to run."),
+    steps: int = typer.Option(20, "--steps", min=1, help="Train steps to run."),
     nodes: int = typer.Option(2, "--nodes", min=1, help="Node processes to start."),
     model: str = typer.Option("smollm2", "--model", help="smollm2 (default) or tiny (a quick smoke run)."),
     state_dir: Path = typer.Option(None, "--state-dir", help="Where the demo keeps its state (default: a fresh "
