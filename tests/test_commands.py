@@ -126,6 +126,8 @@ def bad_uses(tmp: Path) -> dict[tuple[str, str], tuple[list[str], str]]:
         ("coordinator", "--headless"): (["coordinator", "--headless", "--config", str(tmp / "missing.toml")],
                                         "missing.toml"),
         ("coordinator", "--metrics-port"): (["coordinator", "--metrics-port", "70000"], "metrics_port"),
+        ("coordinator", "--backend"): (["coordinator", "--backend", "zmq", "--state-dir", str(tmp / "c")],
+                                       "swarm.backend"),
         ("ledger", "--ban"): (["ledger", str(tmp / "nowhere"), "--ban", KEY], "nowhere"),
         ("ledger", "--unban"): (["ledger", str(tmp / "nowhere"), "--unban", KEY], "nowhere"),
         ("verify", "--coordinator-state"): (["verify", str(a_file), "--coordinator-state", str(tmp / "nowhere")],
