@@ -27,8 +27,8 @@ class _CommonEngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dtype: Literal["auto", "bfloat16", "float32", "float16"] = Field(
-        "auto", description="Weights/activations dtype. 'auto': bf16 on a GPU, float32 on a CPU (most CPUs "
-        "emulate bf16 matmuls, several times slower). Proofs hash bf16-rounded hidden states either way; "
+        "auto", description="Weights/activations dtype. 'auto': bf16 on a GPU, float32 on a CPU for the torch "
+        "engine (most CPUs emulate bf16 matmuls, several times slower), bf16 for vLLM. Proofs hash bf16-rounded hidden states either way; "
         "float16 loses range and its proofs may not pass.")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     max_model_len: int = Field(2048, ge=16, description="Most prompt + output tokens per sequence.")
