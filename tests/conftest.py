@@ -29,7 +29,7 @@ def tiny_model_path(model_cache_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_path):
-    """(model, tokenizer): the tiny random Llama in bf16, eval mode. Shared: do not mutate."""
+    """(model, tokenizer): the tiny random Llama in `compute_dtype` (float32 here), eval mode. Shared."""
     from intellect.protocol.model import load_model
 
     return load_model(tiny_model_path)
