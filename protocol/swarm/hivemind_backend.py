@@ -74,11 +74,9 @@ from intellect.protocol.swarm.keys import (
     verify_record,
 )
 from intellect.protocol.swarm.reachability import (
-    CLIENT_MODE,
     DIALBACK_RPC,
     Reachability,
-    dialback_request,
-    judge,
+    ask_for_dialback,
     parse_dialback_request,
 )
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
@@ -365,20 +363,8 @@ class HivemindSwarm(Swarm):
         return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
 
     def check_reachability(self, timeout: float = 20.0) -> Reachability:
-        """Ask up to two connected peers to dial us back from a fresh connection, and name the case:
-        public (dialled), relayed (not dialled, but we hold a relay address), behind NAT (neither),
-        client mode (we do not listen), unknown (no peer to ask yet)."""
-        if self.config.client_mode:
-            return CLIENT_MODE
-        addrs = self.visible_addrs()
-        answers = []
-        for peer in self.peers()[:2]:
-            try:
-                answers.append(self.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
-                               .decode(errors="replace"))
-            except SwarmError as e:
-                answers.append(f"error: {e}")
-        return judge(self.config, addrs, answers)
+        """Public (dialled), relayed, behind NAT, client mode or unknown: see `reachability`."""
+        return ask_for_dialback(self, timeout)
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""
@@ -467,7 +453,7 @@ async def _discard_unread(reader) -> None:
     overtake the refusal on its way to the caller, who then sees "connection lost" instead of the reason."""
     try:
         await asyncio.wait_for(reader.read(1 << 16), 0.2)
-    except (*_net_errors(), asyncio.TimeoutError):
+    except _net_errors():
         pass
 
 

@@ -82,11 +82,9 @@ from intellect.protocol.swarm.keys import (
     verify_record,
 )
 from intellect.protocol.swarm.reachability import (
-    CLIENT_MODE,
     DIALBACK_RPC,
     Reachability,
-    dialback_request,
-    judge,
+    ask_for_dialback,
     parse_dialback_request,
 )
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
@@ -562,18 +560,8 @@ class Libp2pSwarm(Swarm):
         return self._run(addrs, timeout=10.0)
 
     def check_reachability(self, timeout: float = 20.0) -> Reachability:
-        """Ask up to two connected peers to dial us back from a fresh connection (see `reachability`)."""
-        if self.config.client_mode:
-            return CLIENT_MODE
-        addrs = self.visible_addrs()
-        answers = []
-        for peer in self.peers()[:2]:
-            try:
-                answers.append(self.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
-                               .decode(errors="replace"))
-            except SwarmError as e:
-                answers.append(f"error: {e}")
-        return judge(self.config, addrs, answers)
+        """Public (dialled), relayed, behind NAT, client mode or unknown: see `reachability`."""
+        return ask_for_dialback(self, timeout)
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway host (a new connection, not the one it came on)."""

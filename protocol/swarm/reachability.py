@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import msgpack
 
-from intellect.protocol.swarm import RequestRefused
+from intellect.protocol.swarm import RequestRefused, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
 
 DIALBACK_RPC = "swarm.dialback"
@@ -73,3 +73,18 @@ def judge(config: SwarmConfig, addrs: list[str], answers: list[str]) -> Reachabi
                         "swarm.port, set announce_addrs to /ip4/<public ip>/tcp/<port>), or set "
                         "use_auto_relay = true to be reached through a relay; or set client_mode = true "
                         "to stop trying", "behind NAT")
+
+
+def ask_for_dialback(swarm, timeout: float) -> Reachability:
+    """Ask up to two of `swarm`'s connected peers to dial it back, and name its case from their answers."""
+    if swarm.config.client_mode:
+        return CLIENT_MODE
+    addrs = swarm.visible_addrs()
+    answers = []
+    for peer in swarm.peers()[:2]:
+        try:
+            answers.append(swarm.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
+                           .decode(errors="replace"))
+        except SwarmError as e:
+            answers.append(f"error: {e}")
+    return judge(swarm.config, addrs, answers)
