@@ -305,6 +305,15 @@ def case_names(backend: str) -> list[str]:
     return [*CASES, *BACKEND_CASES.get(backend, {})]
 
 
+def run_case(fn, a, b) -> str:
+    """"ok", or the failure's traceback (for the test to name)."""
+    try:
+        fn(a, b)
+    except BaseException:  # noqa: BLE001 - every failure is reported to the test, which names it
+        return traceback.format_exc(limit=6)
+    return "ok"
+
+
 def main(backend: str) -> None:
     global BACKEND
     BACKEND = backend
@@ -316,11 +325,7 @@ def main(backend: str) -> None:
     try:
         for name, fn in {**CASES, **BACKEND_CASES.get(backend, {})}.items():
             began = time.monotonic()
-            try:
-                fn(a, b)
-                results[name] = "ok"
-            except BaseException:  # noqa: BLE001 - every failure is reported to the test, which names it
-                results[name] = traceback.format_exc(limit=6)
+            results[name] = run_case(fn, a, b)
             results[f"{name}_s"] = round(time.monotonic() - began, 2)
     finally:
         began = time.monotonic()
