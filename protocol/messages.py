@@ -172,7 +172,7 @@ def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES
     try:
         raw = msgpack.unpackb(bytes(data), raw=False, strict_map_key=True, max_str_len=65536,
                               max_bin_len=0, max_ext_len=0, max_array_len=200_000, max_map_len=64)
-    except Exception as e:  # garbage bytes raise many msgpack error types; all mean "not a body"
+    except Exception as e:  # noqa: BLE001 -- garbage bytes raise many msgpack error types; all mean "not a body"
         raise WireRejected(f"{body_type.__name__} body is not valid msgpack: {type(e).__name__}") from None
     if type(raw) is not dict:
         raise WireRejected(f"{body_type.__name__} body must be a map")
@@ -204,7 +204,7 @@ def decode_submission(data: bytes, max_file_bytes: int = MAX_SUBMISSION_FILE_BYT
     try:
         parts = msgpack.unpackb(bytes(data), raw=False, max_bin_len=max_file_bytes, max_str_len=0,
                                 max_array_len=2, max_map_len=0, max_ext_len=0)
-    except Exception as e:  # garbage bytes raise many msgpack error types
+    except Exception as e:  # noqa: BLE001 -- garbage bytes raise many msgpack error types
         raise WireRejected(f"submission is not valid msgpack: {type(e).__name__}") from None
     if type(parts) is not list or len(parts) != 2 or not all(type(p) is bytes for p in parts):
         raise WireRejected("submission must be [header bytes, file bytes]")

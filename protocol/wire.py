@@ -133,7 +133,7 @@ def open_envelope(
         fields = msgpack.unpackb(bytes(data), use_list=True, raw=False, strict_map_key=True,
                                  max_bin_len=max_bytes, max_str_len=4096, max_array_len=16, max_map_len=0,
                                  max_ext_len=0)
-    except Exception as e:  # msgpack raises many types on garbage; all mean the same thing here
+    except Exception as e:  # noqa: BLE001 -- msgpack raises many types on garbage; all mean the same thing here
         raise WireRejected(f"envelope is not valid msgpack: {type(e).__name__}") from None
     if type(fields) is not list or len(fields) != 8:
         raise WireRejected("envelope must be an 8-element array")

@@ -11,7 +11,6 @@ import sys
 
 import pytest
 
-
 STEPS = 20  # the demo's default
 
 

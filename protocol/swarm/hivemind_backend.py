@@ -159,7 +159,7 @@ def _unpack_small(data: bytes, max_bytes: int = 256) -> object:
     try:
         return msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, max_str_len=max_bytes, max_array_len=0,
                                max_map_len=0, max_ext_len=0)
-    except Exception as e:  # msgpack raises many types on garbage
+    except Exception as e:  # noqa: BLE001 -- msgpack raises many types on garbage
         raise RecordRejected("bad_record", f"not a msgpack scalar ({type(e).__name__})") from None
 
 

@@ -121,7 +121,7 @@ def open_record(data: object, *, subkey: object, expiration: float, run_id: str,
     try:
         fields = msgpack.unpackb(data, raw=False, max_bin_len=MAX_RECORD_BYTES, max_str_len=256, max_array_len=4,
                                  max_map_len=0, max_ext_len=0)
-    except Exception as e:  # msgpack raises many types on garbage; all mean the same here
+    except Exception as e:  # noqa: BLE001 -- msgpack raises many types on garbage; all mean the same here
         raise RecordRejected("bad_record", f"not msgpack ({type(e).__name__})") from None
     if type(fields) is not list or len(fields) != 4 or fields[0] != RECORD_VERSION or type(fields[0]) is not int:
         raise RecordRejected("bad_record", "expected [version 1, key, envelope, signature]")
