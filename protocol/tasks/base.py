@@ -75,3 +75,16 @@ class ThinkingFormat(Task):
         if not sep:
             return 0.0
         return self.inner.score(problem, answer_part)
+
+
+def require_pinned(distribution: str, pinned: str, needed_by: str) -> None:
+    """Raise, in words, unless `distribution` is installed at exactly `pinned`: node and coordinator must
+    build and grade problems the same way, and another version may do either differently."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        installed = version(distribution)
+    except PackageNotFoundError as e:
+        raise ValueError(f"{needed_by} needs {distribution}=={pinned}: it is not installed") from e
+    if installed != pinned:
+        raise ValueError(f"{needed_by} needs {distribution}=={pinned}, {installed} is installed")

@@ -23,9 +23,8 @@ import math
 import re
 from collections import OrderedDict
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
 
-from .base import Problem, Split, Task
+from .base import Problem, Split, Task, require_pinned
 
 REASONING_GYM_VERSION = "0.1.25"
 ANSWER_INSTRUCTION = "Give your final answer between <answer> and </answer>."
@@ -61,13 +60,7 @@ def answer_in_tags(text: str) -> str | None:
 @lru_cache(maxsize=8)  # a node builds its task once per batch: generators and held-out sets are reused
 def _build_dataset(dataset: str, seed: int, size: int, options_json: str):
     options = json.loads(options_json)
-    try:
-        installed = version("reasoning-gym")
-    except PackageNotFoundError as e:
-        raise ValueError(f"gym:{dataset} needs reasoning-gym=={REASONING_GYM_VERSION}: it is not installed") from e
-    if installed != REASONING_GYM_VERSION:
-        # another version may generate other problems from the same seed than the coordinator does
-        raise ValueError(f"gym:{dataset} needs reasoning-gym=={REASONING_GYM_VERSION}, {installed} is installed")
+    require_pinned("reasoning-gym", REASONING_GYM_VERSION, f"gym:{dataset}")
     from reasoning_gym.factory import DATASETS, create_dataset
 
     if dataset not in DATASETS or dataset in UNSUPPORTED:

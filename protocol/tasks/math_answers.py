@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import re
 from functools import lru_cache
-from importlib.metadata import PackageNotFoundError, version
+
+from .base import require_pinned
 
 MATH_VERIFY_VERSION = "0.9.0"
 MAX_ANSWER_CHARS = 256  # a \boxed{} answer longer than this is not a math answer: it scores 0
@@ -79,12 +80,7 @@ def _quiet_timeout_warning(record: logging.LogRecord) -> bool:
 def require_math_verify() -> None:
     """Raise, in words, unless the pinned math-verify is installed: another version may grade an
     answer differently than the coordinator does (a node's honest reward would then be a mismatch)."""
-    try:
-        installed = version("math-verify")
-    except PackageNotFoundError as e:
-        raise ValueError(f"math answers need math-verify=={MATH_VERIFY_VERSION}: it is not installed") from e
-    if installed != MATH_VERIFY_VERSION:
-        raise ValueError(f"math answers need math-verify=={MATH_VERIFY_VERSION}, {installed} is installed")
+    require_pinned("math-verify", MATH_VERIFY_VERSION, "grading math answers")
 
 
 @lru_cache(maxsize=1)
