@@ -119,28 +119,9 @@ def answers_one(tmp_path_factory, tiny_model_path):
 
 def _accept_a_batch(c, step: int) -> None:
     """An accepted batch of policy `step` for train step `step`, recorded as intake records one."""
-    from intellect.coordinator.ledger import Submission, Verdict
-    from intellect.protocol.rollouts import (
-        RolloutBatch,
-        RolloutMeta,
-        RolloutRow,
-        SamplingParams,
-        content_hash,
-        rollouts_to_bytes,
-    )
+    from tests.coordinator.batches import accept_a_batch
 
-    meta = RolloutMeta(node_public_key="ab" * 32, run_id=c.run_id, policy_step=step, batch_counter=1,
-                       task="arithmetic", sampling=SamplingParams(temperature=0.6, max_tokens=4, n=2))
-    rows = [RolloutRow(problem_index=i // 2, input_tokens=[5, 6, 7], output_tokens=[8, 9],
-                       output_logprobs=[-1.0, -1.0], advantage=1.0 if i % 2 else -1.0, reward=float(i % 2),
-                       task_reward=float(i % 2), length_penalty=0.0, proof=b"", step=step, target_length=0,
-                       finish_reason="length") for i in range(4)]
-    data = rollouts_to_bytes(RolloutBatch(meta=meta, rows=rows))
-    path = c.state_dir / "accepted" / f"{content_hash(data)}.parquet"
-    path.parent.mkdir(exist_ok=True)
-    path.write_bytes(data)
-    c.ledger.record_submission(Submission(content_hash(data), "ab" * 32, step, step, len(rows), 2 * len(rows),
-                                          str(path), f"{'ab' * 32}:{step}:1"), Verdict(True, "accepted"))
+    accept_a_batch(c, step, step, 2, 2, [5, 6, 7], [8, 9], temperature=0.6)
 
 
 @pytest.fixture(scope="module")

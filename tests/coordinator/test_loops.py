@@ -20,17 +20,9 @@ import pytest
 from rich.console import Console
 
 from intellect.coordinator.config import CoordinatorConfig
-from intellect.coordinator.ledger import Submission, Verdict
 from intellect.coordinator.service import FatalError
-from intellect.protocol.rollouts import (
-    RolloutBatch,
-    RolloutMeta,
-    RolloutRow,
-    SamplingParams,
-    content_hash,
-    rollouts_to_bytes,
-)
 from intellect.protocol.swarm.keys import run_info_key
+from tests.coordinator.batches import accept_a_batch
 
 pytestmark = pytest.mark.slow  # a coordinator with its swarm (~30 s on a busy CPU), shared by the module
 
@@ -60,18 +52,7 @@ def coordinator(tmp_path_factory, tiny_model_path):
 
 def _accept_a_batch(c, policy_step: int) -> None:
     """An accepted batch for the train step being collected, as the intake records one."""
-    meta = RolloutMeta(node_public_key="ab" * 32, run_id=c.run_id, policy_step=policy_step, batch_counter=1,
-                       task="arithmetic", sampling=SamplingParams(temperature=1.0, max_tokens=8, n=N))
-    rows = [RolloutRow(problem_index=i // N, input_tokens=[1, 2, 3], output_tokens=[4, 5, 6],
-                       output_logprobs=[-1.0, -1.0, -1.0], advantage=1.0 if i % 2 else -1.0, reward=float(i % 2),
-                       task_reward=float(i % 2), length_penalty=0.0, proof=b"", step=policy_step, target_length=0,
-                       finish_reason="length") for i in range(PROMPTS * N)]
-    data = rollouts_to_bytes(RolloutBatch(meta=meta, rows=rows))
-    path = c.state_dir / "accepted" / f"{content_hash(data)}.parquet"
-    path.write_bytes(data)
-    c.ledger.record_submission(Submission(content_hash(data), "ab" * 32, policy_step, c.collect_step, len(rows),
-                                          3 * len(rows), str(path), f"{'ab' * 32}:{policy_step}:1"),
-                               Verdict(True, "accepted"))
+    accept_a_batch(c, policy_step, c.collect_step, PROMPTS, N, [1, 2, 3], [4, 5, 6], temperature=1.0)
 
 
 def _wait_for(what, timeout_s: float = 90.0) -> None:
