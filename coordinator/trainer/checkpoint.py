@@ -6,7 +6,8 @@ Layout of `<dir>/step_<00000012>/`:
 - `weights.safetensors`: the parameters at training precision (bf16 export alone would not resume
   bit-exactly).
 - `trainer_state.pt`: step, optimizer, scheduler, torch/numpy/python RNG states, caller's extra dict.
-A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so a crash leaves either
+Only the newest checkpoint keeps the last two (they are 2-4x the policy's size): older ones stay as
+policies, which the validator needs for submissions up to async_level steps behind. A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so a crash leaves either
 the whole folder or a temp folder that `load_latest` ignores. Single-process: under FSDP the caller
 must hand over a model whose state dict is gathered. Knows nothing about shards or manifests.
 """
@@ -51,7 +52,7 @@ def save_checkpoint(
     tokenizer: Any = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint `step` atomically, keep only the newest `keep`; returns its folder."""
+    """Write checkpoint `step` atomically, keep the newest `keep` policies; returns its folder."""
     from safetensors.torch import save_model
 
     if keep < 1:
@@ -113,7 +114,7 @@ def load_latest(
     """Restore the newest complete checkpoint (temp folders ignored); None if there is none."""
     from safetensors.torch import load_model
 
-    steps = complete_checkpoints(directory)
+    steps = resumable_checkpoints(directory)
     if not steps:
         return None
     path = steps[-1]
@@ -130,12 +131,17 @@ def load_latest(
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
-    """Finished checkpoint folders under `directory`, oldest first."""
+    """Finished checkpoint folders (each holds a whole policy) under `directory`, oldest first."""
     root = Path(directory)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / STATE_FILE).is_file()]
+    found = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / POLICY_DIR / "model.safetensors").is_file()]
     return sorted(found, key=lambda p: p.name)
+
+
+def resumable_checkpoints(directory: str | Path) -> list[Path]:
+    """Finished checkpoints that still hold the training state to resume from, oldest first."""
+    return [p for p in complete_checkpoints(directory) if (p / STATE_FILE).is_file() and (p / WEIGHTS_FILE).is_file()]
 
 
 def _replace_dir(tmp: Path, final: Path) -> None:
@@ -153,6 +159,9 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 def _prune(root: Path, keep: int) -> None:
     for path in complete_checkpoints(root)[:-keep]:
         shutil.rmtree(path)
+    for path in resumable_checkpoints(root)[:-1]:  # the newest one is whole: older training state is dead weight
+        (path / WEIGHTS_FILE).unlink()  # weights first: a folder with a state file but no weights is not resumable
+        (path / STATE_FILE).unlink()
     for path in root.glob(".tmp-*"):  # leftovers of a crashed save (this process is the only writer)
         shutil.rmtree(path, ignore_errors=True)
 

@@ -151,9 +151,11 @@ class Cluster:
             for v in self.node_verdicts():  # every acknowledgement a node holds is backed by the ledger
                 if v["accepted"]:
                     assert v["file_sha256"] in accepted, v
-        for folder in (self.state / "checkpoints").glob("step_*"):  # only whole checkpoints carry a step name
-            assert {STATE_FILE, WEIGHTS_FILE, POLICY_DIR} <= {p.name for p in folder.iterdir()}, folder
-            assert (folder / POLICY_DIR / "model.safetensors").is_file()
+        folders = sorted((self.state / "checkpoints").glob("step_*"))
+        for folder in folders:  # only whole checkpoints carry a step name
+            assert (folder / POLICY_DIR / "model.safetensors").is_file(), folder
+        if folders:  # the newest one can be resumed from (older ones drop their training state)
+            assert {STATE_FILE, WEIGHTS_FILE} <= {p.name for p in folders[-1].iterdir()}, folders[-1]
         return accepted
 
     def close(self) -> None:

@@ -5,7 +5,14 @@ import os
 import pytest
 import torch
 
-from intellect.coordinator.trainer.checkpoint import complete_checkpoints, load_latest
+from intellect.coordinator.trainer.checkpoint import (
+    POLICY_DIR,
+    STATE_FILE,
+    WEIGHTS_FILE,
+    complete_checkpoints,
+    load_latest,
+    resumable_checkpoints,
+)
 from intellect.coordinator.trainer.config import TrainerConfig
 from intellect.coordinator.trainer.loss import token_logprobs
 from intellect.coordinator.trainer.packing import pad_each, segment_mask
@@ -175,6 +182,10 @@ def test_half_written_checkpoint_is_ignored_and_only_k_kept(tmp_path):
         trainer.train_step(samples(4))
         trainer.save(tmp_path, keep=2)
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["step_00000002", "step_00000003"]
+    # only the newest keeps the training state; the older one is a policy the validator may still need
+    assert [p.name for p in resumable_checkpoints(tmp_path)] == ["step_00000003"]
+    assert sorted(os.listdir(tmp_path / "step_00000002")) == [POLICY_DIR]
+    assert {POLICY_DIR, STATE_FILE, WEIGHTS_FILE} <= set(os.listdir(tmp_path / "step_00000003"))
     # a crash mid-save leaves a temp folder, and a step folder without its state file is not complete
     half = tmp_path / ".tmp-step_00000004-abc"
     half.mkdir()
