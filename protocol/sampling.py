@@ -9,9 +9,11 @@ recomputes the logits by prefill checks every sampled token (`check_tokens`).
 The noise, for key k = position_key(seed, t) (32 bits) and token id v:
     h = fmix32(token_hash[v] xor k),  token_hash[v] = fmix32(v * 0x9E3779B1 + 0x7F4A7C15)  (mod 2^32)
     G = GUMBEL_TABLE[h >> 12],        GUMBEL_TABLE[i] = -log(-log((i + 1/2) / 2^20))  (float64 -> float32)
-Integer ops are int64 tensors holding 32-bit values (multiplications split in 16-bit halves so
-nothing overflows), and the logarithms are looked up in a table, so CPU and CUDA, any batch size and
-any thread count give the same bits. The noise is bounded (GUMBEL_MIN .. GUMBEL_MAX), so a token whose
+On a CPU the integer ops run on numpy uint32 arrays (unsigned arithmetic wraps mod 2^32 by
+definition; ~10x faster than int64 tensors); elsewhere on int64 tensors holding 32-bit values
+(multiplications split in 16-bit halves so nothing overflows). Both are the same function of the
+same integers, and the logarithms are looked up in a table, so CPU and CUDA, any batch size and any
+thread count give the same bits. The noise is bounded (GUMBEL_MIN .. GUMBEL_MAX), so a token whose
 scaled logit is far below the best noisy score found among a few likely tokens can never win: only
 the others get hashed, which is what makes this cheaper than drawing 49k exponentials per token.
 Consequence of the 20-bit noise: a token more than ~17 (in logits / T) below the best is never
@@ -89,6 +91,27 @@ def _fmix32(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
+def _fmix32_u32(x: np.ndarray) -> np.ndarray:
+    """_fmix32 on a uint32 array, in place."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x85EBCA6B)
+    x ^= x >> np.uint32(13)
+    x *= np.uint32(0xC2B2AE35)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def _lookup_u32(h: np.ndarray) -> torch.Tensor:
+    """Noise of hashes h (uint32, consumed) as a float32 tensor."""
+    h >>= np.uint32(32 - NOISE_BITS)
+    return torch.from_numpy(_TABLE_NP.take(h))
+
+
+def _use_u32(keys: torch.Tensor, u32: bool | None) -> bool:
+    """numpy uint32 on a CPU unless told (tests run the int64 tensor path, CUDA's, on a CPU too)."""
+    return keys.device.type == "cpu" if u32 is None else u32
+
+
 _cache: dict[tuple, torch.Tensor] = {}
 
 
@@ -114,15 +137,29 @@ def gumbel_noise(keys: torch.Tensor, token_ids: torch.Tensor, vocab_size: int) -
     return _table(token_ids.device)[h >> (32 - NOISE_BITS)]
 
 
-def _noise_rows(keys: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _token_hashes_u32(vocab_size: int) -> np.ndarray:
+    key = ("tokens-u32", vocab_size)
+    if key not in _cache:
+        _cache[key] = token_hashes(vocab_size).numpy().astype(np.uint32)
+    return _cache[key]
+
+
+def _noise_rows(keys: torch.Tensor, vocab_size: int, u32: bool | None = None) -> torch.Tensor:
     """[B, V] noise of every token for row keys [B] (the dense path)."""
+    if _use_u32(keys, u32):
+        k = keys.numpy().astype(np.uint32)
+        return _lookup_u32(_fmix32_u32(_token_hashes_u32(vocab_size)[None, :] ^ k[:, None]))
     h = _fmix32(token_hashes(vocab_size, keys.device)[None, :] ^ keys[:, None])
     h >>= 32 - NOISE_BITS
     return _table(keys.device).take(h)
 
 
-def _noise_at(keys: torch.Tensor, flat: torch.Tensor, vocab_size: int) -> torch.Tensor:
+def _noise_at(keys: torch.Tensor, flat: torch.Tensor, vocab_size: int, u32: bool | None = None) -> torch.Tensor:
     """Noise at flat indices r * V + v of a [B, V] matrix (the sparse path)."""
+    if _use_u32(keys, u32):
+        f, k = flat.numpy(), keys.numpy().astype(np.uint32)
+        h = _token_hashes_u32(vocab_size).take(f % vocab_size) ^ k.take(f // vocab_size)
+        return _lookup_u32(_fmix32_u32(h))
     h = _fmix32(token_hashes(vocab_size, keys.device).take(flat % vocab_size)
                 ^ keys.index_select(0, flat // vocab_size))
     h >>= 32 - NOISE_BITS
@@ -159,10 +196,11 @@ def noisy_argmax(z: torch.Tensor, seeds: list[int], positions: list[int],
     base = torch.arange(num, device=z.device)[:, None] * vocab
     probe = top_z + _noise_at(keys, (base + top_i).view(-1), vocab).view(num, -1)
     bound = probe.amax(-1, keepdim=True) - GUMBEL_MAX
-    flat = (z >= bound).view(-1).nonzero().squeeze(1)
-    if flat.numel() > DENSE_FRACTION * z.numel():  # flat logits: hashing everything is cheaper
+    candidates = (z >= bound).view(-1)
+    if int(candidates.sum()) > DENSE_FRACTION * z.numel():  # flat logits: hashing everything is cheaper
         scored = z + _noise_rows(keys, vocab)
     else:
+        flat = candidates.nonzero().squeeze(1)
         scored = torch.full_like(z, -math.inf)
         scored.view(-1).index_copy_(0, flat, z.view(-1).take(flat) + _noise_at(keys, flat, vocab))
     best, tokens = scored.max(-1)

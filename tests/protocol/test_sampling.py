@@ -42,6 +42,17 @@ def test_noise_matches_the_reference_implementation():
         assert got == ref_noise(int(seed), int(pos), int(tok))
 
 
+def test_cpu_and_tensor_integer_paths_give_the_same_noise():
+    """A CPU hashes with numpy uint32, CUDA with int64 tensors: both paths, run here, agree bit for bit."""
+    keys = torch.tensor([S.position_key(s, p) for s, p in [(1, 0), (2**63 - 1, 7), (12345, 4095)]])
+    dense = S._noise_rows(keys, V, u32=True)
+    assert torch.equal(dense, S._noise_rows(keys, V, u32=False))
+    flat = torch.randint(0, 3 * V, (5000,), generator=torch.Generator().manual_seed(0))
+    sparse = S._noise_at(keys, flat, V, u32=True)
+    assert torch.equal(sparse, S._noise_at(keys, flat, V, u32=False))
+    assert torch.equal(sparse, dense.view(-1)[flat])
+
+
 def test_gumbel_table_is_pinned():
     """The table is computed in float64 and rounded: a platform whose log differs would change these
     bytes, and its nodes would disagree with validators. Pinned so CI notices."""
