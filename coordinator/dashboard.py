@@ -146,6 +146,13 @@ class _RunCollector:
         yield verdicts
         yield CounterMetricFamily("intellect_loop_errors", "Failed turns of the policy loop (it retries after each).",
                                   value=c.loop_errors)
+        if c.swarm is not None:
+            events = CounterMetricFamily("intellect_swarm_events", "The coordinator's swarm: records published, "
+                                         "DHT records refused (dht_records_refused), requests served or refused.",
+                                         labels=["event"])
+            for event, count in sorted(c.swarm.counters().items()):
+                events.add_metric([event], count)
+            yield events
         sent = c.publisher.bytes_sent if c.publisher is not None else 0
         yield CounterMetricFamily("intellect_origin_bytes_sent", "Checkpoint shard bytes the coordinator served "
                                   "(peers serve the rest).", value=sent)

@@ -113,6 +113,8 @@ class NodeApp:
         self.swarm.publish(peers_key(), envelope, ttl_s=60.0)
 
     def _write_status(self) -> None:
+        if self.swarm is not None:
+            self.status.swarm = self.swarm.counters()
         try:
             self.status.write(self.status_path)
         except OSError as e:

@@ -36,6 +36,7 @@ class NodeStatus:
     last_reward: float | None = None
     restarts: int = 0
     paused: bool = False
+    swarm: dict[str, int] = field(default_factory=dict)  # Swarm.counters(): records refused, requests served...
     updated_at: float = field(default_factory=time.time)
 
     @property

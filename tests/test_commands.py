@@ -288,6 +288,8 @@ def test_coordinator_starts_with_its_flags_and_serves_prometheus_metrics(tmp_pat
         assert families["intellect_latest_policy_step"].samples[0].value == 0
         assert families["intellect_verdicts"].type == "counter"
         assert families["intellect_origin_bytes_sent"].samples[0].value == 0, "no node has fetched a shard"
+        events = {s.labels["event"]: s.value for s in families["intellect_swarm_events"].samples}
+        assert events["dht_records_refused"] == 0 and events["records_published"] >= 1, events
         assert families["process_resident_memory_bytes"].samples[0].value > 10e6
         procs.procs["coordinator"].send_signal(signal.SIGTERM)
         assert procs.wait_exit("coordinator", timeout=90) == 0, procs.tails("coordinator")

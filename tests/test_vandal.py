@@ -122,3 +122,4 @@ def test_a_vandal_does_not_stop_the_run(tmp_path, tiny_model_path):
         assert accepted, verdicts
         status = json.loads((d / "status.json").read_text())  # past the replayed RunInfo of step 0
         assert status["collect_step"] >= 1 and status["policy_step"] >= 1, status
+        assert status["swarm"]["dht_records_refused"] > 0, status  # the vandal's stores, counted where refused

@@ -53,6 +53,14 @@ class Swarm(abc.ABC):
     run_id: str
     stats: Counter  # records_ok, rejected_<reason>, requests_served, handler_errors, ...
 
+    def counters(self) -> dict[str, int]:
+        """`stats` plus `dht_records_refused`: records our DHT's validator refused to store or to take
+        from a lookup (a vandal's junk, replays, plain values), which hostile peers cost us."""
+        return {**self.stats, "dht_records_refused": self._dht_records_refused()}
+
+    @abc.abstractmethod
+    def _dht_records_refused(self) -> int: ...
+
     @abc.abstractmethod
     def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
         """Store our signed envelope under `key` (a name from `keys`), subkey = our public key, for `ttl_s`.

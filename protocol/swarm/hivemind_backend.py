@@ -25,6 +25,7 @@ import functools
 import glob
 import ipaddress
 import logging
+import multiprocessing as mp
 import os
 import shutil
 import signal
@@ -123,12 +124,15 @@ class RunRecordValidator(RecordValidatorBase):
 
     def __init__(self, run_id: str, coordinator_key: bytes, max_ttl_s: float) -> None:
         self.run_id, self.coordinator_key, self.max_ttl_s = run_id, coordinator_key, max_ttl_s
+        self.num_refused = mp.Value("q", 0)  # shared memory: validate() runs in the DHT's forked process
 
     def validate(self, record: DHTRecord) -> bool:
         try:
             self.check(record)
         except RecordRejected as e:
             logger.debug("refused a DHT record: %s", e)
+            with self.num_refused.get_lock():
+                self.num_refused.value += 1
             return False
         return True
 
@@ -171,8 +175,10 @@ def _net_errors() -> tuple[type[BaseException], ...]:
 
 
 class HivemindSwarm(Swarm):
-    def __init__(self, config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes, dht) -> None:
+    def __init__(self, config: SwarmConfig, identity: Identity, run_id: str, coordinator_key: bytes, dht,
+                 validator: RunRecordValidator) -> None:
         self.config, self.identity, self.run_id, self.coordinator_key = config, identity, run_id, coordinator_key
+        self.validator = validator
         self.stats: Counter = Counter()
         self._stats_lock = threading.Lock()
         self._dht = dht
@@ -199,7 +205,7 @@ class HivemindSwarm(Swarm):
             dht = _join(config, key_path, validator)
         finally:
             shutil.rmtree(keydir, ignore_errors=True)
-        return cls(config, identity, run_id, coordinator_key, dht)
+        return cls(config, identity, run_id, coordinator_key, dht, validator)
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -214,6 +220,9 @@ class HivemindSwarm(Swarm):
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[name] += n
+
+    def _dht_records_refused(self) -> int:
+        return int(self.validator.num_refused.value)
 
     # ---- DHT records ------------------------------------------------------------------------------
 

@@ -136,6 +136,7 @@ class RunRecordValidator(Validator):
 
     def __init__(self, run_id: str, coordinator_key: bytes, max_ttl_s: float) -> None:
         self.run_id, self.coordinator_key, self.max_ttl_s = run_id, coordinator_key, max_ttl_s
+        self.num_refused = 0  # validate() runs on the swarm's event loop, one thread
 
     def check(self, key: str, value: object) -> tuple[str, float]:
         """(the record's key name, its expiration), or RecordRejected with the reason."""
@@ -155,7 +156,11 @@ class RunRecordValidator(Validator):
         return name, expiration
 
     def validate(self, key: str, value: bytes) -> None:
-        self.check(key, value)  # RecordRejected: py-libp2p refuses the store (and logs it)
+        try:
+            self.check(key, value)
+        except RecordRejected:
+            self.num_refused += 1
+            raise  # py-libp2p refuses the store (and logs it)
 
     def select(self, key: str, values: list[bytes]) -> int:
         """The index of the value that expires last (the writer's latest); invalid ones never win."""
@@ -341,6 +346,9 @@ class Libp2pSwarm(Swarm):
     def _count(self, name: str, n: int = 1) -> None:
         with self._stats_lock:
             self.stats[name] += n
+
+    def _dht_records_refused(self) -> int:
+        return self.validator.num_refused
 
     # ---- DHT records ------------------------------------------------------------------------------
 

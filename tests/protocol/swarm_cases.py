@@ -287,9 +287,12 @@ def libp2p_a_vandal_cannot_replace_or_hide_records(a, b):
             await host.close()
 
     found = {}
+    refused_before = a.counters()["dht_records_refused"] + b.counters()["dht_records_refused"]
     trio.run(vandalize)
     both = {PEER.public_key, COORD.public_key}
     assert found == {a: both, b: both}, found
+    refused = a.counters()["dht_records_refused"] + b.counters()["dht_records_refused"]
+    assert refused > refused_before, (a.counters(), b.counters())  # the vandal's stores are counted
     try:  # our own DHT refuses junk even from its own process
         a._run(a._dht.put_value, record_dht_key(RUN, shards_key(9), COORD.public_key_hex), b"junk", timeout=10)
         raise AssertionError("junk was stored")

@@ -230,8 +230,10 @@ def test_records_are_checked_when_stored(pair):
     with pytest.raises(ValueError):
         b.publish(shards_key(7), announce(PEER), ttl_s=10**5)  # beyond max_record_ttl_s
     now = get_dht_time()
+    refused = b.counters()["dht_records_refused"]
     assert not b._dht.store(dht_key(RUN, shards_key(7)), announce(PEER), now + 60, subkey=PEER.public_key_hex)
     assert not b._dht.store(dht_key(RUN, shards_key(8)), b"junk", now + 60)
+    assert b.counters()["dht_records_refused"] >= refused + 2  # counted in the DHT's process, read here
 
     vandal = hivemind.DHT(initial_peers=a.visible_addrs(), host_maddrs=["/ip4/127.0.0.1/tcp/0"], start=True)
     try:
