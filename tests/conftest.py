@@ -6,7 +6,7 @@ your own copy with `load_model(tiny_model_path)` for that.
 
 A test module's temporary folders are deleted when the module ends with no failure: a whole run
 (SmolLM2 checkpoints of several GB among them) then needs only the disk of its largest module, and a
-failed module's folders stay for a look."""
+failed module's folders stay for a look (all of them stay with INTELLECT_KEEP_TEST_DIRS=1)."""
 
 import os
 import shutil
@@ -50,7 +50,8 @@ def pytest_runtest_makereport(item, call):
 def pytest_runtest_teardown(item, nextitem):
     result = yield  # the module's own fixtures are torn down by now when nextitem is elsewhere
     name = item.module.__name__
-    if (nextitem is None or nextitem.module is not item.module) and name not in _failed_modules:
+    keep = os.environ.get("INTELLECT_KEEP_TEST_DIRS") == "1" or name in _failed_modules
+    if (nextitem is None or nextitem.module is not item.module) and not keep:
         for folder in _temp_folders() - _module_start.pop(name, set()) - _kept:
             shutil.rmtree(folder, ignore_errors=True)
     return result
