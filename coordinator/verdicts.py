@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from intellect.protocol.messages import IN_FLIGHT
+from intellect.protocol.messages import IN_FLIGHT, STALE_POLICY
 
 
 class Reason(StrEnum):
@@ -24,7 +24,7 @@ class Reason(StrEnum):
     COUNTER_SKIPPED = "counter_skipped"  # a batch counter past the node's highest + 1 for that policy step
     BANNED = "banned"
     BAD_SCHEMA = "bad_schema"
-    STALE_POLICY = "stale_policy"
+    STALE_POLICY = STALE_POLICY
     UNKNOWN_POLICY = "unknown_policy"
     PROMPT_MISMATCH = "prompt_mismatch"
     BAD_TARGET_LENGTH = "bad_target_length"

@@ -32,6 +32,7 @@ from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import (
     IN_FLIGHT,
+    STALE_POLICY,
     SUBMIT_RPC,
     RunInfo,
     SubmissionHeader,
@@ -274,6 +275,8 @@ class Worker:
             raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
         if verdict.reason == IN_FLIGHT:  # an earlier copy is still being validated: its verdict comes on a resend
             raise WorkError("the coordinator is still validating an earlier copy of this batch; it is retried")
+        if verdict.reason == STALE_POLICY:  # the run moved on without us seeing it: our DHT view is behind
+            self.swarm.rebootstrap_soon()
         self._record(path, verdict, envelope)
         self.num_batches += 1
         return verdict

@@ -133,6 +133,9 @@ class SubmissionHeader(Body):
 # Verdict.reason of a resend that arrived while an earlier copy is being validated: no verdict on the
 # file yet; the node keeps it and asks again later
 IN_FLIGHT = "in_flight"
+# Verdict.reason of a batch on a policy older than the run's collected step - async level: the node's
+# view of the run is behind (after a coordinator restart its DHT may not reach the coordinator's records)
+STALE_POLICY = "stale_policy"
 
 
 class Verdict(Body):

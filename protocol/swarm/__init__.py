@@ -62,6 +62,12 @@ class Swarm(abc.ABC):
     def _dht_records_refused(self) -> int: ...
 
     @abc.abstractmethod
+    def rebootstrap_soon(self) -> None:
+        """Dial the bootstrap peers again, in the background and at most every 15 s: our records may be
+        stale or missing because a bootstrap peer (a coordinator on the same key and port) restarted with
+        an empty DHT and neither routing table lists the other."""
+
+    @abc.abstractmethod
     def publish(self, key: str, envelope: bytes, ttl_s: float) -> bool:
         """Store our signed envelope under `key` (a name from `keys`), subkey = our public key, for `ttl_s`.
         The answer is a hint: hivemind reports the last replica's reply, and a vandal's storage says no."""

@@ -246,7 +246,7 @@ class HivemindSwarm(Swarm):
             future = self._dht.get(dht_key(self.run_id, key), latest=True, return_future=True)
         found = future.result(timeout=60.0)
         if found is None:
-            self._rebootstrap_soon()
+            self.rebootstrap_soon()
             return []
         if not isinstance(found.value, dict):
             self._count("rejected_no_subkey")
@@ -262,8 +262,8 @@ class HivemindSwarm(Swarm):
                     envelopes.append(envelope)
         return envelopes
 
-    def _rebootstrap_soon(self) -> None:
-        """A read found nothing: maybe our bootstrap peer restarted with an empty DHT (a coordinator on
+    def rebootstrap_soon(self) -> None:
+        """A read found nothing, or a node's batch was stale: maybe our bootstrap peer restarted with an empty DHT (a coordinator on
         the same key and port) and neither side lists the other. Dial and ping the bootstrap peers again
         in the background (at most every _REBOOTSTRAP_EVERY_S), so both routing tables hold each other."""
         now = time.monotonic()

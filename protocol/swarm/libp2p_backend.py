@@ -379,7 +379,7 @@ class Libp2pSwarm(Swarm):
     def read(self, key: str) -> list[Envelope]:
         values = self._run(self._read, key, timeout=60.0)
         if not values:
-            self._rebootstrap_soon()
+            self.rebootstrap_soon()
         envelopes, now = [], time.time()
         with self._stats_lock:
             for subkey, value in values.items():
@@ -441,8 +441,8 @@ class Libp2pSwarm(Swarm):
                 nursery.start_soon(ask, peer)
         return found[:_MAX_PROVIDERS]
 
-    def _rebootstrap_soon(self) -> None:
-        """A read found nothing: maybe our bootstrap peer restarted with an empty DHT. Dial the bootstrap
+    def rebootstrap_soon(self) -> None:
+        """A read found nothing, or a node's batch was stale: maybe our bootstrap peer restarted with an empty DHT. Dial the bootstrap
         peers again in the background (at most every _REBOOTSTRAP_EVERY_S)."""
         now = time.monotonic()
         if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
