@@ -126,6 +126,12 @@ class RunRecordValidator(RecordValidatorBase):
         self.run_id, self.coordinator_key, self.max_ttl_s = run_id, coordinator_key, max_ttl_s
         self.num_refused = mp.Value("q", 0)  # shared memory: validate() runs in the DHT's forked process
 
+    def __getstate__(self) -> dict:  # a pickled copy counts on its own (the forked DHT shares ours)
+        return {k: v for k, v in self.__dict__.items() if k != "num_refused"}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, num_refused=mp.Value("q", 0))
+
     def validate(self, record: DHTRecord) -> bool:
         try:
             self.check(record)
