@@ -167,7 +167,9 @@ class CraftedNode:
         tok = self.base.tokenizer
         answer = tok(f" = {self.task.problem(row.problem_index).answer}", add_special_tokens=False)["input_ids"]
         filler = tok(" so", add_special_tokens=False)["input_ids"][0]
-        tokens = [filler] * (len(row.output_tokens) - len(answer)) + answer
+        # a completion that stopped keeps its EOS last (else the termination check, not the proof, catches it)
+        end = row.output_tokens[-1:] if row.finish_reason == "stop" else []
+        tokens = [filler] * (len(row.output_tokens) - len(answer) - len(end)) + answer + end
         # a careful cheater also claims the policy's own log-probs for the new tokens (one prefill)
         logprobs = verify_completions(self.base.engine.model, [row.input_tokens], [tokens], [row.proof],
                                       temperature=self.info.temperature)[0].token_logprobs
