@@ -12,8 +12,8 @@ The noise, for key k = position_key(seed, t) (32 bits) and token id v:
 On a CPU the integer ops run on numpy uint32 arrays (unsigned arithmetic wraps mod 2^32 by
 definition; 2.6-3.3x faster than int64 tensors, bench/noise_hash.py); elsewhere on int64 tensors
 holding 32-bit values (multiplications split in 16-bit halves so nothing overflows). Both are the
-same function of the same integers, and the logarithms are looked up in a table, so CPU and CUDA, any batch size and any
-thread count give the same bits. The noise is bounded (GUMBEL_MIN .. GUMBEL_MAX), so a token whose
+same function of the same integers, and the logarithms are looked up in a table, so CPU and CUDA,
+any batch size and any thread count give the same bits. The noise is bounded (GUMBEL_MIN .. GUMBEL_MAX), so a token whose
 scaled logit is far below the best noisy score found among a few likely tokens can never win: only
 the others get hashed, which is what makes this cheaper than drawing 49k exponentials per token.
 Consequence of the 20-bit noise: a token more than ~17 (in logits / T) below the best is never

@@ -269,9 +269,8 @@ class HivemindSwarm(Swarm):
         return envelopes
 
     def rebootstrap_soon(self) -> None:
-        """A read found nothing, or a node's batch was stale: maybe our bootstrap peer restarted with an empty DHT (a coordinator on
-        the same key and port) and neither side lists the other. Dial and ping the bootstrap peers again
-        in the background (at most every _REBOOTSTRAP_EVERY_S), so both routing tables hold each other."""
+        """Swarm.rebootstrap_soon: pings the bootstrap peers from the DHT process, so both routing tables
+        hold each other again. Called when a read finds nothing, and by a node whose batch was stale."""
         now = time.monotonic()
         if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
             return
@@ -550,12 +549,13 @@ def _join(config: SwarmConfig, key_path: str, validator):
     from hivemind.p2p import P2PDaemonError
 
     ip_version = "ip6" if ipaddress.ip_address(config.host).version == 6 else "ip4"
-    kwargs = dict(
-        host_maddrs=[f"/{ip_version}/{config.host}/tcp/{config.port}"], identity_path=key_path,
-        check_if_identity_free=False, startup_timeout=config.startup_timeout_s, client_mode=config.client_mode,
-        use_relay=config.use_relay, use_auto_relay=config.use_auto_relay, ensure_bootstrap_success=True,
-        announce_maddrs=config.announce_addrs or None, record_validators=[validator],
-    )
+    kwargs = {
+        "host_maddrs": [f"/{ip_version}/{config.host}/tcp/{config.port}"], "identity_path": key_path,
+        "check_if_identity_free": False, "startup_timeout": config.startup_timeout_s,
+        "client_mode": config.client_mode, "use_relay": config.use_relay, "use_auto_relay": config.use_auto_relay,
+        "ensure_bootstrap_success": True, "announce_maddrs": config.announce_addrs or None,
+        "record_validators": [validator],
+    }
     deadline = time.monotonic() + config.join_timeout_s
     delay, attempts, last_error = 1.0, 0, ""
     while True:

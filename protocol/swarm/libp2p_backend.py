@@ -442,8 +442,8 @@ class Libp2pSwarm(Swarm):
         return found[:_MAX_PROVIDERS]
 
     def rebootstrap_soon(self) -> None:
-        """A read found nothing, or a node's batch was stale: maybe our bootstrap peer restarted with an empty DHT. Dial the bootstrap
-        peers again in the background (at most every _REBOOTSTRAP_EVERY_S)."""
+        """Swarm.rebootstrap_soon: dials the bootstrap peers on the swarm's loop. Called when a read finds
+        nothing, and by a node whose batch was stale."""
         now = time.monotonic()
         if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
             return

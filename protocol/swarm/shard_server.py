@@ -20,7 +20,7 @@ import asyncio
 import re
 import threading
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Iterator
 
 from intellect.protocol.manifest import ShardStore
 from intellect.protocol.messages import ShardEntry
@@ -88,7 +88,7 @@ class ShardServer:
         if self._bucket is None:
             self._bucket = TokenBucket(self._rate)
         try:
-            async for chunk in self._chunks(sha256):
+            for chunk in self._chunks(sha256):
                 await self._bucket.take(len(chunk))
                 yield chunk
                 with self._lock:
@@ -118,15 +118,14 @@ class ShardServer:
                 raise RequestRefused(*refusal)
             self._inflight[sha256] = peer
 
-    async def _chunks(self, sha256: str) -> AsyncIterator[bytes]:
+    def _chunks(self, sha256: str) -> Iterator[bytes]:
         """The shard's bytes in chunks. Reads come from the page cache in practice; small enough to do inline."""
         try:
-            f = open(self.store.path(sha256), "rb")
+            with open(self.store.path(sha256), "rb") as f:
+                while chunk := f.read(CHUNK_BYTES):
+                    yield chunk
         except FileNotFoundError:
             raise RequestRefused("not_found", "shard was pruned") from None
-        with f:
-            while chunk := f.read(CHUNK_BYTES):
-                yield chunk
 
 
 def call_get_shard(swarm: Swarm, peer: PeerKey, entry: ShardEntry, timeout: float, others_failed: bool = False) -> bytes:

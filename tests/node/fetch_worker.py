@@ -29,9 +29,9 @@ from intellect.protocol.wire import run_id_for
 
 
 class CorruptShardServer(ShardServer):
-    async def _chunks(self, sha256: str):
+    def _chunks(self, sha256: str):
         first = True
-        async for chunk in super()._chunks(sha256):
+        for chunk in super()._chunks(sha256):
             if first:
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
                 first = False

@@ -8,6 +8,7 @@ failure names the case's index and bytes, which reproduce it."""
 
 import hashlib
 import random
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -54,16 +55,22 @@ def mutations(valid: bytes, seed: int = 0, cases: int = CASES) -> Iterator[bytes
             yield valid[:rng.randint(0, len(valid))]
 
 
-def fuzz(valid: bytes, check: Callable[[bytes], None]) -> None:
-    """Run `check` on every case; a failure says which case, with its bytes."""
-    cases = 0
+def fuzz(valid: bytes, check: Callable[[bytes], str]) -> Counter:
+    """Run `check` on every case and count its outcomes; a failure says which case, with its bytes."""
+    outcomes: Counter = Counter()
     for i, data in enumerate(mutations(valid)):
         try:
-            check(data)
+            outcomes[check(data)] += 1
         except Exception as e:
             raise AssertionError(f"case {i}: {data!r}") from e
-        cases += 1
-    assert cases == CASES
+    assert outcomes.total() == CASES
+    return outcomes
+
+
+def assert_mostly_rejected(outcomes: Counter) -> None:
+    """Nearly every mutation changes a signed input's meaning: a decoder accepting most is not checking."""
+    assert set(outcomes) <= {"rejected", "same meaning"}, outcomes
+    assert outcomes["rejected"] > 0.9 * CASES, outcomes
 
 
 def expect_rejection_or_valid(decode, data, valid):
@@ -87,8 +94,8 @@ def test_mutations_are_seeded_and_varied():
 
 @pytest.mark.slow
 def test_fuzz_envelope():
-    fuzz(VALID_ENVELOPE, lambda data: expect_rejection_or_valid(
-        lambda d: open_envelope(d, run_id=RUN, max_age_s=None), data, VALID_ENVELOPE))
+    assert_mostly_rejected(fuzz(VALID_ENVELOPE, lambda data: expect_rejection_or_valid(
+        lambda d: open_envelope(d, run_id=RUN, max_age_s=None), data, VALID_ENVELOPE)))
 
 
 @pytest.mark.slow
@@ -100,11 +107,13 @@ def test_fuzz_each_message(model):
         try:
             decoded = decode_body(type(model), data)
         except WireRejected:
-            return
+            return "rejected"
         assert type(decoded) is type(model)
         assert decode_body(type(model), encode_body(decoded)) == decoded  # a valid body is stable
+        return "valid"
 
-    fuzz(valid, check)
+    outcomes = fuzz(valid, check)
+    assert outcomes["rejected"] > CASES // 2 and outcomes["valid"] >= 1, outcomes  # the valid body itself is among the truncations
 
 
 @pytest.fixture(scope="module")
@@ -119,8 +128,8 @@ def signed_manifest(tmp_path_factory):
 
 @pytest.mark.slow
 def test_fuzz_manifest(signed_manifest):
-    fuzz(signed_manifest, lambda data: expect_rejection_or_valid(
-        lambda d: open_manifest(d, run_id=RUN, coordinator_key=COORD.public_key), data, signed_manifest))
+    assert_mostly_rejected(fuzz(signed_manifest, lambda data: expect_rejection_or_valid(
+        lambda d: open_manifest(d, run_id=RUN, coordinator_key=COORD.public_key), data, signed_manifest)))
 
 
 @pytest.mark.slow
@@ -131,11 +140,13 @@ def test_fuzz_shard():
     def check(data):
         if data == valid:
             check_shard(entry, data)
-        else:
-            with pytest.raises(WireRejected):
-                check_shard(entry, data)
+            return "valid"
+        with pytest.raises(WireRejected):
+            check_shard(entry, data)
+        return "rejected"
 
-    fuzz(valid, check)
+    outcomes = fuzz(valid, check)
+    assert outcomes["rejected"] > 0.9 * CASES and outcomes["valid"] >= 1, outcomes
 
 
 def test_body_types_cover_every_signed_kind():

@@ -2,6 +2,7 @@ import hashlib
 
 import msgpack
 import pytest
+from pydantic import ValidationError
 
 from intellect.protocol.delta import DeltaRejected
 from intellect.protocol.identity import Identity
@@ -115,7 +116,7 @@ def test_assembly_streams_in_bounded_memory(tmp_path):
 
 
 def test_shard_entry_bounds():
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         ShardEntry(sha256="zz", size=1)
 
 
