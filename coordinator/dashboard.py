@@ -86,7 +86,7 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
                                 f"clip {last.get('clip_ratio', 0):.3f}   grad norm {last.get('grad_norm', 0):.3f}")
     sent = c.publisher.bytes_sent if c.publisher is not None else 0
     head.add_row("shards", f"{sent / 1e6:,.1f} MB served by the origin")
-    counts = c.ledger.counts_by_reason()
+    counts = c.intake.counts_by_reason()
     head.add_row("verdicts", "   ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
     if c.last_error:  # the policy loop failed a turn and retries: say why until a turn succeeds
         head.add_row("[red]error[/]", Text(f"{c.last_error} (retrying; {c.loop_errors} failed turns)", style="red"))
@@ -141,7 +141,7 @@ class _RunCollector:
                 yield GaugeMetricFamily(name, what, value=float(last_eval[key]))
         verdicts = CounterMetricFamily("intellect_verdicts", "Submissions judged, by verdict reason "
                                        "('accepted' or why one was rejected).", labels=["reason"])
-        for reason, count in sorted(c.ledger.counts_by_reason().items()):
+        for reason, count in sorted(c.intake.counts_by_reason().items()):
             verdicts.add_metric([reason], count)
         yield verdicts
         yield CounterMetricFamily("intellect_loop_errors", "Failed turns of the policy loop (it retries after each).",

@@ -5,8 +5,10 @@ Order: size -> envelope (signature, run, kind) -> replay -> ban -> submission he
 duplicate file -> stored in inbox/ -> rollout file decoded -> `checks.CHECKS` in their order ->
 accepted (file to accepted/, ledger row, credit) or rejected (file to rejected/, ledger row, strike).
 
-Failures that do not prove who sent them (bad signature, replays of someone else's bytes) are
-recorded without a strike against the claimed key, so nobody can get another node banned.
+Failures that do not prove who sent them (bad signature, replays of someone else's bytes) carry no
+strike against the claimed key, so nobody can get another node banned. Those anyone can send at line
+rate (`verdicts.UNRECORDED`: no envelope, a replay, a banned key) are answered and counted in memory but
+not written to the ledger: a flood of them costs no disk and no wait on the record lock.
 
 What this module does not know: the network (it takes bytes, returns a verdict), the trainer, what
 the checks look at (coordinator/checks.py), or where policies come from (`policy_for(step)` is given).
@@ -17,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import Counter
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,7 +40,7 @@ from intellect.coordinator.faults import pause_point
 from intellect.coordinator.ledger import DuplicateSubmission, Evidence, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.coordinator.rules import IntakeConfig, RunRules
-from intellect.coordinator.verdicts import NO_STRIKE, Reason, Rejected
+from intellect.coordinator.verdicts import NO_STRIKE, UNRECORDED, Reason, Rejected
 from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.messages import Verdict, decode_submission
 from intellect.protocol.rollouts import RolloutBatch
@@ -81,6 +84,7 @@ class Intake:
         self.record_lock = threading.RLock()  # _accept may call _reject while holding it
         self._in_flight: set[str] = set()  # file hashes and batch keys being judged now
         self._in_flight_lock = threading.Lock()
+        self.unrecorded: Counter = Counter()  # verdicts by reason of UNRECORDED, since this process started
 
     @property
     def config(self) -> IntakeConfig:
@@ -213,12 +217,23 @@ class Intake:
                 file_sha: str | None = None) -> Outcome:
         file_sha = file_path.stem if file_path is not None else file_sha or "0" * 64
         node = sender.hex() if sender is not None else UNKNOWN_SENDER
-        with self.record_lock:
-            if file_path is not None and file_path.exists():
-                os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
-            self.ledger.record_rejection(node, r.reason.value, r.detail, evidence=_evidence(r, sender))
+        if r.reason in UNRECORDED and file_path is None:
+            with self._in_flight_lock:
+                self.unrecorded[r.reason.value] += 1
+        else:
+            with self.record_lock:
+                if file_path is not None and file_path.exists():
+                    os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
+                self.ledger.record_rejection(node, r.reason.value, r.detail, evidence=_evidence(r, sender))
         verdict = Verdict(file_sha256=file_sha, accepted=False, reason=r.reason.value, detail=r.detail[:1024])
         return Outcome(verdict, sender)
+
+    def counts_by_reason(self) -> dict[str, int]:
+        """Verdicts by reason: the ledger's, and the unrecorded ones of this process."""
+        counts = Counter(self.ledger.counts_by_reason())
+        with self._in_flight_lock:
+            counts.update(self.unrecorded)
+        return dict(sorted(counts.items()))
 
     def recover_inbox(self) -> int:
         """After a crash: an inbox file whose accepted row is in the ledger was accepted (killed

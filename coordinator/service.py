@@ -296,7 +296,7 @@ class Coordinator:
         metrics = self.trainer.train_step(samples)
         pause_point("train.trained")
         self.trainer.policy_step = step + 1  # a step with only zero advantages still moves the policy version
-        counts = self.ledger.counts_by_reason()
+        counts = self.intake.counts_by_reason()
         metrics = {
             "step": step,
             "reward": sum(rewards) / max(len(rewards), 1),

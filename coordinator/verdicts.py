@@ -36,9 +36,14 @@ class Reason(StrEnum):
     SAMPLING_MISMATCH = "sampling_mismatch"  # a token the seeded sampler does not draw (outside ties)
 
 
-# Rejections that do not prove the signer misbehaved: recorded, but no strike towards a ban.
+# Rejections that do not prove the signer misbehaved: no strike towards a ban.
 NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.IN_FLIGHT, Reason.BANNED,
              Reason.STALE_POLICY}
+
+# Answered, counted in memory, but not written to the ledger: they carry no strike and no file, and
+# anyone can send them at line rate (bytes that are no envelope, a replayed envelope, a banned key), so
+# a ledger row each would let one flood grow the disk and hold the record lock honest verdicts wait on.
+UNRECORDED = NO_STRIKE - {Reason.STALE_POLICY}
 
 
 class Rejected(Exception):

@@ -265,6 +265,7 @@ class Worker:
                                   num_completions=len(batch.rows), num_tokens=batch.num_output_tokens,
                                   file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
         envelope = seal(self.identity, MessageKind.SUBMISSION, self.swarm.run_id, encode_submission(header, data))
+        sent_at = time.monotonic()
         try:
             answer = self.swarm.call(self.coordinator_key, SUBMIT_RPC, envelope, timeout=self.config.submit_timeout_s)
             signed = open_envelope(answer, run_id=self.swarm.run_id, kinds={MessageKind.VERDICT},
@@ -277,7 +278,7 @@ class Worker:
             raise WorkError("the coordinator is still validating an earlier copy of this batch; it is retried")
         if verdict.reason == STALE_POLICY:  # the run moved on without us seeing it: our DHT view is behind
             self.swarm.rebootstrap_soon()
-        self._record(path, verdict, envelope)
+        self._record(path, verdict, envelope, latency_s=time.monotonic() - sent_at)
         self.num_batches += 1
         return verdict
 
@@ -293,7 +294,7 @@ class Worker:
                 continue
             self.submit(path, info)
 
-    def _record(self, path: Path, verdict: Verdict, envelope: bytes) -> None:
+    def _record(self, path: Path, verdict: Verdict, envelope: bytes, latency_s: float) -> None:
         self.status.submitted += 1
         if verdict.accepted:
             self.status.accepted += 1
@@ -302,7 +303,9 @@ class Worker:
             self.status.rejected += 1
             self.status.last_rejection = f"{verdict.reason}: {verdict.detail}"[:200]
         with open(self.verdict_log, "a") as f:
-            f.write(json.dumps({"file": path.name, "at": time.time(), **verdict.model_dump()}) + "\n")
+            # latency_s: send to signed verdict, the coordinator's validation included
+            f.write(json.dumps({"file": path.name, "at": time.time(), "latency_s": round(latency_s, 4),
+                                **verdict.model_dump()}) + "\n")
         # keep the signed submission (for `intellect-node verify`), the last KEEP_SENT of them
         sent = self.config.state_dir / "sent"
         sent.mkdir(exist_ok=True)
