@@ -8,9 +8,17 @@ replay guard, same state dir layout) and times `Intake.submit` end to end: signa
 prompts, rewards, termination, [prefill checks], fsynced file moves and the ledger transaction.
 Every batch must be accepted. Per-check costs come from timing the pipeline's stages.
 
+Then the hostile figures, on the same Intake: two decompression bombs (1024 rows x 65,536 zero tokens,
+and 32 "stop" rows of 20,000 tokens), each judged once: seconds to its verdict beside one honest batch's,
+and the peak memory it added (VmHWM reset first); and a flood: the honest batches judged again while 2
+threads (one caller's in-flight limit) submit garbage as fast as they are answered (random bytes, junk signed by a key that is soon
+banned), honest per-batch p95 beside the same pass without the flood. In one process, so the figure
+is the intake's own cost (the swarm's per-caller limit and the attacker's CPU are not in it).
+
 Prints progress to stderr and one JSON line as the LAST stdout line:
   intake_per_s, intake_toploc_per_s, completions, batches, per_check_ms (per completion, by stage,
-  for each pass), plus the settings.
+  for each pass), bombs {name: seconds, x_honest_batch, peak_mb, reason}, flood {honest_p95_ms,
+  quiet_p95_ms, ratio, garbage_per_s}, plus the settings.
 
   python bench/intake.py [--batches 32] [--prompts 4] [--n 4] [--max-tokens 24] [--threads 1]
 """
@@ -122,6 +130,109 @@ def timed_pass(coordinator, envelopes: list[bytes], toploc_fraction: float, work
         return time.perf_counter() - start, dict(spent)
 
 
+def fresh_intake(coordinator, workdir: Path, toploc_fraction: float = 1.0):
+    from intellect.coordinator.intake import Intake
+    from intellect.coordinator.ledger import Ledger
+
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    config = coordinator.config.intake.model_copy(update={"toploc_fraction": toploc_fraction})
+    ledger = Ledger(workdir / "ledger.sqlite", coordinator.ledger.ban_policy)
+    return Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer, coordinator.eos_ids,
+                  policy_for=coordinator.policy_for, steps=lambda: (0, 0))
+
+
+def vm_kb(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def signed_file(coordinator, identity, data: bytes, counter: int) -> bytes:
+    from intellect.protocol.messages import SubmissionHeader, encode_submission
+    from intellect.protocol.wire import MessageKind, seal
+
+    header = SubmissionHeader(policy_step=0, batch_counter=counter, num_completions=16, num_tokens=16,
+                              file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
+    return seal(identity, MessageKind.SUBMISSION, coordinator.run_id, encode_submission(header, data))
+
+
+def bomb_figures(coordinator, honest: bytes, workdir: Path) -> dict:
+    """Each bomb's seconds to its verdict (and as a multiple of one honest batch's) and added peak memory."""
+    from intellect.protocol.identity import Identity
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.protocol.test_rollouts import _table_bytes, _zero_token_rows
+
+    intake = fresh_intake(coordinator, workdir / "bombs")
+    start = time.perf_counter()
+    assert intake.submit(honest).verdict.accepted
+    honest_s = time.perf_counter() - start
+    out = {}
+    for i, (name, rows, tokens, finish) in enumerate([("1024x65536_length", 1024, 65_536, "length"),
+                                                      ("32x20000_stop", 32, 20_000, "stop")]):
+        data = signed_file(coordinator, Identity.generate(), _table_bytes(_zero_token_rows(rows, tokens, finish)), i + 1)
+        Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS
+        before = vm_kb("VmRSS")
+        start = time.perf_counter()
+        verdict = intake.submit(data).verdict
+        seconds = time.perf_counter() - start
+        out[name] = {"wire_bytes": len(data), "seconds": round(seconds, 4), "x_honest_batch": round(seconds / honest_s, 2),
+                     "peak_mb": round((vm_kb("VmHWM") - before) / 1024, 1), "reason": verdict.reason}
+    intake.ledger.close()
+    return out
+
+
+def flood_figures(coordinator, envelopes: list[bytes], workdir: Path) -> dict:
+    """Honest per-batch p95 with one key's garbage submitters running, as many as the swarm lets one
+    caller have in flight, beside the same pass without."""
+    import threading
+
+    from intellect.protocol.identity import Identity
+    from intellect.protocol.swarm.framing import MAX_IN_FLIGHT_PER_PEER as threads
+    from intellect.protocol.wire import MessageKind, seal
+
+    def honest_pass(intake) -> list[float]:
+        times = []
+        for data in envelopes:
+            start = time.perf_counter()
+            assert intake.submit(data).verdict.accepted
+            times.append(time.perf_counter() - start)
+        return times
+
+    def p95(times: list[float]) -> float:
+        return sorted(times)[min(len(times) - 1, int(0.95 * len(times)))]
+
+    coordinator.policy_for(0)
+    quiet = honest_pass(fresh_intake(coordinator, workdir / "quiet"))
+    intake = fresh_intake(coordinator, workdir / "flood")
+    stop, sent = threading.Event(), [0] * threads
+    attacker = Identity.from_seed(b"bench-flooder")
+
+    def flood(k: int) -> None:
+        while not stop.is_set():
+            i = sent[k]
+            junk = os.urandom(64 + i % 2000)
+            data = junk if i % 2 == 0 else seal(attacker, MessageKind.SUBMISSION, coordinator.run_id, junk)
+            intake.submit(data)
+            sent[k] += 1
+
+    workers = [threading.Thread(target=flood, args=(k,), daemon=True) for k in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    flooded = honest_pass(intake)
+    stop.set()
+    for w in workers:
+        w.join()
+    seconds = time.perf_counter() - start
+    intake.ledger.close()
+    return {"honest_p95_ms": round(1000 * p95(flooded), 2), "quiet_p95_ms": round(1000 * p95(quiet), 2),
+            "ratio": round(p95(flooded) / p95(quiet), 2), "garbage_per_s": round(sum(sent) / seconds, 1),
+            "threads": threads}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--batches", type=int, default=32)
@@ -155,6 +266,10 @@ def main() -> int:
             result[f"per_check_ms{'_toploc' if fraction else ''}"] = {
                 k.lstrip("_"): round(1000 * v / completions, 3) for k, v in stages.items()}
             log(f"toploc_fraction={fraction}: {result[key]} completions/s")
+        log("bombs ...")
+        result["bombs"] = bomb_figures(coordinator, envelopes[0], root / "hostile")
+        log("flood ...")
+        result["flood"] = flood_figures(coordinator, envelopes, root / "hostile")
         coordinator.ledger.close()
         result |= {"prompts_per_batch": args.prompts, "n": args.n, "max_new_tokens": args.max_tokens,
                    "threads": args.threads, "model": "tiny"}
