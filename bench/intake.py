@@ -64,10 +64,8 @@ def signed_batches(coordinator, args) -> list[bytes]:
     from intellect.node.status import NodeStatus
     from intellect.node.worker import Worker
     from intellect.protocol.identity import Identity
-    from intellect.protocol.messages import SubmissionHeader, encode_submission
     from intellect.protocol.rollouts import read_rollouts
     from intellect.protocol.swarm import SwarmConfig, setup_swarm
-    from intellect.protocol.wire import MessageKind, seal
 
     identity = Identity.from_seed(b"bench-node")
     config = NodeConfig(state_dir=coordinator.state_dir.parent / "node", run_id=coordinator.run_id,
@@ -85,10 +83,8 @@ def signed_batches(coordinator, args) -> list[bytes]:
             path = worker.write(worker.generate(info, 0))
             data = path.read_bytes()
             batch = read_rollouts(data)
-            header = SubmissionHeader(policy_step=0, batch_counter=batch.meta.batch_counter,
-                                      num_completions=len(batch.rows), num_tokens=batch.num_output_tokens,
-                                      file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
-            out.append(seal(identity, MessageKind.SUBMISSION, coordinator.run_id, encode_submission(header, data)))
+            out.append(signed_file(coordinator, identity, data, batch.meta.batch_counter, len(batch.rows),
+                                   batch.num_output_tokens))
             if (i + 1) % 8 == 0:
                 log(f"  generated {i + 1}/{args.batches} batches")
         return out
@@ -99,16 +95,9 @@ def signed_batches(coordinator, args) -> list[bytes]:
 
 def timed_pass(coordinator, envelopes: list[bytes], toploc_fraction: float, workdir: Path) -> tuple[float, dict]:
     """Seconds to validate every envelope with a fresh Intake, and seconds spent per stage."""
-    from intellect.coordinator.intake import Intake
-    from intellect.coordinator.ledger import Ledger
-
-    shutil.rmtree(workdir, ignore_errors=True)
-    workdir.mkdir(parents=True)
     spent: dict[str, float] = defaultdict(float)
-    config = coordinator.config.intake.model_copy(update={"toploc_fraction": toploc_fraction})
-    with Ledger(workdir / "ledger.sqlite", coordinator.ledger.ban_policy) as ledger:
-        intake = Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer, coordinator.eos_ids,
-                        policy_for=coordinator.policy_for, steps=lambda: (0, 0))
+    intake = fresh_intake(coordinator, workdir, toploc_fraction)
+    with intake.ledger:
         def timed(fn, name):
             def run(*a, **kw):
                 start = time.perf_counter()
@@ -149,11 +138,14 @@ def vm_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def signed_file(coordinator, identity, data: bytes, counter: int) -> bytes:
+def signed_file(coordinator, identity, data: bytes, counter: int, num_completions: int = 16,
+                num_tokens: int = 16) -> bytes:
+    """A rollout file of policy 0 signed as `Worker.submit` signs it."""
     from intellect.protocol.messages import SubmissionHeader, encode_submission
     from intellect.protocol.wire import MessageKind, seal
 
-    header = SubmissionHeader(policy_step=0, batch_counter=counter, num_completions=16, num_tokens=16,
+    header = SubmissionHeader(policy_step=0, batch_counter=counter, num_completions=num_completions,
+                              num_tokens=num_tokens,
                               file_sha256=hashlib.sha256(data).hexdigest(), file_size=len(data))
     return seal(identity, MessageKind.SUBMISSION, coordinator.run_id, encode_submission(header, data))
 
@@ -166,6 +158,7 @@ def bomb_figures(coordinator, honest: bytes, workdir: Path) -> dict:
     from tests.protocol.test_rollouts import _table_bytes, _zero_token_rows
 
     intake = fresh_intake(coordinator, workdir / "bombs")
+    coordinator.policy_for(0)  # loaded outside the timing
     start = time.perf_counter()
     assert intake.submit(honest).verdict.accepted
     honest_s = time.perf_counter() - start
@@ -178,7 +171,7 @@ def bomb_figures(coordinator, honest: bytes, workdir: Path) -> dict:
         start = time.perf_counter()
         verdict = intake.submit(data).verdict
         seconds = time.perf_counter() - start
-        out[name] = {"wire_bytes": len(data), "seconds": round(seconds, 4), "x_honest_batch": round(seconds / honest_s, 2),
+        out[name] = {"wire_bytes": len(data), "seconds": round(seconds, 4), "x_honest_batch": round(seconds / honest_s, 3),
                      "peak_mb": round((vm_kb("VmHWM") - before) / 1024, 1), "reason": verdict.reason}
     intake.ledger.close()
     return out
