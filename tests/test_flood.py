@@ -1,15 +1,17 @@
 """A flood: one key submits garbage as fast as the coordinator answers, from 8 threads, for 30 s, while
 a coordinator and two honest nodes run (real processes, loopback swarm). Every piece of garbage gets
 its verdict (or a `busy` refusal before a byte is read) and the run goes on:
+- the caller's calls are bounded at the door: past its call rate (or with 2 already in flight) its
+  refusal is held for a second, so 8 threads make ~12 calls a second, not ~470 (before: ~14,000 calls
+  in 30 s, the honest round trip's p95 2.8-3.1x its quiet value, mostly the cost of answering);
+- the honest round trip's p95 during the flood is at most 2x its quiet value;
 - the ledger does not grow with the flood: bytes that are no envelope, replays and a banned key's
   submissions are answered and counted in memory, not written (before, each was an fsynced SQLite
   row taken under the lock honest verdicts wait on: ~4,500 rows in 30 s); the flooder's key has only
   its strikes' rows and is banned;
 - the coordinator's memory stays bounded and does not trend up during the flood;
 - the honest nodes keep getting verdicts, accepted ones among them.
-The honest round trip's p95 during the flood is printed beside its quiet value, with each process's
-CPU seconds: on these 2 cores the flooder (niced: a real attacker floods from their own machine)
-still takes CPU the honest processes had; the issue's target is 2x, measured 2.8-3.1x."""
+The flooder is niced (a real attacker floods from their own machine; here it shares 2 cores)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from pathlib import Path
 import pytest
 
 from intellect.protocol.identity import Identity
+from intellect.protocol.swarm.framing import CALL_BURST_PER_PEER, CALLS_PER_S_PER_PEER, PENALTY_S
 from tests.coordinator.procs import NODE_ENV, Procs, coordinator_cmd, node_cmd, wait_while_alive, write_toml
 
 FLOODER = Path(__file__).parent / "coordinator" / "flooder.py"
@@ -140,14 +143,18 @@ def test_a_flood_is_answered_without_cost_to_the_run(tmp_path, tiny_model_path):
                f"({len(flooded)}); flood {flood}; coordinator RSS MB every 5 s: quiet {quiet_rss[::10]}, flood "
                f"{rss[::10]}; CPU s: quiet {cpu_delta(cpu0, cpu1)}, flood {cpu_delta(cpu2, cpu3)}")
     print(summary)
-    assert flood["calls"] >= 20 * FLOOD_S, summary  # it did flood: hundreds of answered calls
+    assert flood["calls"] >= 5 * FLOOD_S, summary  # it did flood: hundreds of answered calls
     assert outcomes.get("bad_envelope", 0) > 0 and outcomes.get("banned", 0) > 0, summary  # answered, then banned
+    assert outcomes.get("refused:busy", 0) > 0, summary  # past its rate, held at the door
+    held_door = CALLS_PER_S_PER_PEER * FLOOD_S + CALL_BURST_PER_PEER + 8 * FLOOD_S / PENALTY_S  # admitted + held
+    assert flood["calls"] <= 1.2 * held_door, summary  # 8 threads loop no faster than the door lets them
     with sqlite3.connect(state / "ledger.sqlite") as db:
         flooder_rows = db.execute("SELECT COUNT(*) FROM verdicts WHERE node IN (?, 'unknown')",
                                   (FLOODER_KEY,)).fetchone()[0]
         banned = db.execute("SELECT COUNT(*) FROM bans WHERE node = ?", (FLOODER_KEY,)).fetchone()[0]
     assert banned == 1 and flooder_rows <= 5, (flooder_rows, summary)  # its strikes (ban_after_failures), no more
     assert len(quiet) >= 8 and len(flooded) >= 8, summary  # the honest nodes kept getting verdicts
+    assert p95(flooded) <= 2 * p95(quiet), summary
     assert any(accepted_between(nodes, flood_start, flood_end)), summary
     assert max(rss) < max(quiet_rss) + 128, summary  # bounded: a plateau, not a function of the calls
     third = len(rss) // 3

@@ -1,5 +1,5 @@
 """What both swarm backends share on the wire and at the door, free of any transport library: the
-stream framing, the in-flight limits of a request handler, and the libp2p peer id of a node key.
+stream framing, the door of a request handler (in-flight and call-rate limits), and the libp2p peer id of a node key.
 
 Stream framing (both directions over one libp2p stream):
   request:  u32 length, bytes
@@ -11,7 +11,9 @@ What this module does not know: how streams are opened (the backends) or what th
 
 from __future__ import annotations
 
+import time
 from collections import Counter
+from dataclasses import dataclass
 
 from intellect.protocol.swarm import PeerKey, RemoteError, RequestRefused, SwarmError
 
@@ -20,6 +22,11 @@ ERR = 0xFFFFFFFF
 MAX_ERROR_BYTES = 1024
 REQUEST_READ_TIMEOUT_S = 30.0
 MAX_IN_FLIGHT_PER_PEER = 2
+CALLS_PER_S_PER_PEER = 4.0  # an honest node submits a batch every few seconds at most
+CALL_BURST_PER_PEER = 16
+PENALTY_S = 1.0  # a caller over its own limits gets its refusal this much later
+MAX_HELD = 256  # refusals held at once, per handler; beyond, refused at once
+MAX_TRACKED_PEERS = 4096  # call-rate buckets kept per handler
 _ED25519_PUBKEY_PB = b"\x08\x01\x12\x20"  # libp2p PublicKey protobuf: type Ed25519, 32-byte data
 
 
@@ -70,29 +77,76 @@ async def read_request(readexactly, max_request_bytes: int) -> bytes:
     return await readexactly(size)
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """Why a request was refused at the door, and whether its caller is over its own limits (then its
+    answer is held for PENALTY_S: a caller that hammers one handler waits, instead of looping on instant
+    refusals that each cost the handler's process a stream)."""
+
+    detail: str
+    caller_over_limit: bool
+
+
 class InFlight:
-    """How many requests one handler holds (read, queued or running), in total and per caller. Used on
-    the swarm's event loop only, so plain counters suffice."""
+    """Who one request handler lets in: at most `max_total` requests held (read, queued or running), at
+    most `max_per_peer` per caller, and per caller at most `calls_per_s` admitted calls sustained
+    (`burst` at once; a token bucket). Used on the swarm's event loop only, so plain counters suffice.
 
-    def __init__(self, max_total: int, max_per_peer: int) -> None:
-        if max_total < 1 or max_per_peer < 1:
-            raise ValueError("in-flight limits must be at least 1")
+    What it does not know: which callers are honest. Keys are free, so a flood from many keys is bounded
+    by `max_total`, by the buckets kept (MAX_TRACKED_PEERS) and by what each connection costs its maker."""
+
+    def __init__(self, max_total: int, max_per_peer: int, calls_per_s: float = CALLS_PER_S_PER_PEER,
+                 burst: int = CALL_BURST_PER_PEER) -> None:
+        if max_total < 1 or max_per_peer < 1 or calls_per_s <= 0 or burst < 1:
+            raise ValueError("in-flight limits must be at least 1 and the call rate positive")
         self.max_total, self.max_per_peer = max_total, max_per_peer
+        self.calls_per_s, self.burst = calls_per_s, burst
         self.total = 0
+        self.held = 0  # refusals waiting out their PENALTY_S
         self._by_peer: Counter = Counter()
+        self._tokens: dict[PeerKey, tuple[float, float]] = {}  # peer -> (tokens, when counted)
 
-    def enter(self, peer: PeerKey) -> bool:
-        if self.total >= self.max_total or self._by_peer[peer] >= self.max_per_peer:
-            return False
+    def enter(self, peer: PeerKey, now: float | None = None) -> Refusal | None:
+        """None: admitted (call `leave` when done); else why not."""
+        now = time.monotonic() if now is None else now
+        if self._by_peer[peer] >= self.max_per_peer:
+            return Refusal(f"{self.max_per_peer} of your requests are in flight: wait for their answers", True)
+        tokens = self._tokens_of(peer, now)
+        if tokens < 1.0:
+            return Refusal(f"more than {self.calls_per_s:g} calls per second: slow down", True)
+        if self.total >= self.max_total:
+            return Refusal(f"{self.max_total} requests in flight: retry later", False)
+        self._tokens[peer] = (tokens - 1.0, now)
         self.total += 1
         self._by_peer[peer] += 1
-        return True
+        return None
 
     def leave(self, peer: PeerKey) -> None:
         self.total -= 1
         self._by_peer[peer] -= 1
         if self._by_peer[peer] <= 0:
             del self._by_peer[peer]
+
+    def hold(self) -> bool:
+        """Take a place to hold a refusal for PENALTY_S; False when MAX_HELD are held (answer at once)."""
+        if self.held >= MAX_HELD:
+            return False
+        self.held += 1
+        return True
+
+    def unhold(self) -> None:
+        self.held -= 1
+
+    def _tokens_of(self, peer: PeerKey, now: float) -> float:
+        if peer not in self._tokens:
+            if len(self._tokens) >= MAX_TRACKED_PEERS:  # forget callers whose bucket has refilled
+                self._tokens = {p: (t, at) for p, (t, at) in self._tokens.items()
+                                if t + (now - at) * self.calls_per_s < self.burst}
+            if len(self._tokens) >= MAX_TRACKED_PEERS:
+                return 0.0  # every tracked caller is active: a new one waits its turn
+            return float(self.burst)
+        tokens, at = self._tokens[peer]
+        return min(float(self.burst), tokens + (now - at) * self.calls_per_s)
 
 
 # A peer of the other backend answers the transport handshake but not the DHT, which reads like a dead

@@ -9,8 +9,8 @@ Our DHT stores only this run's sealed records (`RunRecordValidator`, the rules o
 it before storing what a peer sends and before using what a peer returns, so junk, plain values, records
 of other keys or runs and expirations past `max_record_ttl_s` never enter an honest peer's storage.
 
-Request handlers take at most `max_in_flight` requests at once (and 2 per caller); more are refused
-with `busy` before their bytes are read.
+Request handlers take at most `max_in_flight` requests at once, 2 and 4 a second per caller (`framing.InFlight`);
+more are refused with `busy` before their bytes are read, a caller past its own limits a second later.
 
 Streams use protocol id `intellect.<name>` and the framing of `framing`.
 
@@ -56,6 +56,7 @@ from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
     MAX_IN_FLIGHT_PER_PEER,
+    PENALTY_S,
     PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
@@ -305,10 +306,15 @@ class HivemindSwarm(Swarm):
             if peer is None:
                 raise RequestRefused("bad_request", "caller does not use an Ed25519 node key")
             if in_flight is not None:
-                admitted = in_flight.enter(peer)
-                if not admitted:  # refused before a byte of the request is read
-                    raise RequestRefused("busy", f"{in_flight.max_total} requests in flight "
-                                                 f"({in_flight.max_per_peer} per peer): retry later")
+                refusal = in_flight.enter(peer)
+                if refusal is not None:  # refused before a byte of the request is read
+                    if refusal.caller_over_limit and in_flight.hold():
+                        try:
+                            await asyncio.sleep(PENALTY_S)
+                        finally:
+                            in_flight.unhold()
+                    raise RequestRefused("busy", refusal.detail)
+                admitted = True
             request = await asyncio.wait_for(read_request(reader.readexactly, max_request_bytes),
                                              REQUEST_READ_TIMEOUT_S)
             async for chunk in fn(peer, request):

@@ -62,6 +62,7 @@ from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
     MAX_IN_FLIGHT_PER_PEER,
+    PENALTY_S,
     PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
@@ -500,10 +501,15 @@ class Libp2pSwarm(Swarm):
             if peer is None:
                 raise RequestRefused("bad_request", "caller does not use an Ed25519 node key")
             if in_flight is not None:
-                admitted = in_flight.enter(peer)
-                if not admitted:  # refused before a byte of the request is read
-                    raise RequestRefused("busy", f"{in_flight.max_total} requests in flight "
-                                                 f"({in_flight.max_per_peer} per peer): retry later")
+                refusal = in_flight.enter(peer)
+                if refusal is not None:  # refused before a byte of the request is read
+                    if refusal.caller_over_limit and in_flight.hold():
+                        try:
+                            await trio.sleep(PENALTY_S)
+                        finally:
+                            in_flight.unhold()
+                    raise RequestRefused("busy", refusal.detail)
+                admitted = True
             with trio.fail_after(REQUEST_READ_TIMEOUT_S):
                 request = await read_request(_exact_reader(stream), max_request_bytes)
             async for chunk in fn(peer, request):

@@ -176,6 +176,26 @@ def requests_beyond_the_in_flight_limit_are_refused_busy(a, b):
 
 
 @case
+def a_caller_over_its_call_rate_waits_for_its_refusal(a, b):
+    from intellect.protocol.swarm.framing import CALL_BURST_PER_PEER, CALLS_PER_S_PER_PEER, PENALTY_S
+
+    a.register_request_handler("rated", lambda peer, request: b"ok", max_request_bytes=16)
+    served, started = 0, time.monotonic()
+    while True:  # calls back to back until the first refusal
+        sent = time.monotonic()
+        try:
+            assert b.call(COORD.public_key, "rated", b"", timeout=30) == b"ok"
+            served += 1
+        except RemoteError as e:
+            assert e.code == "busy" and "calls per second" in e.detail, e
+            break
+        assert served < 10 * CALL_BURST_PER_PEER, "the call rate is not bounded"
+    assert CALL_BURST_PER_PEER <= served <= CALL_BURST_PER_PEER + CALLS_PER_S_PER_PEER * (sent - started) + 1
+    assert time.monotonic() - sent >= PENALTY_S * 0.9  # held: a hammering caller loops at most this fast
+    assert b.call(COORD.public_key, "rated", b"", timeout=30) == b"ok"  # the bucket refilled meanwhile
+
+
+@case
 def reachability_check_finds_a_public_peer(a, b):
     r = b.check_reachability()
     assert r.reachable is True and r.case == "public" and r.line.startswith("public: peers can dial"), r

@@ -289,13 +289,52 @@ def test_a_node_never_follows_an_older_run_info(pair, tmp_path):
 
 
 def test_in_flight_counts_per_handler_and_per_caller():
-    from intellect.protocol.swarm.hivemind_backend import InFlight
+    from intellect.protocol.swarm.framing import InFlight
 
     limit = InFlight(max_total=3, max_per_peer=2)
-    assert limit.enter(b"p") and limit.enter(b"p") and not limit.enter(b"p")  # a caller's share
-    assert limit.enter(b"q") and not limit.enter(b"r")  # the handler's
+    assert limit.enter(b"p") is None and limit.enter(b"p") is None
+    assert limit.enter(b"p").caller_over_limit  # a caller's share: its refusal is held
+    assert limit.enter(b"q") is None
+    full = limit.enter(b"r")
+    assert full is not None and not full.caller_over_limit  # the handler's: refused at once
     limit.leave(b"p")
-    assert limit.enter(b"r") and limit.total == 3
+    assert limit.enter(b"r") is None and limit.total == 3
+
+
+def test_in_flight_bounds_each_callers_call_rate():
+    from intellect.protocol.swarm.framing import InFlight
+
+    limit = InFlight(max_total=100, max_per_peer=100, calls_per_s=2.0, burst=4)
+    for _ in range(4):
+        assert limit.enter(b"p", now=10.0) is None
+        limit.leave(b"p")
+    slow_down = limit.enter(b"p", now=10.0)
+    assert slow_down.caller_over_limit and "calls per second" in slow_down.detail
+    assert limit.enter(b"q", now=10.0) is None  # another caller has its own bucket
+    assert limit.enter(b"p", now=10.4) is not None and limit.enter(b"p", now=10.5) is None  # 2 per second
+    assert limit.enter(b"p", now=10.6) is not None
+
+
+def test_in_flight_forgets_idle_callers_and_bounds_the_rest(monkeypatch):
+    from intellect.protocol.swarm import framing
+
+    monkeypatch.setattr(framing, "MAX_TRACKED_PEERS", 3)
+    limit = framing.InFlight(max_total=100, max_per_peer=100, calls_per_s=1.0, burst=2)
+    for p in (b"a", b"b", b"c"):
+        assert limit.enter(p, now=0.0) is None
+    assert limit.enter(b"d", now=0.0).caller_over_limit  # three active buckets: a new caller waits
+    assert limit.enter(b"d", now=5.0) is None  # the others' buckets refilled: forgotten, room again
+    assert len(limit._tokens) == 1
+
+
+def test_held_refusals_are_bounded(monkeypatch):
+    from intellect.protocol.swarm import framing
+
+    monkeypatch.setattr(framing, "MAX_HELD", 2)
+    limit = framing.InFlight(max_total=1, max_per_peer=1)
+    assert limit.hold() and limit.hold() and not limit.hold()
+    limit.unhold()
+    assert limit.hold()
 
 
 @pytest.mark.slow
@@ -364,7 +403,8 @@ def _pid(i: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["a_late_joiner_reads_every_writer_and_a_departed_peer_does_not_stall_reads",
-                                  "calls_streams_and_refusals", "requests_beyond_the_in_flight_limit_are_refused_busy"])
+                                  "calls_streams_and_refusals", "requests_beyond_the_in_flight_limit_are_refused_busy",
+                                  "a_caller_over_its_call_rate_waits_for_its_refusal"])
 def test_shared_case(pair, name):
     """Cases tests/protocol/test_swarm_libp2p.py runs on py-libp2p, here on hivemind (the others have
     hivemind-specific versions above)."""
