@@ -9,11 +9,14 @@ percent of the checkpoint.
 
 Records expire in the DHT, so a background thread republishes the last `cache_steps` steps.
 
+A "jsonl:" task's data file is served the same way (`publish_data`): one blob named by its sha256.
+
 What this module does not know: training; it is handed a checkpoint folder and a step number.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 from pathlib import Path
@@ -27,12 +30,13 @@ from intellect.protocol.manifest import (
     shard_checkpoint,
     sign_manifest,
 )
-from intellect.protocol.messages import PolicyManifest, ShardAnnounce, encode_body
+from intellect.protocol.messages import PolicyManifest, ShardAnnounce, ShardEntry, encode_body
 from intellect.protocol.model import model_config_hash
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.keys import manifest_key, shards_key
 from intellect.protocol.swarm.shard_server import ShardServer
+from intellect.protocol.tasks.math_jsonl import MAX_FILE_BYTES, TaskDataError
 from intellect.protocol.wire import MessageKind, seal
 
 logger = logging.getLogger(__name__)
@@ -73,6 +77,17 @@ class Publisher:
                 self._retire(old)
         self._announce(step, signed, manifest)
         return manifest
+
+    def publish_data(self, path: Path) -> ShardEntry:
+        """Serve a task data file as one content-addressed blob; its entry goes in the signed RunInfo, so
+        a node checks what any peer hands it against the coordinator's word."""
+        if path.stat().st_size > MAX_FILE_BYTES:  # the bound every node's loader applies
+            raise TaskDataError(f"{path} is {path.stat().st_size} bytes; task data files are at most {MAX_FILE_BYTES}")
+        data = path.read_bytes()
+        entry = ShardEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
+        self.store.put(entry, data)
+        self.server.allow([entry.sha256])
+        return entry
 
     def _announce(self, step: int, signed: bytes, manifest: PolicyManifest) -> None:
         ttl = self.config.record_ttl_s

@@ -88,6 +88,7 @@ class Coordinator:
         self.evaluator = None
         self.swarm = None
         self.publisher = None
+        self.task_data = None  # the ShardEntry of a "jsonl:" task's file, served to nodes (RunInfo.task_data)
         self._policies: OrderedDict[int, object] = OrderedDict()
         self._policy_lock = threading.Lock()
         self._setup_model()
@@ -197,6 +198,8 @@ class Coordinator:
         self.swarm.register_request_handler(SUBMIT_RPC, self.rpc_submit,
                                             max_request_bytes=self.config.intake.max_submission_bytes)
         self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
+        if self.config.task.name.startswith("jsonl:"):  # nodes fetch this exact file; its hash goes in RunInfo
+            self.task_data = self.publisher.publish_data(Path(self.config.task.name.removeprefix("jsonl:")))
         for step in range(max(0, self.latest_policy_step - self.config.async_level), self.latest_policy_step + 1):
             if self.policy_dir(step).is_dir():
                 self.publisher.publish(self.policy_dir(step), step, shard_size=self.config.shard_size)
@@ -222,7 +225,7 @@ class Coordinator:
                        async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
                        completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
                        temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir),
-                       eos_token_ids=sorted(self.eos_ids))
+                       eos_token_ids=sorted(self.eos_ids), task_data=self.task_data)
 
     def announce(self) -> None:
         envelope = seal(self.identity, MessageKind.RUN_INFO, self.run_id, encode_body(self.run_info()))

@@ -13,6 +13,10 @@ shard, so a wrong one is a bad peer), rebuilds the shard and checks it against t
 use; after `MAX_DELTA_FAILURES` failed copies, or a delta that does not rebuild, it fetches the whole
 shard. Held deltas are announced and served like shards.
 
+Task data (`fetch_data`): a "jsonl:" run's data file, named by its sha256 and size in the signed RunInfo,
+is one more blob: fetched from the peers announcing it (`task_data` records), the coordinator last,
+checked like a shard, then served, announced and kept for as long as the node runs the task.
+
 What this module does not know: models or engines (it hands back a folder), or how the swarm travels.
 """
 
@@ -34,6 +38,7 @@ from intellect.protocol.manifest import (
     ShardRejected,
     ShardStore,
     assemble,
+    check_shard,
     delta_entry,
     manifest_deltas,
     manifest_digest,
@@ -41,15 +46,23 @@ from intellect.protocol.manifest import (
     open_manifest,
     rebuild_shard,
 )
-from intellect.protocol.messages import PolicyManifest, ShardAnnounce, ShardEntry, decode_body, encode_body
+from intellect.protocol.messages import (
+    DataAnnounce,
+    PolicyManifest,
+    ShardAnnounce,
+    ShardEntry,
+    decode_body,
+    encode_body,
+)
 from intellect.protocol.swarm import PeerKey, RemoteError, Swarm, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
-from intellect.protocol.swarm.keys import manifest_key, shards_key
+from intellect.protocol.swarm.keys import manifest_key, shards_key, task_data_key
 from intellect.protocol.swarm.shard_server import ShardServer, call_get_shard
 from intellect.protocol.wire import MessageKind, WireRejected, seal
 
 logger = logging.getLogger(__name__)
 MAX_DELTA_FAILURES = 2  # bad or failed copies of a delta before the node takes the whole shard
+DATA_ORIGIN_ROUNDS = 2  # rounds of peers and a super-seeding origin before asking it with "!"
 
 
 class ShardUnavailable(Exception):
@@ -105,6 +118,7 @@ class ShardFetcher:
         self.bad_peers: dict[PeerKey, str] = {}
         self.stats: Counter = Counter()
         self._announce: dict[int, tuple[str, PolicyManifest]] = {}  # step -> (manifest digest, manifest)
+        self._data: set[str] = set()  # task data files held and verified: served, announced, never pruned
         self._dirty = threading.Event()
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -360,6 +374,77 @@ class ShardFetcher:
                 holders[sha].append(envelope.sender)
         return holders
 
+    # ---- task data --------------------------------------------------------------------------------
+
+    def fetch_data(self, entry: ShardEntry, timeout_s: float = 600.0) -> Path:
+        """The run's task data file (RunInfo.task_data), checked against its hash and size: from the peers
+        that announce it, else the coordinator (which, super-seeding, sends each file about once; after
+        DATA_ORIGIN_ROUNDS rounds without a good copy the node says "every other holder failed me").
+        A peer that served bad bytes is dropped for good. Returns the file's path in the store."""
+        sha = entry.sha256
+        if sha in self._data:
+            return self.store.path(sha)
+        held = self.store.get(sha)
+        if held is not None:  # from before a restart: checked again, it may have rotted
+            try:
+                check_shard(entry, held)
+            except ShardRejected:
+                self.store.remove(sha)
+        deadline = time.monotonic() + timeout_s
+        rounds = 0
+        while not self.store.has(sha):
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise ShardUnavailable(f"task data {sha[:12]}: no good copy from any peer or the coordinator "
+                                       f"within {timeout_s:.0f} s")
+            peers = [p for p in self._data_holders(sha) if p != self.coordinator_key
+                     and p not in self.bad_peers and p != self.swarm.identity.public_key]
+            random.shuffle(peers)
+            for peer in [*peers, self.coordinator_key]:
+                if self._fetch_data_from(peer, entry, others_failed=rounds >= DATA_ORIGIN_ROUNDS):
+                    break
+            else:
+                rounds += 1
+                self._stop.wait(min(2.0, 0.25 * rounds))
+        with self._lock:
+            self._data.add(sha)
+        self.server.allow([sha])
+        self._dirty.set()
+        return self.store.path(sha)
+
+    def _fetch_data_from(self, peer: PeerKey, entry: ShardEntry, others_failed: bool) -> bool:
+        try:
+            self.store.put(entry, call_get_shard(self.swarm, peer, entry, self.tuning.shard_timeout_s, others_failed))
+        except ShardRejected as e:
+            self.bad_peers[peer] = str(e)
+            self.stats["data_rejected"] += 1
+            logger.warning("peer %s served a bad copy of the task data (%s); dropping it", peer.hex()[:12], e)
+            return False
+        except RemoteError as e:
+            self.stats[f"remote_{e.code}"] += 1
+            return False
+        except SwarmError as e:
+            self.stats["transfer_errors"] += 1
+            logger.info("task data from %s failed: %s", peer.hex()[:12], e)
+            return False
+        self.stats["bytes_from_origin" if peer == self.coordinator_key else "bytes_from_peers"] += entry.size
+        self.stats["data_downloaded"] += 1
+        return True
+
+    def _data_holders(self, sha: str) -> list[PeerKey]:
+        try:
+            envelopes = self.swarm.read(task_data_key())
+        except (SwarmError, TimeoutError) as e:
+            logger.info("could not read task data announcements: %s", e)
+            return []
+        holders = []
+        for envelope in envelopes:
+            try:
+                if sha in decode_body(DataAnnounce, envelope.body).sha256s:
+                    holders.append(envelope.sender)
+            except WireRejected:
+                self.stats["announces_rejected"] += 1
+        return holders
+
     # ---- announcing and serving -------------------------------------------------------------------
 
     def _follow(self, step: int, manifest: PolicyManifest, signed: bytes) -> None:
@@ -383,6 +468,7 @@ class ShardFetcher:
                 followed = list(self._announce.items())
             for step, (digest, manifest) in followed:
                 self._publish_announce(step, digest, manifest)
+            self._publish_data_announce()
             time.sleep(0.05)  # batch the next few shards into one record
 
     def _publish_announce(self, step: int, digest: str, manifest: PolicyManifest) -> None:
@@ -397,6 +483,19 @@ class ShardFetcher:
             self.swarm.publish(shards_key(step), envelope, self.config.record_ttl_s)
         except (SwarmError, TimeoutError, OSError) as e:
             logger.info("announce for step %s failed: %s (will retry)", step, e)
+            self._dirty.set()
+
+    def _publish_data_announce(self) -> None:
+        with self._lock:
+            held = sorted(self._data)
+        if self.config.client_mode or not held:
+            return
+        envelope = seal(self.swarm.identity, MessageKind.DATA_ANNOUNCE, self.swarm.run_id,
+                        encode_body(DataAnnounce(sha256s=held[:16])))
+        try:
+            self.swarm.publish(task_data_key(), envelope, self.config.record_ttl_s)
+        except (SwarmError, TimeoutError, OSError) as e:
+            logger.info("task data announce failed: %s (will retry)", e)
             self._dirty.set()
 
     def _held(self, manifest: PolicyManifest) -> list[str]:
@@ -425,6 +524,8 @@ class ShardFetcher:
                 referenced.update(d.sha256 for d in manifest_deltas(manifest))
             except (OSError, WireRejected):
                 continue
+        with self._lock:
+            referenced |= self._data
         orphans = self.store.held() - referenced
         self.server.disallow(orphans)
         for sha in orphans:
@@ -451,8 +552,6 @@ class ShardFetcher:
         return self.store.path(sha256) if self.store.has(sha256) else None
 
     def _drop_corrupt(self, manifest: PolicyManifest) -> None:
-        from intellect.protocol.manifest import check_shard
-
         for entry in manifest.shards:
             data = self.store.get(entry.sha256)
             if data is None:

@@ -52,6 +52,7 @@ from intellect.protocol.sampling import batch_seeds
 from intellect.protocol.swarm import Swarm, SwarmError
 from intellect.protocol.swarm.keys import run_info_key
 from intellect.protocol.tasks import (
+    TaskConfig,
     TaskDataError,
     completion_reward,
     group_advantages,
@@ -203,7 +204,7 @@ class Worker:
 
     def generate(self, info: RunInfo, step: int) -> RolloutBatch:
         self.status.state = "generating"
-        task = setup_task(info.task)
+        task = setup_task(self.task_config(info))
         self._task_loaded = True
         counter = self._next_batch_counter(step)  # committed once the batch is in the outbox (write)
         sampled = sample_batch(task, node_seed_int(self.identity.public_key), step, counter,
@@ -224,6 +225,21 @@ class Worker:
                            batch_counter=counter, task=info.task.name,
                            sampling=RolloutSampling(temperature=info.temperature, max_tokens=info.max_new_tokens, n=n))
         return RolloutBatch(meta=meta, rows=rows)
+
+    def task_config(self, info: RunInfo) -> TaskConfig:
+        """The run's task as this node runs it: a "jsonl:" task reads the coordinator's data file, fetched
+        through the swarm and checked against the hash in the signed RunInfo (the path in `info.task` is
+        the coordinator's, not ours)."""
+        if info.task_data is None or not info.task.name.startswith("jsonl:"):
+            return info.task
+        if self.fetcher is None:
+            raise WorkError("the run's task data comes through the swarm, and this node has no fetcher")
+        self.status.state = "fetching"
+        try:
+            path = self.fetcher.fetch_data(info.task_data, timeout_s=self.config.policy_wait_s)
+        except (ShardUnavailable, SwarmError, TimeoutError, OSError) as e:
+            raise WorkError(f"could not fetch the run's task data ({info.task_data.sha256[:12]}): {e}") from e
+        return info.task.model_copy(update={"name": f"jsonl:{path}"})
 
     def _score(self, task, info: RunInfo, step: int, sampled, prompts, completions) -> list[RolloutRow]:
         n = info.completions_per_prompt

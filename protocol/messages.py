@@ -94,6 +94,12 @@ class ShardAnnounce(Body):
     shard_sha256s: Annotated[list[Hex32], Field(max_length=100_000)]
 
 
+class DataAnnounce(Body):
+    """A peer says which verified task data files (`RunInfo.task_data`) it holds and serves."""
+
+    sha256s: Annotated[list[Hex32], Field(min_length=1, max_length=16)]
+
+
 class RunInfo(Body):
     """Signed by the coordinator, published at the run's root key: how to take part, and where the
     run is now (nodes poll it before every batch, like INTELLECT-2's step endpoint).
@@ -117,6 +123,9 @@ class RunInfo(Body):
     # the tokens that end a completion (the policy folder's tokenizer and generation_config EOS ids):
     # engines stop on exactly these, and intake checks terminations against the same set
     eos_token_ids: Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1, max_length=64)]
+    # a "jsonl:" task's data file (its sha256 and size): nodes fetch it through the swarm like a shard and
+    # check both, so every node trains on the coordinator's exact file (its path in `task` is the coordinator's)
+    task_data: ShardEntry | None = None
 
 
 class SubmissionHeader(Body):
@@ -154,6 +163,7 @@ BODY_TYPES: dict[MessageKind, type[Body]] = {
     MessageKind.POLICY_MANIFEST: PolicyManifest,
     MessageKind.SHARD_ANNOUNCE: ShardAnnounce,
     MessageKind.RUN_INFO: RunInfo,
+    MessageKind.DATA_ANNOUNCE: DataAnnounce,
     MessageKind.SUBMISSION: SubmissionHeader,
     MessageKind.VERDICT: Verdict,
 }

@@ -34,6 +34,7 @@ class MessageKind(StrEnum):
     SUBMISSION = "submission"
     VERDICT = "verdict"
     RUN_INFO = "run_info"
+    DATA_ANNOUNCE = "data_announce"
 
 
 class WireRejected(ValueError):

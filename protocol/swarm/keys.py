@@ -47,6 +47,7 @@ KEY_SPACES: dict[str, KeySpace] = {
     "manifest": KeySpace(frozenset({MessageKind.POLICY_MANIFEST}), True, indexed=True),
     "shards": KeySpace(frozenset({MessageKind.SHARD_ANNOUNCE}), False, indexed=True),
     "peers": KeySpace(frozenset({MessageKind.HEARTBEAT}), False),
+    "task_data": KeySpace(frozenset({MessageKind.DATA_ANNOUNCE}), False),
 }
 
 
@@ -64,6 +65,11 @@ def shards_key(step: int) -> str:
 
 def peers_key() -> str:
     return "peers"
+
+
+def task_data_key() -> str:
+    """Where peers announce the task data files they hold (DataAnnounce)."""
+    return "task_data"
 
 
 def key_space(key: str) -> KeySpace:

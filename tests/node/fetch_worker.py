@@ -7,7 +7,9 @@ Roles:
           assembled folder); with --stay keep serving until SIGTERM.
 
 --ready FILE gets {"addrs": [...], "key": hex} once the swarm is up. --corrupt makes a node serve
-flipped bytes (a malicious peer). Every file is written atomically.
+flipped bytes (a malicious peer). --data FILE: the origin also serves FILE as task data (its entry goes
+in the .published JSON); --data-entry SHA:SIZE: a node fetches that task data instead of --step.
+Every file is written atomically.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--max-streams", type=int, default=2)
     p.add_argument("--parallel", type=int, default=4)
     p.add_argument("--corrupt", action="store_true")
+    p.add_argument("--data")
+    p.add_argument("--data-entry")
     p.add_argument("--ready")
     p.add_argument("--go")
     p.add_argument("--result")
@@ -99,8 +103,9 @@ def run_origin(args, swarm, identity, config, stop) -> int:
                           max_streams=None if args.no_super_seed else args.max_streams)
     wait_for(args.go, stop)
     manifest = publisher.publish(Path(args.checkpoint), args.step, shard_size=args.shard_kb * 1024)
+    data = publisher.publish_data(Path(args.data)).model_dump() if args.data else None
     if args.result:
-        write_json(args.result + ".published", {"total_size": manifest.total_size})
+        write_json(args.result + ".published", {"total_size": manifest.total_size, "data": data})
     stop.wait()
     if args.result:
         write_json(args.result, {"bytes_sent": publisher.bytes_sent, "served": publisher.server.num_served,
@@ -124,7 +129,13 @@ def run_node(args, swarm, config, coordinator_key, stop) -> int:
     started = time.monotonic()
     result: dict = {"held_before": held_before}
     try:
-        out = fetcher.fetch(args.step, timeout_s=args.timeout)
+        if args.data_entry:
+            from intellect.protocol.messages import ShardEntry
+
+            sha, size = args.data_entry.split(":")
+            out = fetcher.fetch_data(ShardEntry(sha256=sha, size=int(size)), timeout_s=args.timeout)
+        else:
+            out = fetcher.fetch(args.step, timeout_s=args.timeout)
         result.update(ok=True, folder=str(out))
     except ShardUnavailable as e:
         result.update(ok=False, error=str(e))

@@ -111,6 +111,29 @@ def test_corrupt_peer_is_dropped_and_others_finish(peers, checkpoint):
 
 
 @pytest.mark.slow
+def test_task_data_reaches_two_nodes_and_a_corrupted_copy_is_rejected(peers, checkpoint, tmp_path):
+    """A "jsonl:" run's data file travels like a shard: named by its hash in the signed RunInfo, fetched
+    from the peers that announce it (a corrupt one among them), the coordinator last."""
+    data = tmp_path / "problems.jsonl"
+    data.write_text("".join(f'{{"prompt": "What is {i} + {i}?", "answer": "{2 * i}"}}\n' for i in range(30_000)))
+    origin = start_origin(peers, checkpoint, "--data", str(data))
+    entry = peers.wait_json(peers.workdir / "origin.json.published", 5)["data"]
+    assert entry["sha256"] == sha256_of(data) and entry["size"] == data.stat().st_size > 2 * SHARD_KB * 1024
+    wanted = f"{entry['sha256']}:{entry['size']}"
+    start_node(peers, "evil", origin["addrs"], "--corrupt", "--stay", "--data-entry", wanted)
+    assert result(peers, "evil")["ok"]
+    evil_key = peers.wait_json(peers.workdir / "evil.ready", 5)["key"]
+    start_node(peers, "a", origin["addrs"], "--stay", "--data-entry", wanted)
+    a = result(peers, "a")  # the corrupt peer is the only one announcing it: tried first, dropped
+    assert a["ok"] and sha256_of(peers.workdir / a["folder"]) == entry["sha256"], a
+    assert evil_key in a["bad_peers"] and a["stats"]["data_rejected"] == 1, a
+    start_node(peers, "b", origin["addrs"], "--stay", "--data-entry", wanted)
+    b = result(peers, "b")
+    assert b["ok"] and sha256_of(peers.workdir / b["folder"]) == entry["sha256"], b
+    assert b["stats"].get("data_rejected", 0) <= 1 and b["stats"]["data_downloaded"] == 1, b
+
+
+@pytest.mark.slow
 def test_origin_leaves_after_one_full_copy(peers, checkpoint):
     origin = start_origin(peers, checkpoint)
     start_node(peers, "a", origin["addrs"], "--stay")

@@ -19,7 +19,7 @@ H = "ab" * 32
 
 
 def examples():
-    from intellect.protocol.messages import FileEntry, PolicyManifest, RunInfo, ShardAnnounce, ShardEntry
+    from intellect.protocol.messages import DataAnnounce, FileEntry, PolicyManifest, RunInfo, ShardAnnounce, ShardEntry
 
     shard = ShardEntry(sha256=H, size=10)
     return [
@@ -34,6 +34,10 @@ def examples():
         SubmissionHeader(policy_step=1, batch_counter=1, num_completions=32, num_tokens=999, file_sha256=H,
                          file_size=123),
         Verdict(file_sha256=H, accepted=False, reason="toploc_failed", detail="chunk 3"),
+        DataAnnounce(sha256s=[H]),
+        RunInfo(run_id="r-1", run_name="r", coordinator_peer_id="in-c", task=TaskConfig(name="jsonl:/data/p.jsonl"),
+                collect_step=0, latest_policy_step=0, async_level=1, prompts_per_batch=8, completions_per_prompt=4,
+                max_new_tokens=48, temperature=1.0, model_config_hash=H, eos_token_ids=[2], task_data=shard),
     ]
 
 
@@ -53,6 +57,8 @@ def test_removed_and_renamed_fields_are_extra_inputs():
                               (RunInfo, run_info, {"coordinator_addrs": []})):
         with pytest.raises(WireRejected, match="Extra inputs"):
             decode_body(body_type, msgpack.packb({**d, **old}))
+    with pytest.raises(WireRejected, match="at least 1"):
+        decode_body(type(examples()[-2]), msgpack.packb({"sha256s": []}))  # an announce names what it holds
     renamed = {k: v for k, v in run_info.items() if k != "collect_step"} | {"train_step": 3}
     with pytest.raises(WireRejected, match="collect_step"):
         decode_body(RunInfo, msgpack.packb(renamed))
