@@ -67,6 +67,9 @@ class TrainerConfig(BaseModel):
     betas: tuple[float, float] = Field((0.9, 0.99), description="AdamW betas")
     weight_decay: float = Field(0.01, ge=0, description="AdamW decoupled weight decay")
     warmup_steps: int = Field(25, ge=0, description="linear warm-up in optimizer steps, then constant")
+    decay_steps: int = Field(0, ge=0, description="after warm-up, decay the lr linearly over this many optimizer "
+                                                  "steps to lr x lr_end_fraction, then hold it (0: constant)")
+    lr_end_fraction: float = Field(0.1, ge=0, le=1, description="the decayed lr as a fraction of lr")
     grad_clip: float = Field(0.1, gt=0, description="global gradient-norm clip")
     collate: Literal["packing", "padding"] = Field(
         "packing",

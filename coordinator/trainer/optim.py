@@ -38,15 +38,21 @@ def setup_optimizer(parameters: list[torch.nn.Parameter], config: TrainerConfig)
 def setup_scheduler(
     optimizer: torch.optim.Optimizer, config: TrainerConfig
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warm-up over `warmup_steps` optimizer steps, then constant (B.10: cosine over 1e19 steps).
+    """Linear warm-up over `warmup_steps` optimizer steps, then constant (B.10: cosine over 1e19 steps),
+    or with `decay_steps` a linear decay to `lr_end_fraction` over that many steps, then constant.
 
     Step k (0-based) uses lr * (k + 1) / warmup_steps: unlike transformers' warm-up, whose first
-    step has lr 0, no optimizer step is wasted.
+    step has lr 0, no optimizer step is wasted. Decay step j (0-based, after warm-up) uses
+    lr * (1 - (1 - end) * j / decay_steps), so the first step after warm-up has the full lr.
     """
-    warmup = config.warmup_steps
+    warmup, decay, end = config.warmup_steps, config.decay_steps, config.lr_end_fraction
 
     def factor(step: int) -> float:
-        return 1.0 if warmup == 0 else min(1.0, (step + 1) / warmup)
+        if step < warmup:
+            return (step + 1) / warmup
+        if decay == 0:
+            return 1.0
+        return 1.0 - (1.0 - end) * min(1.0, (step - warmup) / decay)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 

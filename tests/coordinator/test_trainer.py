@@ -153,6 +153,16 @@ def test_linear_warmup_then_constant():
     assert lrs == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
 
 
+def test_linear_decay_after_warmup_then_held():
+    trainer = GRPOTrainer(tiny_llama(), config(lr=1.0, warmup_steps=2, decay_steps=4, lr_end_fraction=0.2))
+    lrs = []
+    for _ in range(8):
+        lrs.append(round(trainer.optimizer.param_groups[0]["lr"], 6))
+        trainer.optimizer.step()
+        trainer.scheduler.step()
+    assert lrs == [0.5, 1.0, 1.0, 0.8, 0.6, 0.4, 0.2, 0.2]
+
+
 def test_checkpoint_round_trip_and_policy_export(tmp_path):
     from transformers import AutoModelForCausalLM
 
