@@ -19,7 +19,14 @@ H = "ab" * 32
 
 
 def examples():
-    from intellect.protocol.messages import DataAnnounce, FileEntry, PolicyManifest, RunInfo, ShardAnnounce, ShardEntry
+    from intellect.protocol.messages import (
+        DataAnnounce,
+        FileEntry,
+        PolicyManifest,
+        RunInfo,
+        ShardAnnounce,
+        ShardEntry,
+    )
 
     shard = ShardEntry(sha256=H, size=10)
     return [
