@@ -48,8 +48,6 @@ from intellect.protocol.wire import Envelope, MessageKind, ReplayGuard, WireReje
 
 logger = logging.getLogger(__name__)
 
-UNKNOWN_SENDER = "unknown"
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -85,6 +83,7 @@ class Intake:
         self._in_flight: set[str] = set()  # file hashes and batch keys being judged now
         self._in_flight_lock = threading.Lock()
         self.unrecorded: Counter = Counter()  # verdicts by reason of UNRECORDED, since this process started
+        self._unrecorded_lock = threading.Lock()
 
     @property
     def config(self) -> IntakeConfig:
@@ -216,22 +215,21 @@ class Intake:
     def _reject(self, r: Rejected, sender: bytes | None, file_path: Path | None,
                 file_sha: str | None = None) -> Outcome:
         file_sha = file_path.stem if file_path is not None else file_sha or "0" * 64
-        node = sender.hex() if sender is not None else UNKNOWN_SENDER
-        if r.reason in UNRECORDED and file_path is None:
-            with self._in_flight_lock:
+        if r.reason in UNRECORDED and file_path is None:  # every reason found before the sender is known
+            with self._unrecorded_lock:
                 self.unrecorded[r.reason.value] += 1
         else:
             with self.record_lock:
                 if file_path is not None and file_path.exists():
                     os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
-                self.ledger.record_rejection(node, r.reason.value, r.detail, evidence=_evidence(r, sender))
+                self.ledger.record_rejection(sender.hex(), r.reason.value, r.detail, evidence=_evidence(r))
         verdict = Verdict(file_sha256=file_sha, accepted=False, reason=r.reason.value, detail=r.detail[:1024])
         return Outcome(verdict, sender)
 
     def counts_by_reason(self) -> dict[str, int]:
         """Verdicts by reason: the ledger's, and the unrecorded ones of this process."""
         counts = Counter(self.ledger.counts_by_reason())
-        with self._in_flight_lock:
+        with self._unrecorded_lock:
             counts.update(self.unrecorded)
         return dict(sorted(counts.items()))
 
@@ -265,7 +263,7 @@ def row_secret(state_dir: Path) -> bytes:
     return secret
 
 
-def _evidence(r: Rejected, sender: bytes | None) -> Evidence:
-    if sender is None or r.reason in NO_STRIKE:
-        return Evidence.NONE  # nothing proves who sent it, or the failure is not misbehaviour
+def _evidence(r: Rejected) -> Evidence:
+    if r.reason in NO_STRIKE:
+        return Evidence.NONE  # the failure is not misbehaviour
     return Evidence.STATISTICAL if r.statistical else Evidence.HARD

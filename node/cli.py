@@ -292,13 +292,14 @@ def demo(
     model: str = typer.Option("smollm2", "--model", help="smollm2 (default) or tiny (a quick smoke run)."),
     state_dir: Path = typer.Option(None, "--state-dir", help="Where the demo keeps its state (default: a fresh "
                                                              "folder under ~/.intellect-node/demo)."),
+    swarm: str = typer.Option("hivemind", "--swarm", help="The swarm backend: hivemind (default) or libp2p."),
 ) -> None:
     """A coordinator and N nodes on this machine (127.0.0.1) learning arithmetic with SmolLM2-135M."""
     _wait_passively()  # the coordinator and the nodes share this machine's cores (the nodes inherit it)
     from intellect.node.demo import run_demo
 
     raise typer.Exit(run_demo(steps=steps, num_nodes=nodes, model=model, headless=headless, state_dir=state_dir,
-                              console=console))
+                              console=console, backend=swarm))
 
 
 @app.command()

@@ -56,7 +56,7 @@ DEMO_MODELS = ("smollm2", "tiny")
 TRAINABLE = {"smollm2": "last_n_layers:8", "tiny": "all"}
 
 
-def demo_config(state_dir: Path, model: str, steps: int):
+def demo_config(state_dir: Path, model: str, steps: int, backend: str = "hivemind"):
     from intellect.coordinator.config import CoordinatorConfig
     from intellect.protocol.settings import load_settings
 
@@ -65,7 +65,8 @@ def demo_config(state_dir: Path, model: str, steps: int):
                          "runs with `intellect-node coordinator --model PATH`)")
     flags = _flatten(DEMO_SETTINGS) | {"state_dir": state_dir / "coordinator", "model": model, "max_steps": steps,
                                        "trainer.trainable": TRAINABLE[model], "eval.every": steps,
-                                       "trainer.decay_steps": steps}  # lr 1e-4 down to 1e-5 at the last step
+                                       "trainer.decay_steps": steps,  # lr 1e-4 down to 1e-5 at the last step
+                                       "swarm.backend": backend}  # the run file names it; the nodes follow
     return load_settings(CoordinatorConfig, None, flags)
 
 
@@ -104,13 +105,13 @@ def node_lines(state_dirs: list[Path]) -> list[Text]:
 
 
 def run_demo(steps: int, num_nodes: int, model: str, headless: bool, state_dir: Path | None,
-             console: Console) -> int:
+             console: Console, backend: str = "hivemind") -> int:
     import threading
 
     if steps < 1 or num_nodes < 1:
         raise ValueError("--steps and --nodes must be at least 1")
     state_dir = Path(state_dir) if state_dir else Path.home() / ".intellect-node" / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    config = demo_config(state_dir, model, steps)  # refuses a bad --model before the heavy imports
+    config = demo_config(state_dir, model, steps, backend)  # refuses a bad --model before the heavy imports
     state_dir.mkdir(parents=True, exist_ok=True)
 
     from intellect.coordinator.runner import show_dashboard, start_coordinator

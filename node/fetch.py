@@ -382,7 +382,7 @@ class ShardFetcher:
         DATA_ORIGIN_ROUNDS rounds without a good copy the node says "every other holder failed me").
         A peer that served bad bytes is dropped for good. Returns the file's path in the store."""
         sha = entry.sha256
-        if sha in self._data:
+        if self.holds_data(sha):
             return self.store.path(sha)
         held = self.store.get(sha)
         if held is not None:  # from before a restart: checked again, it may have rotted
@@ -410,6 +410,11 @@ class ShardFetcher:
         self.server.allow([sha])
         self._dirty.set()
         return self.store.path(sha)
+
+    def holds_data(self, sha256: str) -> bool:
+        """A task data file fetched and checked since this fetcher started."""
+        with self._lock:
+            return sha256 in self._data
 
     def _fetch_data_from(self, peer: PeerKey, entry: ShardEntry, others_failed: bool) -> bool:
         try:

@@ -234,7 +234,8 @@ class Worker:
             return info.task
         if self.fetcher is None:
             raise WorkError("the run's task data comes through the swarm, and this node has no fetcher")
-        self.status.state = "fetching"
+        if not self.fetcher.holds_data(info.task_data.sha256):
+            self.status.state = "fetching"
         try:
             path = self.fetcher.fetch_data(info.task_data, timeout_s=self.config.policy_wait_s)
         except (ShardUnavailable, SwarmError, TimeoutError, OSError) as e:

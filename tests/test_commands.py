@@ -107,6 +107,7 @@ def bad_uses(tmp: Path) -> dict[tuple[str, str], tuple[list[str], str]]:
         ("demo", "--model"): (["demo", "--model", "gpt-17"], "gpt-17"),
         ("demo", "--headless"): (["demo", "--headless", "--model", "gpt-17"], "gpt-17"),
         ("demo", "--state-dir"): (["demo", "--model", "tiny", "--state-dir", str(a_file / "demo")], "a-file"),
+        ("demo", "--swarm"): (["demo", "--swarm", "zmq", "--state-dir", str(tmp / "demo-zmq")], "swarm.backend"),
         ("join", "--bootstrap"): (["join", *run, "--bootstrap", "not-a-multiaddr"], "bootstrap"),
         ("join", "--run"): (["join", "--run", "", "--coordinator", KEY], "run_id"),
         ("join", "--coordinator"): (["join", "--run", "r-1", "--coordinator", "3f2a"], "coordinator_key"),
@@ -224,11 +225,12 @@ def test_a_missing_model_package_says_how_to_install_it(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.timeout(900)
-def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_path):
+@pytest.mark.parametrize("swarm", ["hivemind", "libp2p"])
+def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_path, swarm):
     """`demo --model tiny` used to die on a 30-layer setting (last_n_layers:8 of a 2-layer model), and piped
-    into a file it printed nothing until the end."""
+    into a file it printed nothing until the end. On either swarm backend (the run file names it)."""
     out = run_cli("demo", "--model", "tiny", "--steps", "2", "--nodes", "1", "--state-dir", str(tmp_path),
-                  timeout=840)
+                  "--swarm", swarm, timeout=840)
     text = out.stdout + out.stderr
     assert out.returncode == 0, text
     assert "Traceback" not in text, text
@@ -236,6 +238,7 @@ def test_demo_on_the_tiny_model_prints_a_line_per_step_without_a_terminal(tmp_pa
     assert _steps(out.stdout) == [0, 1], out.stdout
     summary = json.loads(out.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["accepted"] >= 2, summary
+    assert f'backend = "{swarm}"' in (tmp_path / "coordinator" / "run.toml").read_text()
 
 
 def _free_port() -> int:

@@ -1,6 +1,7 @@
 """A short real run on the tiny model: `intellect-node coordinator` and two `intellect-node join` processes
-on 127.0.0.1, several policy steps. The nodes follow the policy as it advances, and no rollout trains a
-step further than the async level from the policy that made it."""
+on 127.0.0.1, several policy steps, on each swarm backend (hivemind, py-libp2p). The nodes follow the
+policy as it advances, and no rollout trains a step further than the async level from the policy that
+made it."""
 
 from __future__ import annotations
 
@@ -25,9 +26,10 @@ MAX_STEPS = 5
 BATCHES_PER_STEP = 2
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory, tiny_model_path):
-    tmp = tmp_path_factory.mktemp("run")
+@pytest.fixture(scope="module", params=["hivemind", "libp2p"])
+def run(tmp_path_factory, tiny_model_path, request):
+    """The run on each swarm backend (the run file names it; the nodes follow)."""
+    tmp = tmp_path_factory.mktemp(f"run-{request.param}")
     state = tmp / "coordinator"
     config = write_toml(tmp / "coordinator.toml", {
         "state_dir": state, "run_name": "run", "model": str(tiny_model_path), "async_level": ASYNC_LEVEL,
@@ -36,7 +38,7 @@ def run(tmp_path_factory, tiny_model_path):
         "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
         "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                     "seq_len": 1024},
-        "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0},
+        "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0, "backend": request.param},
         "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
     })
     procs = Procs(tmp)

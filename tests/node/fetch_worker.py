@@ -54,6 +54,7 @@ def parse() -> argparse.Namespace:
     p.add_argument("--run-name", default="swarmtest")
     p.add_argument("--bootstrap", action="append", default=[])
     p.add_argument("--host", default="127.0.0.1", help="IP to listen on (bench/distribution.py --netns)")
+    p.add_argument("--backend", default="hivemind", choices=["hivemind", "libp2p"])
     p.add_argument("--cache", required=True)
     p.add_argument("--step", type=int, default=1)
     p.add_argument("--checkpoint")
@@ -81,7 +82,7 @@ def main() -> int:
     coordinator_key = identity.public_key if args.role == "origin" else bytes.fromhex(args.coordinator_key)
     run_id = run_id_for(coordinator_key, args.run_name)
     config = SwarmConfig(host=args.host, bootstrap=args.bootstrap, max_upload_mbit=args.max_upload_mbit,
-                         startup_timeout_s=60, join_timeout_s=30)
+                         startup_timeout_s=60, join_timeout_s=30, backend=args.backend)
     stop = threading.Event()
     swarm = setup_swarm(config, identity, run_id, coordinator_key)
     # after the DHT process is forked: it must keep the default SIGTERM (hivemind terminates it with one)

@@ -1,5 +1,6 @@
 """Weight distribution between real peer processes on 127.0.0.1: the happy path, a node killed mid-download,
-a peer serving corrupted bytes, the origin leaving, a forged manifest; plus the cache and progress."""
+a peer serving corrupted bytes, task data, the origin leaving (each on both swarm backends, hivemind and
+py-libp2p), a forged manifest; plus the cache, progress and deltas."""
 
 from __future__ import annotations
 
@@ -16,9 +17,21 @@ COORD = "coord-seed"
 SHARD_KB = 256
 
 
-@pytest.fixture
-def peers(tmp_path):
+@pytest.fixture(params=["hivemind", "libp2p"])
+def peers(tmp_path, request):
+    """Peer processes of one swarm backend: every test that takes them runs on both."""
     p = Peers(tmp_path)
+    p.backend = request.param
+    yield p
+    p.close()
+
+
+@pytest.fixture
+def hivemind_peers(tmp_path):
+    """For a test with a swarm peer in this (pytest) process, which imports hivemind: py-libp2p cannot be
+    imported beside it. (The libp2p store-time rules: tests/protocol/swarm_cases.py.)"""
+    p = Peers(tmp_path)
+    p.backend = "hivemind"
     yield p
     p.close()
 
@@ -30,7 +43,8 @@ def checkpoint(tmp_path_factory):
 
 def start_origin(peers: Peers, checkpoint: Path, *extra: str) -> dict:
     peers.start("origin", "--role", "origin", "--seed", COORD, "--cache", "origin", "--checkpoint", str(checkpoint),
-                "--ready", "origin.ready", "--result", "origin.json", "--shard-kb", str(SHARD_KB), *extra)
+                "--ready", "origin.ready", "--result", "origin.json", "--shard-kb", str(SHARD_KB),
+                "--backend", peers.backend, *extra)
     ready = peers.wait_json(peers.workdir / "origin.ready", 60, "origin")
     peers.wait_json(peers.workdir / "origin.json.published", 30, "origin")
     return ready
@@ -38,7 +52,7 @@ def start_origin(peers: Peers, checkpoint: Path, *extra: str) -> dict:
 
 def start_node(peers: Peers, name: str, bootstrap: list[str], *extra: str) -> None:
     args = ["--role", "node", "--seed", name, "--coordinator-key", coordinator_key_hex(COORD), "--cache", name,
-            "--ready", f"{name}.ready", "--result", f"{name}.json", "--timeout", "90"]
+            "--ready", f"{name}.ready", "--result", f"{name}.json", "--timeout", "90", "--backend", peers.backend]
     for addr in bootstrap:
         args += ["--bootstrap", addr]
     peers.start(name, *args, *extra)
@@ -148,14 +162,14 @@ def test_origin_leaves_after_one_full_copy(peers, checkpoint):
 
 
 @pytest.mark.slow
-def test_forged_manifest_is_never_acted_on(peers, checkpoint, tmp_path):
+def test_forged_manifest_is_never_acted_on(hivemind_peers, checkpoint, tmp_path):
     from intellect.protocol.identity import Identity
     from intellect.protocol.manifest import ShardStore, shard_checkpoint, sign_manifest
     from intellect.protocol.swarm import SwarmConfig, setup_swarm
     from intellect.protocol.swarm.keys import manifest_key
     from intellect.protocol.wire import run_id_for
 
-    origin = start_origin(peers, checkpoint)
+    origin = start_origin(hivemind_peers, checkpoint)
     coordinator = bytes.fromhex(coordinator_key_hex(COORD))
     run_id = run_id_for(coordinator, "swarmtest")
     forger = Identity.from_seed(b"forger")
@@ -165,11 +179,11 @@ def test_forged_manifest_is_never_acted_on(peers, checkpoint, tmp_path):
                                     model_config_hash="0" * 64, shard_size=SHARD_KB * 1024)
         signed = sign_manifest(forger, manifest)
         assert not swarm.publish(manifest_key(2), signed, 60)  # refused by every DHT it would be stored in
-        start_node(peers, "a", origin["addrs"], "--step", "2", "--timeout", "4")
-        r = result(peers, "a")
+        start_node(hivemind_peers, "a", origin["addrs"], "--step", "2", "--timeout", "4")
+        r = result(hivemind_peers, "a")
         assert not r["ok"] and "no manifest for step 2" in r["error"]
         assert r["stats"].get("bytes_downloaded", 0) == 0
-        assert not (peers.workdir / "a" / "steps" / "2").exists()
+        assert not (hivemind_peers.workdir / "a" / "steps" / "2").exists()
     finally:
         swarm.close()
 
