@@ -5,7 +5,9 @@ completions per step, temperature 0.7, lr 1e-4 on the last 8 layers) trained for
 same number of samples either way:
 - central: one process generates with the torch engine (the node's sampler, no proofs), scores, and
   takes the GRPO step at once on those samples (async level 0): no swarm, no validation, no staleness;
-- swarm: `intellect-node demo --headless` (coordinator + 2 node processes, async level 2, every check on).
+- swarm: the demo (coordinator + 2 node processes, async level 2, every check on); `--async-levels 0,1,2
+  --ratios behaviour,step_start` adds arms `swarm_a<level>_<ratio>_*` (step_start: the ratio against
+  pi_old recomputed at the step's start, i.e. no off-policy correction).
 Both score the first and the last policy on the same 100 held-out sums (greedy and mean@4, T=0.7, fixed
 seeds: coordinator/heldout.py). `*_heldout_gain` is the mean@4 gain; `swarm_over_central` their ratio
 (target >= 0.9); `*_reward_curve` the mean training reward of each step.
@@ -13,7 +15,8 @@ seeds: coordinator/heldout.py). `*_heldout_gain` is the mean@4 gain; `swarm_over
 One run is one draw: RL on 64 samples a step is noisy, so compare several lines before concluding.
 `--arms central` runs one arm (a quick look at the central curve). The last line printed is one JSON object.
 
-  python bench/learning.py [--steps 20] [--model smollm2] [--arms central,swarm]
+  python bench/learning.py [--steps 20] [--model smollm2] [--arms central,swarm] [--async-levels 0,1,2]
+                           [--ratios behaviour,step_start]
 """
 
 from __future__ import annotations
@@ -100,20 +103,33 @@ def central(steps: int, model: str, state_dir: Path) -> dict:
     return {"before": before, "after": after, "curve": curve, "seconds": time.perf_counter() - started}
 
 
-def swarm(steps: int, model: str, state_dir: Path) -> dict:
-    """The demo itself: its per-step lines and summary carry the curve and the held-out scores."""
+def swarm(steps: int, model: str, state_dir: Path, async_level: int, ratio: str) -> dict:
+    """The demo with the given async level and importance ratio, in its own process (its coordinator runs
+    in that process, as `intellect-node demo` runs it); the curve and the scores come from its metrics."""
     started = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "intellect.node.cli", "demo", "--headless", "--steps", str(steps),
-                           "--model", model, "--state-dir", str(state_dir)], capture_output=True, text=True,
-                          env=os.environ | {"HF_HUB_OFFLINE": "1"}, stdin=subprocess.DEVNULL, check=False)
-    lines = [json.loads(x) for x in done.stdout.splitlines() if x.startswith("{")]
-    if done.returncode != 0 or not lines or "heldout_greedy_after" not in lines[-1]:
+    spec = {"steps": steps, "model": model, "state_dir": str(state_dir),
+            "overrides": {"async_level": async_level, "trainer.loss.ratio_against": ratio}}
+    done = subprocess.run([sys.executable, __file__, "--swarm-arm", json.dumps(spec)], capture_output=True, text=True,
+                          env=os.environ | {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE"},
+                          stdin=subprocess.DEVNULL, check=False)
+    metrics = state_dir / "coordinator" / "metrics.jsonl"
+    lines = [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.exists() else []
+    evals = sorted((m for m in lines if m.get("kind") == "eval"), key=lambda m: m["policy_step"])
+    if done.returncode != 0 or len(evals) < 2 or evals[-1]["policy_step"] != steps:
         raise SystemExit(f"the demo failed (exit {done.returncode}):\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    summary = lines[-1]
-    k = next(key for key in summary if key.startswith("heldout_mean_at_")).split("_")[3]
-    return {"before": {"greedy": summary["heldout_greedy_before"], "mean_at_k": summary[f"heldout_mean_at_{k}_before"]},
-            "after": {"greedy": summary["heldout_greedy_after"], "mean_at_k": summary[f"heldout_mean_at_{k}_after"]},
-            "curve": [round(m["reward"], 4) for m in lines[:-1]], "seconds": time.perf_counter() - started}
+    score = [{"greedy": m["heldout_greedy"], "mean_at_k": m["heldout_mean_at_k"]} for m in (evals[0], evals[-1])]
+    return {"before": score[0], "after": score[1], "seconds": time.perf_counter() - started,
+            "curve": [round(m["reward"], 4) for m in lines if m.get("kind") != "eval"]}
+
+
+def swarm_arm(spec: dict) -> int:
+    """`--swarm-arm SPEC`: one swarm arm, in this process."""
+    from rich.console import Console
+
+    from intellect.node.demo import run_demo
+
+    return run_demo(spec["steps"], 2, spec["model"], headless=True, state_dir=Path(spec["state_dir"]),
+                    console=Console(stderr=True), overrides=spec["overrides"])
 
 
 def main() -> None:
@@ -121,7 +137,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--model", default="smollm2", choices=["smollm2", "tiny"])
     p.add_argument("--arms", default="central,swarm")
+    p.add_argument("--async-levels", default="2", help="swarm arms: async levels, e.g. 0,1,2")
+    p.add_argument("--ratios", default="behaviour", help="swarm arms: trainer.loss.ratio_against values, "
+                                                         "e.g. behaviour,step_start (uncorrected)")
+    p.add_argument("--swarm-arm", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.swarm_arm:
+        raise SystemExit(swarm_arm(json.loads(args.swarm_arm)))
     arms = args.arms.split(",")
     if not set(arms) <= {"central", "swarm"}:
         raise SystemExit("--arms is central, swarm or central,swarm")
@@ -129,15 +151,23 @@ def main() -> None:
 
     out: dict = {"bench": "learning", "model": args.model, "steps": args.steps, "samples_per_step": 64,
                  "heldout_problems": HELDOUT_PROBLEMS}
+    runs = [("central", None)] if "central" in arms else []
+    if "swarm" in arms:
+        runs += [(f"swarm_a{level}_{ratio}", (int(level), ratio))
+                 for level in args.async_levels.split(",") for ratio in args.ratios.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
-        for arm in arms:
-            r = (central if arm == "central" else swarm)(args.steps, args.model, Path(tmp) / arm)
-            out |= {f"{arm}_heldout_before": round(r["before"]["mean_at_k"], 4),
-                    f"{arm}_heldout_after": round(r["after"]["mean_at_k"], 4),
-                    f"{arm}_heldout_gain": round(r["after"]["mean_at_k"] - r["before"]["mean_at_k"], 4),
-                    f"{arm}_greedy_gain": round(r["after"]["greedy"] - r["before"]["greedy"], 4),
-                    f"{arm}_reward_curve": r["curve"], f"{arm}_s": round(r["seconds"], 1)}
-    if {"central", "swarm"} <= set(arms) and out["central_heldout_gain"] > 0:
+        for name, swarm_args in runs:
+            if swarm_args is None:
+                r = central(args.steps, args.model, Path(tmp) / name)
+            else:
+                r = swarm(args.steps, args.model, Path(tmp) / name, *swarm_args)
+            name = "swarm" if name == "swarm_a2_behaviour" else name  # the demo as shipped
+            out |= {f"{name}_heldout_before": round(r["before"]["mean_at_k"], 4),
+                    f"{name}_heldout_after": round(r["after"]["mean_at_k"], 4),
+                    f"{name}_heldout_gain": round(r["after"]["mean_at_k"] - r["before"]["mean_at_k"], 4),
+                    f"{name}_greedy_gain": round(r["after"]["greedy"] - r["before"]["greedy"], 4),
+                    f"{name}_reward_curve": r["curve"], f"{name}_s": round(r["seconds"], 1)}
+    if "swarm_heldout_gain" in out and out.get("central_heldout_gain", 0) > 0:
         out["swarm_over_central"] = round(out["swarm_heldout_gain"] / out["central_heldout_gain"], 3)
     print(json.dumps(out))
 

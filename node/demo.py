@@ -56,7 +56,8 @@ DEMO_MODELS = ("smollm2", "tiny")
 TRAINABLE = {"smollm2": "last_n_layers:8", "tiny": "all"}
 
 
-def demo_config(state_dir: Path, model: str, steps: int, backend: str = "hivemind"):
+def demo_config(state_dir: Path, model: str, steps: int, backend: str = "hivemind", overrides: dict | None = None):
+    """The demo's coordinator settings; `overrides` (dotted keys, e.g. "async_level") are for benchmarks."""
     from intellect.coordinator.config import CoordinatorConfig
     from intellect.protocol.settings import load_settings
 
@@ -67,7 +68,7 @@ def demo_config(state_dir: Path, model: str, steps: int, backend: str = "hivemin
                                        "trainer.trainable": TRAINABLE[model], "eval.every": steps,
                                        "trainer.decay_steps": steps,  # lr 1e-4 down to 1e-5 at the last step
                                        "swarm.backend": backend}  # the run file names it; the nodes follow
-    return load_settings(CoordinatorConfig, None, flags)
+    return load_settings(CoordinatorConfig, None, flags | (overrides or {}))
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:
@@ -105,13 +106,13 @@ def node_lines(state_dirs: list[Path]) -> list[Text]:
 
 
 def run_demo(steps: int, num_nodes: int, model: str, headless: bool, state_dir: Path | None,
-             console: Console, backend: str = "hivemind") -> int:
+             console: Console, backend: str = "hivemind", overrides: dict | None = None) -> int:
     import threading
 
     if steps < 1 or num_nodes < 1:
         raise ValueError("--steps and --nodes must be at least 1")
     state_dir = Path(state_dir) if state_dir else Path.home() / ".intellect-node" / "demo" / time.strftime("%Y%m%d-%H%M%S")
-    config = demo_config(state_dir, model, steps, backend)  # refuses a bad --model before the heavy imports
+    config = demo_config(state_dir, model, steps, backend, overrides)  # a bad --model: before the heavy imports
     state_dir.mkdir(parents=True, exist_ok=True)
 
     from intellect.coordinator.runner import show_dashboard, start_coordinator
