@@ -78,6 +78,12 @@ def cpu_delta(before: dict, after: dict) -> dict:
     return {name: round(after[name] - before.get(name, 0.0), 1) for name in after}
 
 
+def trend(samples: list[float]) -> float:
+    """Mean of the last third minus mean of the first third."""
+    third = len(samples) // 3
+    return sum(samples[-third:]) / third - sum(samples[:third]) / third
+
+
 def p95(values: list[float]) -> float:
     values = sorted(values)
     return values[min(len(values) - 1, int(0.95 * len(values)))]
@@ -157,5 +163,5 @@ def test_a_flood_is_answered_without_cost_to_the_run(tmp_path, tiny_model_path):
     assert p95(flooded) <= 2 * p95(quiet), summary
     assert any(accepted_between(nodes, flood_start, flood_end)), summary
     assert max(rss) < max(quiet_rss) + 128, summary  # bounded: a plateau, not a function of the calls
-    third = len(rss) // 3
-    assert sum(rss[-third:]) / third < sum(rss[:third]) / third + 32, summary  # and no upward trend
+    # and no upward trend beyond the run's own (a training coordinator's RSS drifts up ~30 MB in 30 quiet s)
+    assert trend(rss) < max(trend(quiet_rss), 0.0) + 32, (trend(rss), trend(quiet_rss), summary)
