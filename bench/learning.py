@@ -3,8 +3,9 @@
 The demo's recipe (node/demo.py: SmolLM2-135M, "a + b" on 40 training sums, 2 batches x 4 prompts x 8
 completions per step, temperature 0.7, lr 1e-4 on the last 8 layers) trained for `--steps` steps, the
 same number of samples either way:
-- central: one process generates with the torch engine (the node's sampler, no proofs), scores, and
-  takes the GRPO step at once on those samples (async level 0): no swarm, no validation, no staleness;
+- central: one process generates with the node's own Worker and torch engine (its prompts, sampler and
+  rewards), and takes the coordinator's GRPO step at once on those rows (async level 0): no swarm, no
+  validation, no staleness;
 - swarm: the demo (coordinator + 2 node processes, async level 2, every check on); `--async-levels 0,1,2
   --ratios behaviour,step_start` adds arms `swarm_a<level>_<ratio>_*` (step_start: the ratio against
   pi_old recomputed at the step's start, i.e. no off-policy correction).
@@ -32,27 +33,25 @@ from pathlib import Path
 
 
 def central(steps: int, model: str, state_dir: Path) -> dict:
-    """The demo's recipe in one process, on-policy: generate, score, train, repeat."""
-    import numpy as np
+    """The demo's recipe in one process, on-policy: the node's own `Worker.generate` (prompts, seeded
+    sampling, rewards, advantages) on the policy just trained, then the coordinator's GRPO step on those
+    rows; no swarm, no validation."""
+    from types import SimpleNamespace
+
     import torch
 
     from intellect.coordinator.heldout import HeldoutEval
-    from intellect.coordinator.service import base_model_dir
+    from intellect.coordinator.service import base_model_dir, train_sample
     from intellect.coordinator.trainer.trainer import GRPOTrainer
+    from intellect.node.config import NodeConfig
     from intellect.node.demo import demo_config
-    from intellect.node.engine import SamplingParams, TorchEngineConfig
+    from intellect.node.engine import TorchEngineConfig
     from intellect.node.engine.torch_engine import TorchEngine
+    from intellect.node.status import NodeStatus
+    from intellect.node.worker import Worker
     from intellect.protocol.identity import Identity
-    from intellect.protocol.model import eos_token_ids, load_model
-    from intellect.protocol.sampling import batch_seeds
-    from intellect.protocol.tasks import (
-        completion_reward,
-        group_advantages,
-        node_seed_int,
-        prompt_token_ids,
-        sample_batch,
-        setup_task,
-    )
+    from intellect.protocol.messages import RunInfo
+    from intellect.protocol.model import eos_token_ids, load_model, model_config_hash
 
     config = demo_config(state_dir, model, steps)
     torch.set_num_threads(config.threads or 2)
@@ -60,12 +59,18 @@ def central(steps: int, model: str, state_dir: Path) -> dict:
     policy, tokenizer = load_model(base, dtype=torch.float32)
     eos = eos_token_ids(tokenizer, base)
     trainer = GRPOTrainer(policy, config.trainer.model_copy(update={"pad_token_id": tokenizer.pad_token_id or 0}))
-    engine = TorchEngine(TorchEngineConfig(threads=config.threads), base)
-    engine.eos_ids = eos
     heldout = HeldoutEval(config, tokenizer, eos)
-    task, node = setup_task(config.task), Identity.from_seed(b"bench-learning-central")
+    node = Identity.from_seed(b"bench-learning-central")
     r = config.rollouts
-    params = SamplingParams(temperature=r.temperature, max_tokens=r.max_new_tokens, proofs=False)
+    info = RunInfo(run_id="central", run_name="central", coordinator_peer_id=node.peer_id, task=config.task,
+                   collect_step=0, latest_policy_step=0, async_level=0, prompts_per_batch=r.prompts_per_batch,
+                   completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
+                   temperature=r.temperature, model_config_hash=model_config_hash(base), eos_token_ids=sorted(eos))
+    (state_dir / "node").mkdir(parents=True)
+    worker = Worker(NodeConfig(state_dir=state_dir / "node", run_id="central", coordinator_key=node.public_key_hex),
+                    node, SimpleNamespace(run_id="central"), fetcher=None, status=NodeStatus())  # no swarm
+    worker.engine, worker.tokenizer = TorchEngine(TorchEngineConfig(threads=config.threads), base), tokenizer
+    worker.engine.eos_ids = eos
 
     def evaluate(step: int) -> dict:
         policy.eval()
@@ -76,27 +81,18 @@ def central(steps: int, model: str, state_dir: Path) -> dict:
     started = time.perf_counter()
     before, curve = evaluate(0), []
     for step in range(steps):
-        samples, rewards = [], []
-        for counter in range(1, config.batches_per_step + 1):
-            sampled = sample_batch(task, node_seed_int(node.public_key), step, counter, r.prompts_per_batch)
-            prompts = [prompt_token_ids(tokenizer, task.problem(s.problem_index), 0, config.task.thinking)
-                       for s in sampled]
-            n = r.completions_per_prompt
-            completions = engine.generate([p for p in prompts for _ in range(n)], params,
-                                          batch_seeds("central", node.public_key, step, counter, len(prompts) * n))
-            scores = [completion_reward(task, config.task, task.problem(sampled[i // n].problem_index),
-                                        tokenizer.decode(c.output_tokens, skip_special_tokens=True), 0,
-                                        len(c.output_tokens))[0] for i, c in enumerate(completions)]
-            advantages = group_advantages(np.array(scores, dtype=np.float32).reshape(len(prompts), n)).reshape(-1)
-            samples += [(prompts[i // n], c.output_tokens, float(advantages[i]), scores[i], c.output_logprobs, step)
-                        for i, c in enumerate(completions)]
-            rewards += scores
-        trainer.train_step(samples)
+        rows = []
+        for _ in range(config.batches_per_step):
+            batch = worker.generate(info, step)
+            worker.write(batch)  # commits the batch counter: the next batch draws new prompts and seeds
+            rows += batch.rows
+        trainer.train_step([train_sample(row) for row in rows])
         trainer.policy_step = step + 1
         with torch.no_grad():  # the engine samples from the policy just trained (its own dtype)
-            for name, p in engine.model.state_dict().items():
-                p.copy_(policy.state_dict()[name])
-        curve.append(round(sum(rewards) / len(rewards), 4))
+            trained = policy.state_dict()
+            for name, p in worker.engine.model.state_dict().items():
+                p.copy_(trained[name])
+        curve.append(round(sum(row.reward for row in rows) / len(rows), 4))
         print(f"central step {step}: reward {curve[-1]:.3f} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
               flush=True)
     after = evaluate(steps)

@@ -56,6 +56,13 @@ def ban_policy(config: CoordinatorConfig) -> BanPolicy:
                      statistical_weight=config.statistical_strike)
 
 
+def train_sample(row) -> tuple:
+    """A rollout row as the trainer takes it. The claimed log-probs (checked against the policy at
+    validation) are mu, the behaviour policy of the loss's importance ratio; row.step its version, for
+    the staleness histogram."""
+    return row.input_tokens, row.output_tokens, row.advantage, row.reward, row.output_logprobs, row.step
+
+
 def base_model_dir(model: str, cache_dir: Path) -> Path:
     from intellect.protocol.model import default_model_dir, tiny_model_dir
 
@@ -334,10 +341,7 @@ class Coordinator:
                 logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
                 continue
             for row in batch.rows:
-                # the claimed log-probs (checked against the policy at validation) are mu, the behaviour
-                # policy of the loss's importance ratio; row.step its version, for the staleness histogram
-                samples.append((row.input_tokens, row.output_tokens, row.advantage, row.reward,
-                                row.output_logprobs, row.step))
+                samples.append(train_sample(row))
                 rewards.append(row.reward)
                 lengths.append(len(row.output_tokens))
         return samples, rewards, lengths

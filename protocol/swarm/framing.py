@@ -127,15 +127,20 @@ class InFlight:
         if self._by_peer[peer] <= 0:
             del self._by_peer[peer]
 
-    def hold(self) -> bool:
-        """Take a place to hold a refusal for PENALTY_S; False when MAX_HELD are held (answer at once)."""
-        if self.held >= MAX_HELD:
-            return False
-        self.held += 1
-        return True
-
-    def unhold(self) -> None:
-        self.held -= 1
+    async def admit(self, peer: PeerKey, sleep) -> None:
+        """The door, before a byte of the request is read: returns once admitted (call `leave` when done),
+        else raises RequestRefused("busy"), PENALTY_S later for a caller past its own limits while fewer
+        than MAX_HELD refusals are held. `sleep(seconds)` is the backend's event loop sleep."""
+        refusal = self.enter(peer)
+        if refusal is None:
+            return
+        if refusal.caller_over_limit and self.held < MAX_HELD:
+            self.held += 1
+            try:
+                await sleep(PENALTY_S)
+            finally:
+                self.held -= 1
+        raise RequestRefused("busy", refusal.detail)
 
     def _tokens_of(self, peer: PeerKey, now: float) -> float:
         if peer not in self._tokens:

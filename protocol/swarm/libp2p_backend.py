@@ -62,7 +62,6 @@ from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
     MAX_IN_FLIGHT_PER_PEER,
-    PENALTY_S,
     PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
@@ -501,14 +500,7 @@ class Libp2pSwarm(Swarm):
             if peer is None:
                 raise RequestRefused("bad_request", "caller does not use an Ed25519 node key")
             if in_flight is not None:
-                refusal = in_flight.enter(peer)
-                if refusal is not None:  # refused before a byte of the request is read
-                    if refusal.caller_over_limit and in_flight.hold():
-                        try:
-                            await trio.sleep(PENALTY_S)
-                        finally:
-                            in_flight.unhold()
-                    raise RequestRefused("busy", refusal.detail)
+                await in_flight.admit(peer, trio.sleep)
                 admitted = True
             with trio.fail_after(REQUEST_READ_TIMEOUT_S):
                 request = await read_request(_exact_reader(stream), max_request_bytes)

@@ -328,13 +328,39 @@ def test_in_flight_forgets_idle_callers_and_bounds_the_rest(monkeypatch):
 
 
 def test_held_refusals_are_bounded(monkeypatch):
-    from intellect.protocol.swarm import framing
+    """Two refusals of a caller past its share are held; a third is answered at once; once the held
+    ones are answered, the next is held again."""
+    from intellect.protocol.swarm import RequestRefused, framing
 
     monkeypatch.setattr(framing, "MAX_HELD", 2)
     limit = framing.InFlight(max_total=1, max_per_peer=1)
-    assert limit.hold() and limit.hold() and not limit.hold()
-    limit.unhold()
-    assert limit.hold()
+    assert limit.enter(b"p") is None  # p's one request is in flight: more from p are past its share
+
+    async def main():
+        release = asyncio.Event()
+
+        async def sleep(_seconds):  # the penalty lasts until released
+            await release.wait()
+
+        async def refused():
+            with pytest.raises(RequestRefused, match="in flight"):
+                await limit.admit(b"p", sleep)
+
+        held = [asyncio.create_task(refused()) for _ in range(2)]
+        await asyncio.sleep(0)
+        assert limit.held == 2
+        await asyncio.wait_for(refused(), 5)  # the third is not held: it would wait for `release`
+        release.set()
+        await asyncio.gather(*held)
+        assert limit.held == 0
+        release.clear()
+        again = asyncio.create_task(refused())
+        await asyncio.sleep(0)
+        assert limit.held == 1
+        release.set()
+        await again
+
+    asyncio.run(main())
 
 
 @pytest.mark.slow
