@@ -4,8 +4,8 @@ A check is a function `check(ctx, sub) -> None` that raises `Rejected` with a re
 `statistical` when honest nodes fail it now and then: it weighs less towards a ban): `ctx` is what
 the run judges by (shared by every submission), `sub` the one submission under validation (who
 signed it, its header, its decoded batch, and the model pass, computed once when a check first asks
-for it). Checks do not store, record or count anything, so the coordinator's intake and
-`intellect-node verify` run the very same list. Adding a check is adding a function to `CHECKS`.
+for it). Checks do not store, record or count anything (what they recompute stays on the candidate),
+so the coordinator's intake and `intellect-node verify` run the very same list. Adding a check is adding a function to `CHECKS`.
 
 Order: cheap before expensive, and a check may rely on the ones before it having passed (the rows
 are the announced shape once `check_schema` passed):
@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from intellect.coordinator.rules import IntakeConfig, RunRules
+from intellect.coordinator.validated import Validated
 from intellect.coordinator.verdicts import Reason, Rejected
 from intellect.protocol.messages import SubmissionHeader
 from intellect.protocol.rollouts import (
@@ -90,6 +91,9 @@ class Candidate:
     header: SubmissionHeader
     batch: RolloutBatch
     _prefill: Prefill | None = field(default=None, repr=False)
+    # what check_rewards recomputed, one value per row: what the trainer uses instead of the claims
+    rewards: list[float] | None = field(default=None, repr=False)
+    advantages: list[float] | None = field(default=None, repr=False)
 
     @property
     def file_sha256(self) -> str:
@@ -228,6 +232,7 @@ def check_rewards(ctx: CheckContext, sub: Candidate) -> None:
                                                        f"{(reward, task_reward, penalty)}")
             rewards[g, j] = reward
     advantages = group_advantages(rewards)
+    sub.rewards, sub.advantages = rewards.reshape(-1).tolist(), advantages.reshape(-1).tolist()
     for g, rows in enumerate(groups):
         for j, i in enumerate(rows):
             if abs(sub.batch.rows[i].advantage - advantages[g, j]) > ctx.config.advantage_tolerance:
@@ -308,6 +313,18 @@ def check_sampling(ctx: CheckContext, sub: Candidate) -> None:
                            f"row {i}: {tokens.mismatch} of {len(sub.batch.rows[i].output_tokens)} tokens are not "
                            f"the seeded sample (first at position {tokens.first_mismatch}, score gap "
                            f"{tokens.worst_gap:.2f} > tie tolerance {ctx.config.tie_tolerance})")
+
+
+def validated(ctx: CheckContext, sub: Candidate) -> Validated | None:
+    """What validation computed for a submission that passed every check: recomputed rewards and
+    advantages, and the prefill's log-probs of each re-run row (None for rows it did not re-run).
+    None when the checks run did not include check_rewards."""
+    if sub.advantages is None or sub.rewards is None:
+        return None
+    logprobs: list[list[float] | None] = [None] * len(sub.batch.rows)
+    for i, result in sub.prefill(ctx).evaluated():
+        logprobs[i] = [float(x) for x in result.token_logprobs]
+    return Validated(sub.advantages, sub.rewards, logprobs)
 
 
 def sampling_summary(prefill: Prefill) -> str:

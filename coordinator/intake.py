@@ -3,7 +3,8 @@ every check feed the trainer.
 
 Order: size -> envelope (signature, run, kind) -> replay -> ban -> submission header and file hash ->
 duplicate file -> stored in inbox/ -> rollout file decoded -> `checks.CHECKS` in their order ->
-accepted (file to accepted/, ledger row, credit) or rejected (file to rejected/, ledger row, strike).
+accepted (what validation computed beside the file, coordinator/validated.py; file to accepted/, ledger
+row, credit) or rejected (file to rejected/, ledger row, strike).
 
 Failures that do not prove who sent them (bad signature, replays of someone else's bytes) carry no
 strike against the claimed key, so nobody can get another node banned. Those anyone can send at line
@@ -35,11 +36,15 @@ from intellect.coordinator.checks import (
     read_batch,
     run_checks,
     sampling_summary,
+    validated,
 )
 from intellect.coordinator.faults import pause_point
 from intellect.coordinator.ledger import DuplicateSubmission, Evidence, Ledger, Submission
 from intellect.coordinator.ledger import Verdict as LedgerVerdict
 from intellect.coordinator.rules import IntakeConfig, RunRules
+from intellect.coordinator.validated import SUFFIX as VALIDATED_SUFFIX
+from intellect.coordinator.validated import to_bytes as validated_bytes
+from intellect.coordinator.validated import validated_path
 from intellect.coordinator.verdicts import NO_STRIKE, UNRECORDED, Reason, Rejected
 from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.messages import Verdict, decode_submission
@@ -185,6 +190,9 @@ class Intake:
     def _accept(self, sub: Candidate, inbox_path: Path, on_accept: Callable[[int], None] | None) -> Outcome:
         final = self.accepted_dir / inbox_path.name
         batch = sub.batch
+        computed = validated(self.ctx, sub)
+        if computed is not None:  # beside the file before its ledger row, so an accepted file always has it
+            atomic_write(validated_path(inbox_path), [validated_bytes(computed)])
         with self.record_lock:
             collect_step, _ = self.ctx.steps()
             try:
@@ -201,6 +209,8 @@ class Intake:
             # the ledger row first, then the file: accepted/ never holds a file the ledger did not
             # accept; a crash in between leaves it in the inbox, and recover_inbox moves it
             pause_point("intake.stored")
+            if computed is not None:
+                os.replace(validated_path(inbox_path), validated_path(final))
             os.replace(inbox_path, final)
             fsync_dir(self.accepted_dir)
             if on_accept is not None:
@@ -222,6 +232,8 @@ class Intake:
             with self.record_lock:
                 if file_path is not None and file_path.exists():
                     os.replace(file_path, self.rejected_dir / file_path.name)  # kept for audit, never trained on
+                    if file_path.parent == self.inbox:  # a late rejection in _accept leaves a sidecar
+                        validated_path(file_path).unlink(missing_ok=True)
                 self.ledger.record_rejection(sender.hex(), r.reason.value, r.detail, evidence=_evidence(r))
         verdict = Verdict(file_sha256=file_sha, accepted=False, reason=r.reason.value, detail=r.detail[:1024])
         return Outcome(verdict, sender)
@@ -241,10 +253,14 @@ class Intake:
         dropped = 0
         for p in list(self.inbox.glob("*.parquet")) + list(self.inbox.glob("*.part")):
             if p.suffix == ".parquet" and self.ledger.is_accepted(p.stem):
+                if validated_path(p).exists():
+                    os.replace(validated_path(p), validated_path(self.accepted_dir / p.name))
                 os.replace(p, self.accepted_dir / p.name)
                 continue
             p.unlink(missing_ok=True)
             dropped += 1
+        for p in self.inbox.glob("*" + VALIDATED_SUFFIX):  # sidecars of files that got no verdict
+            p.unlink(missing_ok=True)
         fsync_dir(self.accepted_dir)
         return dropped
 

@@ -34,6 +34,7 @@ from intellect.coordinator.faults import pause_point
 from intellect.coordinator.intake import Intake, Outcome
 from intellect.coordinator.ledger import BanPolicy, Ledger
 from intellect.coordinator.rules import run_rules
+from intellect.coordinator.validated import read_validated
 from intellect.protocol.identity import Identity, load_identity, peer_id_of
 from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
 from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
@@ -57,10 +58,22 @@ def ban_policy(config: CoordinatorConfig) -> BanPolicy:
 
 
 def train_sample(row) -> tuple:
-    """A rollout row as the trainer takes it. The claimed log-probs (checked against the policy at
-    validation) are mu, the behaviour policy of the loss's importance ratio; row.step its version, for
-    the staleness histogram."""
+    """A rollout row as the trainer takes it, with the row's own advantage and log-probs as mu (the
+    behaviour policy of the loss's importance ratio); row.step its version, for the staleness histogram.
+    For rows whose numbers are trusted (made in this process); the coordinator's intake uses
+    `validated_samples`."""
     return row.input_tokens, row.output_tokens, row.advantage, row.reward, row.output_logprobs, row.step
+
+
+def validated_samples(batch, computed) -> list[tuple]:
+    """The rows of an accepted file as the trainer takes them, with what validation computed in place of
+    the node's claims: recomputed advantages and rewards, and the validator's log-probs as mu (None for
+    rows its prefill did not re-run: their ratio is taken against the policy at the step's start). A file
+    accepted without them (an older version) keeps its checked advantages and claims no mu."""
+    if computed is None:
+        return [(r.input_tokens, r.output_tokens, r.advantage, r.reward, None, r.step) for r in batch.rows]
+    return [(r.input_tokens, r.output_tokens, adv, reward, mu, r.step) for r, adv, reward, mu in
+            zip(batch.rows, computed.advantages, computed.rewards, computed.behaviour_logprobs, strict=True)]
 
 
 def base_model_dir(model: str, cache_dir: Path) -> Path:
@@ -340,10 +353,10 @@ class Coordinator:
             except RolloutFormatError as e:  # it was valid when accepted: the disk changed under us
                 logger.error("accepted rollout %s became unreadable: %s", sub.stored_path, e)
                 continue
-            for row in batch.rows:
-                samples.append(train_sample(row))
-                rewards.append(row.reward)
-                lengths.append(len(row.output_tokens))
+            rows = validated_samples(batch, read_validated(Path(sub.stored_path), len(batch.rows)))
+            samples.extend(rows)
+            rewards.extend(reward for _, _, _, reward, _, _ in rows)
+            lengths.extend(len(output) for _, output, _, _, _, _ in rows)
         return samples, rewards, lengths
 
     def join_command(self) -> str:

@@ -331,6 +331,15 @@ class CraftedNode:
         rows = [dataclasses.replace(r, output_logprobs=[-0.01] * len(r.output_tokens)) for r in batch.rows]
         self.emit(case, w, dataclasses.replace(batch, rows=rows))
 
+    def case_tilted_claims(self, case: str) -> None:
+        """Claims tilted inside the intake's tolerances: every advantage up by 9e-4 (tolerance 1e-3) and every
+        log-prob up by 0.2 (the mean error allowed is 0.25). Accepted; the trainer must not use them."""
+        w = self.worker(case)
+        batch = self.generate(w)
+        rows = [dataclasses.replace(r, advantage=r.advantage + 9e-4,
+                                    output_logprobs=[x + 0.2 for x in r.output_logprobs]) for r in batch.rows]
+        self.emit(case, w, dataclasses.replace(batch, rows=rows))
+
     def case_concurrent(self, case: str) -> None:
         """Resends racing the first copy: batch 1 signed three times (a node whose first call timed out),
         another file for batch 1's seed signed twice between them, then batch 2 signed four times."""
@@ -423,7 +432,7 @@ CASES = ["honest_swarm", "wrong_model", "edited_tokens", "swapped_proofs", "forg
          "batch_reused", "oversize", "bad_signature", "bad_signature_swarm", "wrong_run", "malformed_parquet",
          "wrong_temperature", "banned", "stop_without_eos", "length_short", "improbable_eos", "forged_logprobs",
          "concurrent", "edited_one_token", "colder_sampling", "greedy", "best_of_4", "other_model_reproved",
-         "counter_skipped"]
+         "counter_skipped", "tilted_claims"]
 
 
 def main() -> int:

@@ -72,6 +72,8 @@ EXPECTED = {
     "best_of_4": ["sampling_mismatch"],
     "other_model_reproved": ["sampling_mismatch"],
     "counter_skipped": ["counter_skipped"],
+    # claims tilted inside the tolerances: accepted, and trained with the validator's numbers instead
+    "tilted_claims": ["accepted"],
 }
 # failures anyone can send at line rate get a verdict but no ledger row (Intake counts them in memory)
 UNRECORDED_REASONS = {r.value for r in UNRECORDED}
@@ -359,6 +361,34 @@ def test_only_accepted_files_can_reach_the_trainer(run):
     assert not accepted & {c.state_dir / "accepted" / p.name for p in (c.state_dir / "rejected").glob("*.parquet")}
     assert c.history[0]["num_batches"] == len(c.ledger.accepted_for_train_step(0))
     assert not list((c.state_dir / "inbox").iterdir())
+
+
+def test_the_trainer_takes_what_validation_computed_not_the_claims(run):
+    """A file accepted with claims tilted inside the tolerances: the samples the trainer gets carry the
+    recomputed advantages and the validator's prefill log-probs as mu, not the node's numbers."""
+    import numpy as np
+
+    from intellect.coordinator.validated import read_validated
+
+    c = run.coordinator
+    sha = run.verdicts["tilted_claims"][0].file_sha256
+    stored = next(s for step in range(c.collect_step + 1) for s in c.ledger.accepted_for_train_step(step)
+                  if s.content_hash == sha)
+    batch = read_rollouts(stored.stored_path)
+    samples, _, _ = c._load_samples([stored])
+    assert len(samples) == len(batch.rows) and read_validated(Path(stored.stored_path), len(batch.rows))
+    for row, (inputs, outputs, advantage, reward, mu, _) in zip(batch.rows, samples, strict=True):
+        assert (inputs, outputs) == (row.input_tokens, row.output_tokens)
+        assert abs(advantage - (row.advantage - 9e-4)) < 2e-5  # the node's claim minus its tilt
+        assert reward == pytest.approx(row.reward, abs=1e-6)
+        shift = np.asarray(row.output_logprobs) - np.asarray(mu)
+        assert shift.mean() == pytest.approx(0.2, abs=0.02) and len(mu) == len(row.output_tokens)
+    # honest files: the validator's log-probs are the node's, up to numerics
+    honest = next(s for s in c.ledger.accepted_for_train_step(0) if s.content_hash != sha)
+    (inputs, outputs, advantage, _, mu, _), *_ = c._load_samples([honest])[0]
+    row = read_rollouts(honest.stored_path).rows[0]
+    assert advantage == pytest.approx(row.advantage, abs=1e-6)
+    assert np.abs(np.asarray(mu) - np.asarray(row.output_logprobs)).max() < 0.05
 
 
 def test_batch_accepted_while_training_is_trained_next_step(run):
