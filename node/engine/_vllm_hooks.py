@@ -13,7 +13,10 @@ with the `uni` executor. What is used:
   same row order); `model_runner.requests[req_id]` holds `prompt_token_ids` and the request's
   `sampling_params.extra_args`; with temperature 0 vLLM's sampler takes the argmax of those logits.
 - `worker.reload_weights(weights_path=...)` (in-place reload; `model.load_weights` fails on CPU,
-  where linear weights are repacked at load).
+  where linear weights are repacked at load). A tied LM head is not reloaded (its weight is the
+  embedding's, which is), so on CPU its packed copy, `lm_head.cpu_linear`, is rebuilt by hand with
+  `lm_head.quant_method.process_weights_after_loading`: on CPUs where the packed GEMM copies the
+  weight (sgl-kernel, some oneDNN paths) the old head otherwise scores the new hidden states.
 tests/node/test_engine_vllm.py checks all of it against the torch prefill verifier.
 """
 
@@ -151,5 +154,9 @@ class HiddenStateCapture:
 
 def reload_weights(llm, checkpoint_dir: str | Path) -> None:
     """Load a new policy's weights in place, then drop KV blocks computed with the old ones."""
-    driver_worker(llm).reload_weights(weights_path=str(checkpoint_dir))
+    worker = driver_worker(llm)
+    worker.reload_weights(weights_path=str(checkpoint_dir))
+    head = getattr(worker.model_runner.get_model(), "lm_head", None)
+    if head is not None and hasattr(head, "cpu_linear"):
+        head.quant_method.process_weights_after_loading(head)  # repack the (tied) head's new weight
     llm.reset_prefix_cache()
