@@ -163,6 +163,8 @@ def join(
     client_mode: bool = typer.Option(None, "--client-mode/--no-client-mode", help="Only dial out (behind NAT)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads for generation."),
     max_batches: int = typer.Option(None, "--max-batches", help="Stop after this many batches."),
+    pipeline_depth: int = typer.Option(None, "--pipeline-depth", help="Batches that may await verdicts while the "
+                                       "next is generated (default 1; 0: wait for each verdict)."),
     headless: bool = typer.Option(False, "--headless", help="Log lines instead of the status screen."),
 ) -> None:
     """Join a run as a volunteer node: fetch the policy, generate proved rollouts, submit them."""
@@ -173,6 +175,7 @@ def join(
              "swarm.port": port, "swarm.backend": backend, "swarm.bootstrap": bootstrap or None, "swarm.client_mode": client_mode,
              "swarm.max_upload_mbit": max_upload_mbit, "engine.type": engine, "engine.threads": threads,
              "engine.gpu_memory_fraction": gpu_memory, "max_batches": max_batches,
+             "pipeline_depth": pipeline_depth,
              "swarm.max_cache_bytes": int(max_disk * 1e9) if max_disk else None}
     if run_file is not None:
         flags = _run_file_flags(run_file) | {k: v for k, v in flags.items() if v is not None}

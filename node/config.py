@@ -30,6 +30,9 @@ class NodeConfig(LayeredSettings):
     status_interval_s: float = Field(1.0, gt=0, description="How often status.json is rewritten.")
     restart_backoff_s: float = Field(5.0, gt=0, description="Wait before restarting the work loop after a failure.")
     max_batches: int | None = Field(None, ge=1, description="Stop after this many submitted batches (tests).")
+    pipeline_depth: int = Field(1, ge=0, le=16, description=(
+        "Batches that may wait in the outbox for their verdicts while the next one is generated (a submitter "
+        "thread sends them in order); 0 sends each batch and waits for its verdict before generating the next."))
 
     @field_validator("state_dir")
     @classmethod

@@ -85,7 +85,10 @@ def start_node(run_file: Path, state_dir: Path, threads: int = 1) -> subprocess.
     state_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "intellect.node.cli", "join", "--run-file", str(run_file), "--state-dir",
            str(state_dir), "--engine", "torch", "--threads", str(threads), "--host", "127.0.0.1", "--headless"]
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
+    # One machine: a node generating while its last batch is validated only takes CPU from the validator
+    # and the trainer, so the demo's nodes wait for each verdict (depth 0) unless the environment says
+    # otherwise (bench/pipeline.py compares both).
+    env = {"INTELLECT_NODE_PIPELINE_DEPTH": "0"} | os.environ | {"HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads)}
     with open(state_dir / "stdout.txt", "ab") as log:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
 

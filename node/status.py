@@ -14,7 +14,9 @@ class NodeStatus:
     peer_id: str = ""
     run_id: str = ""
     coordinator: str = ""
-    state: str = "starting"  # starting | joining | waiting | fetching | generating | submitting | paused | error
+    # starting | joining | waiting | fetching | generating | submitting (pipelined: waiting for room in the
+    # outbox) | paused | error
+    state: str = "starting"
     error: str = ""  # plain words and what to do, while state == "error"
     peers: int = 0
     reachability: str = "unknown"
@@ -26,6 +28,9 @@ class NodeStatus:
     engine: str = ""
     device: str = ""
     tokens_per_s: float = 0.0
+    generate_s: float = 0.0  # seconds inside the engine's generate since the node started
+    first_generate_at: float | None = None  # wall clock (time.time) when the first batch began
+    last_generated_at: float | None = None  # ... and when the newest one ended: duty cycle = generate_s / span
     submitted: int = 0
     accepted: int = 0
     rejected: int = 0

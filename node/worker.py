@@ -1,6 +1,9 @@
 """The node's work loop: follow the policy -> fetch -> generate -> prove -> submit.
 
-One batch per turn. Prompts come from the node's seed (spec B.3) and every completion's sampling seed
+One batch per turn. Submitting is pipelined: a submitter thread sends the outbox's files in order (so
+batch counters reach the coordinator contiguous) and waits for their verdicts while the loop generates
+the next batch; the loop waits only when `pipeline_depth` batches are already waiting (0: it submits
+each batch itself before generating the next, the synchronous way). Prompts come from the node's seed (spec B.3) and every completion's sampling seed
 is derived from (run, node key, policy step, batch counter, index), so the coordinator can recompute
 both and check every sampled token; batch counters run 1, 2, ... per policy step with no gaps. The
 engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6) are
@@ -109,6 +112,9 @@ class Worker:
         self.num_batches = 0
         self.fatal = ""  # why the loop ended for good, when no retry can help
         self._task_loaded = False  # a task data file that never loaded is a setup error, not a hiccup
+        self.pipelined = config.pipeline_depth > 0
+        self._outbox_changed = threading.Event()  # a batch was written, or a verdict took one away
+        self._errors = {"loop": "", "submit": ""}  # the last failure of each thread, until it succeeds
 
     # ------------------------------------------------------------------ the loop
 
@@ -118,6 +124,10 @@ class Worker:
         unexpected), counted (status.restarts), and the loop waits and starts again. What no retry can
         fix ends the loop with `fatal` set, for `join` to exit non-zero: a missing module (ImportError,
         e.g. the vLLM version gate) or a task data file that could not be read since the node started."""
+        submitter = None
+        if self.pipelined:
+            submitter = threading.Thread(target=self._submit_loop, name="submitter", daemon=True)
+            submitter.start()
         while not self.stop.is_set() and not self._done():
             try:
                 self.turn()
@@ -137,17 +147,68 @@ class Worker:
             except Exception as e:  # the loop outlives any one failure
                 logger.exception("work loop: unexpected failure")
                 self._fail(f"unexpected failure: {type(e).__name__}: {e}; retrying")
+        if submitter is not None:
+            # done: the last verdicts are in and the submitter leaves on its own; stopped: it finishes
+            # its call (a network wait, safe to abandon) and sends nothing more
+            submitter.join(timeout=None if self._done() else 1.0)
         self.status.state = "failed" if self.fatal else "stopped"
 
     def turn(self) -> None:
         self._wait_if_paused()
         info = self.follow_policy()
-        self.flush_outbox(info)
+        if not self.pipelined:
+            self.flush_outbox(info)
         step = self.fetch_policy(info)
+        if self.pipelined and not self._wait_for_room():
+            return
         batch = self.generate(info, step)
         path = self.write(batch)
-        self.submit(path, info)
-        self.status.error = ""  # the last failure's message stays up until a turn succeeds
+        if self.pipelined:
+            self._outbox_changed.set()
+        else:
+            self.submit(path, info)
+        self._show_error("loop", "")  # the last failure's message stays up until a turn succeeds
+
+    # ------------------------------------------------------------------ the submitter (pipelined)
+
+    def _submit_loop(self) -> None:
+        """Send the outbox's files, oldest first, as they come; a failure is shown and retried after the
+        backoff, and later files wait for it (the coordinator refuses a counter that skips ahead)."""
+        while not self.stop.is_set() and not self._done():
+            self._outbox_changed.clear()
+            if self.newest_run_info is None or not self._pending():
+                self._outbox_changed.wait(0.5)
+                continue
+            try:
+                self.flush_outbox(self.newest_run_info[1])
+                self._show_error("submit", "")
+            except WorkError as e:
+                self._submit_failed(str(e))
+            except OSError as e:
+                self._submit_failed(f"{e}: is the disk under {self.config.state_dir} full or read-only? retrying")
+            except Exception as e:  # the submitter outlives any one failure, like the loop
+                logger.exception("submitter: unexpected failure")
+                self._submit_failed(f"unexpected failure while submitting: {type(e).__name__}: {e}; retrying")
+
+    def _submit_failed(self, message: str) -> None:
+        logger.warning("submitter: %s", message)
+        self._show_error("submit", message)
+        self.stop.wait(self.config.restart_backoff_s)
+
+    def _wait_for_room(self) -> bool:
+        """Wait while `pipeline_depth` batches already wait for verdicts. False when no batch is to be made
+        (stopped, or the batches sent and waiting already reach `max_batches`)."""
+        while not self.stop.is_set():
+            pending = self._pending()
+            budget_left = self.config.max_batches is None or self.num_batches + pending < self.config.max_batches
+            if budget_left and pending <= self.config.pipeline_depth:
+                return True
+            self.status.state = "submitting"
+            self._outbox_changed.wait(0.2)
+        return False
+
+    def _pending(self) -> int:
+        return len(list(self.outbox.glob("*.parquet")))
 
     # ------------------------------------------------------------------ follow_policy -> fetch
 
@@ -218,7 +279,11 @@ class Worker:
         n = info.completions_per_prompt
         params = SamplingParams(temperature=info.temperature, max_tokens=info.max_new_tokens, proofs=True)
         seeds = batch_seeds(self.swarm.run_id, self.identity.public_key, step, counter, len(prompts) * n)
+        began = time.time()
+        self.status.first_generate_at = self.status.first_generate_at or began
         completions = self.engine.generate([p for p in prompts for _ in range(n)], params, seeds)
+        self.status.last_generated_at = time.time()
+        self.status.generate_s += self.status.last_generated_at - began
         rows = self._score(task, info, step, sampled, prompts, completions)
         self.status.tokens_per_s = self.engine.tokens_per_s
         meta = RolloutMeta(node_public_key=self.identity.public_key_hex, run_id=self.swarm.run_id, policy_step=step,
@@ -268,14 +333,15 @@ class Worker:
                              f"{hashlib.sha256(data).hexdigest()[:16]}.parquet"
         atomic_write(path, [data])
         self._commit_batch_counter(batch.meta.policy_step, batch.meta.batch_counter)
-        self.status.pending = len(list(self.outbox.glob("*.parquet")))
+        self.status.pending = self._pending()
         return path
 
     # ------------------------------------------------------------------ submit
 
     def submit(self, path: Path, info: RunInfo) -> Verdict | None:
         """Sign and send one rollout file; the file leaves the outbox only once a verdict came back."""
-        self.status.state = "submitting"
+        if not self.pipelined:  # pipelined, the loop is generating meanwhile and says so
+            self.status.state = "submitting"
         data = path.read_bytes()
         batch = read_rollouts(data)
         header = SubmissionHeader(policy_step=batch.meta.policy_step, batch_counter=batch.meta.batch_counter,
@@ -289,7 +355,7 @@ class Worker:
                                    expected_sender=self.coordinator_key)
             verdict = decode_body(Verdict, signed.body)
         except (SwarmError, TimeoutError, WireRejected) as e:
-            self.status.pending = len(list(self.outbox.glob("*.parquet")))
+            self.status.pending = self._pending()
             raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
         if verdict.reason == IN_FLIGHT:  # an earlier copy is still being validated: its verdict comes on a resend
             raise WorkError("the coordinator is still validating an earlier copy of this batch; it is retried")
@@ -330,7 +396,8 @@ class Worker:
         for old in sorted(sent.glob("*.signed"))[:-KEEP_SENT]:
             old.unlink(missing_ok=True)
         path.unlink(missing_ok=True)
-        self.status.pending = len(list(self.outbox.glob("*.parquet")))
+        self.status.pending = self._pending()
+        self._outbox_changed.set()
 
     # ------------------------------------------------------------------ helpers
 
@@ -359,10 +426,15 @@ class Worker:
             self.status.state = "paused"
             self.resume.wait(0.2)
 
+    def _show_error(self, source: str, message: str) -> None:
+        """status.error shows the work loop's and the submitter's last failures until each succeeds."""
+        self._errors[source] = message
+        self.status.error = "; ".join(m for m in self._errors.values() if m)
+
     def _fail(self, message: str) -> None:
         logger.warning("work loop: %s", message)
         self.status.state = "error"
-        self.status.error = message
+        self._show_error("loop", message)
         self.status.restarts += 1
         self.stop.wait(self.config.restart_backoff_s)
 

@@ -121,6 +121,7 @@ def bad_uses(tmp: Path) -> dict[tuple[str, str], tuple[list[str], str]]:
         ("join", "--host"): (["join", *run, "--host", "not an address"], "host"),
         ("join", "--client-mode"): (["join", "--client-mode", "--state-dir", str(tmp / "node")], "--run-file"),
         ("join", "--threads"): (["join", *run, "--threads", "0"], "threads"),
+        ("join", "--pipeline-depth"): (["join", *run, "--pipeline-depth", "-1"], "pipeline_depth"),
         ("join", "--config"): (["join", *run, "--config", str(tmp / "missing.toml")], "missing.toml"),
         ("join", "--headless"): (["join", "--headless", "--state-dir", str(tmp / "node")], "--run-file"),
         ("coordinator", "--config"): (["coordinator", "--config", str(a_file)], "a-file"),
@@ -191,7 +192,7 @@ def test_join_accepts_every_documented_flag_together(tmp_path):
     out = run_cli("join", "--bootstrap", "/ip4/127.0.0.1/tcp/4001", "--run-file", str(run_file), "--config",
                   str(config), "--state-dir", str(tmp_path / "node"), "--engine", "auto", "--gpu-memory", "0.5",
                   "--max-disk", "2", "--max-upload-mbit", "10", "--port", "0", "--host", "127.0.0.1",
-                  "--client-mode", "--threads", "1", "--max-batches", "1", "--headless")
+                  "--client-mode", "--threads", "1", "--max-batches", "1", "--pipeline-depth", "1", "--headless")
     text = out.stdout + out.stderr
     assert out.returncode == 1 and "Traceback" not in text, text
     problems = re.search(r"invalid NodeConfig: (.*?) \(join needs", " ".join(text.split())).group(1)

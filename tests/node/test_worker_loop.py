@@ -21,7 +21,7 @@ from intellect.node.engine import TorchEngineConfig, setup_engine
 from intellect.node.status import NodeStatus
 from intellect.node.worker import Worker
 from intellect.protocol.identity import Identity
-from intellect.protocol.messages import RunInfo, encode_body
+from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
 from intellect.protocol.swarm import setup_swarm
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.keys import run_info_key
@@ -57,7 +57,7 @@ def node(tmp_path_factory, tiny_model_path):
         envelope = seal(COORDINATOR, MessageKind.RUN_INFO, RUN_ID, encode_body(info))
         assert announcer.publish(run_info_key(), envelope, ttl_s=600.0)
         engine = setup_engine(config.engine, tiny_model_path)
-        yield config, identity, swarm, engine, data
+        yield config, identity, swarm, engine, data, announcer
     finally:
         if swarm is not None:
             swarm.close()
@@ -65,7 +65,7 @@ def node(tmp_path_factory, tiny_model_path):
 
 
 def _worker(node) -> Worker:
-    config, identity, swarm, engine, _ = node
+    config, identity, swarm, engine = node[:4]
     worker = Worker(config, identity, swarm, fetcher=None, status=NodeStatus())
     worker.engine, worker.tokenizer, worker.loaded_step = engine, engine.tokenizer, 0  # policy 0 is loaded
     for old in worker.outbox.glob("*.parquet"):  # batches of an earlier test: never sent (no coordinator)
@@ -180,3 +180,43 @@ def test_missing_module_ends_the_loop_with_the_reason(node):
     assert not thread.is_alive()
     assert worker.fatal == "a module the node needs is missing: vllm 0.8.5 is required, found 0.6.0"
     assert worker.status.state == "failed" and worker.status.restarts == 0
+
+
+def test_generation_goes_on_while_a_verdict_is_awaited_and_stays_bounded(node):
+    """Before: the loop sent each batch and waited for its verdict before generating the next (a node's
+    GPU idled through every validation). Now a submitter thread waits for the verdict (here: a coordinator
+    that holds every submission for 30 s) while the loop generates, up to `pipeline_depth` batches
+    waiting beside the one being sent, then waits itself."""
+    config, identity, swarm, engine, _, announcer = node
+    answer = threading.Event()
+
+    def slow_coordinator(peer, request):
+        answer.wait(30.0)
+        raise RuntimeError("this peer gives no verdicts")
+
+    announcer.register_request_handler(SUBMIT_RPC, slow_coordinator, max_request_bytes=1 << 24)
+    worker = _worker((config.model_copy(update={"submit_timeout_s": 30.0, "pipeline_depth": 2}),
+                      identity, swarm, engine))
+    thread = _start(worker)
+    try:
+        _wait_for(lambda: len(list(worker.outbox.glob("*.parquet"))) == 3, timeout_s=25.0)
+        time.sleep(1.0)  # bounded: no fourth batch while the first still has no verdict
+        names = sorted(p.name for p in worker.outbox.glob("*.parquet"))
+        assert len(names) == 3 and worker.status.state == "submitting" and worker.status.submitted == 0
+        counters = [int(n.split("-")[1]) for n in names]  # policy 0's, carried on from earlier tests
+        assert counters == list(range(counters[0], counters[0] + 3))
+    finally:
+        answer.set()
+        _stop(worker, thread)
+
+
+def test_depth_zero_submits_before_generating_the_next(node):
+    config, identity, swarm, engine = node[:4]
+    worker = _worker((config.model_copy(update={"pipeline_depth": 0}), identity, swarm, engine))
+    thread = _start(worker)
+    try:
+        _wait_for(lambda: "did not answer" in worker.status.error)
+        time.sleep(2.5)  # the resend of the same file fails again; nothing new is generated meanwhile
+        assert len(list(worker.outbox.glob("*.parquet"))) == 1
+    finally:
+        _stop(worker, thread)
