@@ -65,6 +65,9 @@ class CoordinatorConfig(LayeredSettings):
     keep_checkpoints: int = Field(3, ge=1, le=100, description="Training checkpoints kept on disk.")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     shard_size: int = Field(50_000_000, ge=1 << 16, description="Checkpoint shard size in bytes (SHARDCAST: 50 MB).")
+    publish_in_background: bool = Field(True, description="Publish each new policy (shard, sign, store the "
+                                                           "manifest, then announce it) in a thread while the next "
+                                                           "step trains; false: inline, before the next step.")
     threads: int | None = Field(None, ge=1, description="torch threads for training and validation.")
     rollouts: RolloutConfig = Field(default_factory=RolloutConfig)
     task: TaskConfig = Field(default_factory=TaskConfig)

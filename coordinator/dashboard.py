@@ -72,7 +72,8 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     head.add_column()
     head.add_row("run", f"{c.run_id}   coordinator {c.identity.peer_id}")
     waiting = len(c.ledger.accepted_for_train_step(c.collect_step))
-    head.add_row("policy", f"step {c.latest_policy_step}   collecting step {c.collect_step}: "
+    going_out = f" (publishing; {c.published_step} out)" if c.published_step < c.latest_policy_step else ""
+    head.add_row("policy", f"step {c.latest_policy_step}{going_out}   collecting step {c.collect_step}: "
                            f"{waiting}/{c.config.batches_per_step} batches   last step {last.get('step_s', 0):.1f} s   "
                            f"async level {c.config.async_level}")
     rewards = [m["reward"] for m in h]
@@ -90,6 +91,10 @@ def render(coordinator, beats: dict[str, Heartbeat], extra_lines: list[Text] = (
     head.add_row("verdicts", "   ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-")
     if c.last_error:  # the policy loop failed a turn and retries: say why until a turn succeeds
         head.add_row("[red]error[/]", Text(f"{c.last_error} (retrying; {c.loop_errors} failed turns)", style="red"))
+    publishing = c.publishing
+    if publishing is not None and publishing.last_error:  # the publishing thread retries a step: say why
+        head.add_row("[red]publish[/]", Text(f"{publishing.last_error} (retrying; {publishing.num_failures} failed "
+                                             "tries)", style="red"))
 
     nodes = Table(title="nodes", expand=True)
     for col in ("peer id", "engine", "state", "tokens/s", "policy", "accepted", "rejected", "credit", "last seen",
@@ -122,7 +127,7 @@ class _RunCollector:
         yield GaugeMetricFamily("intellect_collect_step", "The train step newly accepted rollouts are queued for.",
                                 value=c.collect_step)
         yield GaugeMetricFamily("intellect_latest_policy_step", "The newest published policy step.",
-                                value=c.latest_policy_step)
+                                value=c.published_step)
         for name, key, what in (
             ("intellect_reward", "reward", "Mean reward of the last train step's completions."),
             ("intellect_completion_length", "length", "Mean completion length (tokens) of the last train step."),

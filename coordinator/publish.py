@@ -9,6 +9,10 @@ percent of the checkpoint.
 
 Records expire in the DHT, so a background thread republishes the last `cache_steps` steps.
 
+`PublishQueue` takes publishing off the training loop's critical path: the loop hands each new step over
+and trains on while one thread publishes the steps in order (a delta is against the step before, so
+none is skipped or reordered), retrying a failed one until it is out.
+
 A "jsonl:" task's data file is served the same way (`publish_data`): one blob named by its sha256.
 
 What this module does not know: training; it is handed a checkpoint folder and a step number.
@@ -19,6 +23,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import threading
+import time
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 from intellect.protocol.identity import Identity
@@ -118,6 +125,111 @@ class Publisher:
     def close(self) -> None:
         self._stop.set()
         self._refresher.join(timeout=5.0)
+
+
+class PublishQueue:
+    """Steps handed over with `put`, each given to `work(step)` (the caller's: publish, then announce) in
+    order, one at a time: by a thread of its own (`background`), or inline, in `put` itself.
+
+    A step leaves the queue only when `work` returned. In the background, a failure is logged in plain
+    words and the same step is tried again after a backoff (doubling from `retry_s` up to `retry_max_s`);
+    inline, it raises to the caller and the step stays first in line for `publish_pending`.
+    """
+
+    def __init__(self, work: Callable[[int], None], *, background: bool, retry_s: float = 1.0,
+                 retry_max_s: float = 60.0) -> None:
+        self._work = work
+        self._retry_s, self._retry_max_s = retry_s, retry_max_s
+        self._pending: deque[int] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.num_failures = 0  # failed tries so far
+        self.last_error = ""  # the last failure in words, until a step goes out
+        self._thread = None
+        if background:
+            self._thread = threading.Thread(target=self._loop, name="policy-publish", daemon=True)
+            self._thread.start()
+
+    @property
+    def num_pending(self) -> int:
+        """Steps handed over and not yet out (the one being published included)."""
+        with self._cond:
+            return len(self._pending)
+
+    def put(self, step: int) -> None:
+        with self._cond:
+            assert not self._pending or step > self._pending[-1], f"step {step} handed over after {self._pending[-1]}"
+            self._pending.append(step)
+            self._cond.notify_all()
+        self.publish_pending()
+
+    def publish_pending(self) -> None:
+        """Inline: publish every step still pending, oldest first; raises what `work` raised. In the
+        background, the thread does that: this returns at once."""
+        if self._thread is not None:
+            return
+        while True:
+            with self._cond:
+                if not self._pending:
+                    return
+                step = self._pending[0]
+            self._work(step)
+            with self._cond:
+                self._pending.popleft()
+
+    def wait_idle(self, stop: threading.Event | None = None, timeout: float | None = None) -> bool:
+        """Until every step handed over is out (True), or `stop` is set or `timeout` passes (False).
+        Inline, it publishes them here and raises what `work` raised."""
+        self.publish_pending()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._pending:
+                if (stop is not None and stop.is_set()) or self._closed:
+                    return False
+                left = 0.25 if deadline is None else min(0.25, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                self._cond.wait(left)  # short waits: `stop` is an Event, it does not notify us
+        return True
+
+    def _loop(self) -> None:
+        failures = 0
+        while True:
+            with self._cond:
+                while not self._pending and not self._closed:
+                    self._cond.wait()
+                if self._closed:
+                    return
+                step = self._pending[0]
+            try:
+                self._work(step)
+            except Exception as e:  # the thread outlives any one failure, as the policy loop does
+                failures += 1
+                self.num_failures += 1
+                self.last_error = f"{type(e).__name__}: {e}"[:500]
+                backoff = min(self._retry_max_s, self._retry_s * 2 ** (failures - 1))
+                network = isinstance(e, (SwarmError, TimeoutError, OSError))  # expected: no traceback
+                logger.error("publishing policy step %s failed (failure %s, trying again in %.0f s): %s",
+                             step, failures, backoff, self.last_error, exc_info=not network)
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed, timeout=backoff)
+                continue
+            failures, self.last_error = 0, ""
+            with self._cond:
+                self._pending.popleft()
+                self._cond.notify_all()
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop after the step being published (if any); steps still pending are dropped (a restarted
+        coordinator publishes its newest checkpoints again). Waits at most `timeout_s`."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=timeout_s)
+            if self._thread.is_alive():
+                logger.warning("a policy step was still being published at close (%.0f s); a restart publishes "
+                               "the newest checkpoints again", timeout_s)
 
 
 def _blobs(manifest: PolicyManifest) -> set[str]:

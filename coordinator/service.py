@@ -2,9 +2,18 @@
 next policy, the publisher puts it into the swarm. The async policy loop:
 
     train step s waits for `batches_per_step` accepted batches made by policies >= s - async_level,
-    trains, checkpoints (atomically), publishes policy s + 1, announces the new step, repeats.
+    trains, checkpoints (atomically), hands policy s + 1 over to be published, repeats.
     Once step s has taken its batches, newly accepted ones are queued for step s + 1, so nothing
     accepted while the trainer runs is left behind.
+
+Publishing (shard, sign, store the manifest, then announce the new step in RunInfo) runs in a thread of
+its own (coordinator/publish.PublishQueue; `publish_in_background = false`: inline), so step s + 1
+trains while policy s + 1 goes out. Two steps: `latest_policy_step` is the newest checkpoint, the one
+the trainer works from; `published_step` the newest policy whose manifest is out, the only one RunInfo
+names, so a node never reads of a policy it cannot fetch. Steps go out in order, none skipped (a
+manifest's deltas are against the step before); one at a time: a train step waits for the step before
+it to be out before it checkpoints (which prunes old checkpoints), so at most one is in flight.
+A failed publish is logged and tried again; at max_steps, run() returns once the last policy is out.
 
 Crash safety: a rollout is acknowledged only after its file is fsynced and its verdict committed
 to the ledger; a checkpoint folder appears only whole. Restarted, the coordinator resumes at the
@@ -108,6 +117,8 @@ class Coordinator:
         self.evaluator = None
         self.swarm = None
         self.publisher = None
+        self.publishing = None  # a PublishQueue of new policy steps, published in order (start_swarm)
+        self._announce_lock = threading.Lock()  # one announce at a time: the newer RunInfo gets the higher seq
         self.task_data = None  # the ShardEntry of a "jsonl:" task's file, served to nodes (RunInfo.task_data)
         self._policies: OrderedDict[int, object] = OrderedDict()
         self._policy_lock = threading.Lock()
@@ -137,8 +148,10 @@ class Coordinator:
             logger.info("resumed at policy step %s", self.trainer.policy_step)
         else:
             self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
-        # the newest published policy; the next train step trains it into latest + 1
+        # the newest checkpoint; the next train step trains it into latest + 1
         self.latest_policy_step = self.trainer.policy_step
+        # the newest policy out in the swarm, which RunInfo names (start_swarm publishes the checkpoints on disk)
+        self.published_step = self.latest_policy_step
         self.collect_step = self.latest_policy_step  # the train step newly accepted rollouts are queued for
         self._sync_metrics()
 
@@ -157,7 +170,7 @@ class Coordinator:
     def _setup_intake(self) -> None:
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
                              self.tokenizer, self.eos_ids, policy_for=self.policy_for,
-                             steps=lambda: (self.collect_step, self.latest_policy_step))
+                             steps=lambda: (self.collect_step, self.published_step))
         dropped = self.intake.recover_inbox()
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
@@ -211,7 +224,7 @@ class Coordinator:
     # ------------------------------------------------------------------ network
 
     def start_swarm(self) -> None:
-        from intellect.coordinator.publish import Publisher
+        from intellect.coordinator.publish import Publisher, PublishQueue
         from intellect.protocol.swarm import setup_swarm
 
         self.swarm = setup_swarm(self.config.swarm, self.identity, self.run_id, self.identity.public_key)
@@ -220,10 +233,13 @@ class Coordinator:
         self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
         if self.config.task.name.startswith("jsonl:"):  # nodes fetch this exact file; its hash goes in RunInfo
             self.task_data = self.publisher.publish_data(Path(self.config.task.name.removeprefix("jsonl:")))
+        # after a restart, the newest checkpoint may never have gone out: publish the ones nodes may use
         for step in range(max(0, self.latest_policy_step - self.config.async_level), self.latest_policy_step + 1):
             if self.policy_dir(step).is_dir():
                 self.publisher.publish(self.policy_dir(step), step, shard_size=self.config.shard_size)
+        self.published_step = self.latest_policy_step
         self.announce()
+        self.publishing = PublishQueue(self._publish_policy, background=self.config.publish_in_background)
 
     def rpc_submit(self, peer: bytes, request: bytes) -> bytes:
         outcome: Outcome = self.intake.submit(request, on_accept=self._on_accept)
@@ -241,15 +257,27 @@ class Coordinator:
         r = self.config.rollouts
         return RunInfo(run_id=self.run_id, run_name=self.config.run_name, coordinator_peer_id=self.identity.peer_id,
                        task=self.config.task, collect_step=self.collect_step,
-                       latest_policy_step=self.latest_policy_step,
+                       latest_policy_step=self.published_step,
                        async_level=self.config.async_level, prompts_per_batch=r.prompts_per_batch,
                        completions_per_prompt=r.completions_per_prompt, max_new_tokens=r.max_new_tokens,
                        temperature=r.temperature, model_config_hash=model_config_hash(self.base_dir),
                        eos_token_ids=sorted(self.eos_ids), task_data=self.task_data)
 
     def announce(self) -> None:
-        envelope = seal(self.identity, MessageKind.RUN_INFO, self.run_id, encode_body(self.run_info()))
-        self.swarm.publish(run_info_key(), envelope, self.config.swarm.record_ttl_s)
+        """Store the run's state (RunInfo) in the DHT. Two threads announce (the loop, when due, and the
+        publisher, after a new step): sealed and stored under one lock, the newest state has the highest seq."""
+        with self._announce_lock:
+            envelope = seal(self.identity, MessageKind.RUN_INFO, self.run_id, encode_body(self.run_info()))
+            self.swarm.publish(run_info_key(), envelope, self.config.swarm.record_ttl_s)
+
+    def _publish_policy(self, step: int) -> None:
+        """Put policy `step` out (its manifest in the DHT, its shards served), then announce it: in this
+        order, a node never reads of a step it cannot fetch. Run by `self.publishing`, in order; a
+        retry after a failed announce does not publish the manifest again."""
+        if self.published_step < step:
+            self.publisher.publish(self.policy_dir(step), step, shard_size=self.config.shard_size)
+            self.published_step = step
+        self.announce()
 
     # ------------------------------------------------------------------ the async policy loop
 
@@ -263,7 +291,7 @@ class Coordinator:
         self._last_announce = time.monotonic()
         self._evaluate_if_due(self.trainer.policy_step)  # the policy it starts from: "before" (0 on a fresh run)
         failures = 0
-        while not self.stop.is_set() and not self._finished():
+        while not self.stop.is_set() and not self._done():
             try:
                 worked = self._turn(on_step)
             except ImportError as e:
@@ -284,7 +312,8 @@ class Coordinator:
 
     def _turn(self, on_step) -> bool:
         """Train if enough batches are in, else wait a little and announce when due; True if it did either."""
-        if self.ready_to_train():
+        self.publishing.publish_pending()  # inline: a step whose publish failed goes out first
+        if not self._finished() and self.ready_to_train():
             metrics = self.train_once()
             if on_step is not None:
                 on_step(metrics)
@@ -299,7 +328,12 @@ class Coordinator:
         return False
 
     def _finished(self) -> bool:
+        """max_steps trained (the last policy may still be going out)."""
         return self.config.max_steps is not None and self.latest_policy_step >= self.config.max_steps
+
+    def _done(self) -> bool:
+        """max_steps trained and the last policy out: the run is over."""
+        return self._finished() and self.publishing.num_pending == 0
 
     def ready_to_train(self) -> bool:
         return len(self.ledger.accepted_for_train_step(self.latest_policy_step)) >= self.config.batches_per_step
@@ -336,13 +370,14 @@ class Coordinator:
         # restart drops this line, so the file never skips a step
         with self._metrics_lock, open(self.metrics_path, "a") as f:
             f.write(json.dumps(metrics) + "\n")
+        # one publish in flight at most, and never of a checkpoint this save prunes
+        self.publishing.wait_idle(self.stop)
         self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
         pause_point("train.saved")
         self._evaluate_if_due(step + 1)  # it reads the checkpoint just saved, in its own thread
         self.latest_policy_step = step + 1
-        self.publisher.publish(self.policy_dir(step + 1), step + 1, shard_size=self.config.shard_size)
-        self.announce()
         self.history.append(metrics)
+        self.publishing.put(step + 1)  # in the background: returns at once, the next step trains meanwhile
         return metrics
 
     def _load_samples(self, submissions) -> tuple[list, list[float], list[int]]:
@@ -369,6 +404,8 @@ class Coordinator:
         self.stop.set()
         if self.evaluator is not None:
             self.evaluator.close()
+        if self.publishing is not None:
+            self.publishing.close()
         if self.publisher is not None:
             self.publisher.close()
         if self.swarm is not None:
