@@ -78,8 +78,11 @@ class ShardStore:
     def has(self, sha256: str) -> bool:
         return self.path(sha256).exists()
 
-    def put(self, entry: ShardEntry, data: bytes) -> Path:
-        check_shard(entry, data)
+    def put(self, entry: ShardEntry, data: bytes, *, hashed_here: bool = False) -> Path:
+        """Store verified bytes. `hashed_here`: `entry` was just computed from these very bytes in this
+        process (the origin sharding its own checkpoint), so they are not hashed a second time."""
+        if not hashed_here:
+            check_shard(entry, data)
         path = self.path(entry.sha256)
         if not path.exists():
             atomic_write(path, [data])
@@ -110,7 +113,11 @@ def check_shard(entry: ShardEntry, data: bytes) -> None:
 
 def shard_checkpoint(src: Path, store: ShardStore, *, run_id: str, policy_step: int, model_config_hash: str,
                      shard_size: int = DEFAULT_SHARD_SIZE) -> PolicyManifest:
-    """Split every file of a checkpoint (file or folder) into shards in `store`; return the manifest."""
+    """Split every file of a checkpoint (file or folder) into shards in `store`; return the manifest.
+    Each byte is read once and hashed twice (its file's hash, its shard's); a shard the store already
+    holds (unchanged since an earlier step, a tokenizer file) is not written again. A changed shard
+    is a copy: a shard is a byte range of a file, and a store file that shared the checkpoint's
+    bytes (a hard link) would be changed by anything that rewrites either in place."""
     files = []
     for path in checkpoint_files(src):
         whole = hashlib.sha256()
@@ -119,7 +126,8 @@ def shard_checkpoint(src: Path, store: ShardStore, *, run_id: str, policy_step: 
             while data := f.read(shard_size):
                 whole.update(data)
                 entry = ShardEntry(sha256=hashlib.sha256(data).hexdigest(), size=len(data))
-                store.put(entry, data)
+                if not store.has(entry.sha256):
+                    store.put(entry, data, hashed_here=True)
                 shards.append(entry)
         files.append(FileEntry(name=path.name, size=path.stat().st_size, sha256=whole.hexdigest(), shards=shards))
     return PolicyManifest(run_id=run_id, policy_step=policy_step, model_config_hash=model_config_hash,
