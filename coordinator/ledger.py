@@ -413,6 +413,16 @@ class Ledger:
             VerdictRow(node, h, bool(acc), reason, detail, at) for node, h, acc, reason, detail, at in rows
         ]
 
+    def accepted_submission(self, content_hash: str) -> SubmissionRow | None:
+        """The accepted submission of this file, if there is one (its verdict, asked for after a restart)."""
+        rows = self._read(
+            "SELECT s.id, s.content_hash, s.node, s.policy_step, s.train_step, s.num_completions, s.num_tokens,"
+            " s.received_at, s.stored_path FROM submissions s JOIN verdicts v ON v.submission = s.id"
+            " WHERE s.content_hash = ? AND v.accepted = 1",
+            (content_hash,),
+        )
+        return SubmissionRow(*rows[0]) if rows else None
+
     def accepted_for_train_step(self, train_step: int) -> list[SubmissionRow]:
         """Accepted submissions queued for a train step, oldest first (the trainer's input)."""
         rows = self._read(

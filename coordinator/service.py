@@ -45,7 +45,7 @@ from intellect.coordinator.ledger import BanPolicy, Ledger
 from intellect.coordinator.rules import run_rules
 from intellect.coordinator.validated import read_validated
 from intellect.protocol.identity import Identity, load_identity, peer_id_of
-from intellect.protocol.messages import SUBMIT_RPC, RunInfo, encode_body
+from intellect.protocol.messages import SUBMIT_RPC, VERDICT_RPC, RunInfo, Verdict, encode_body
 from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
 from intellect.protocol.swarm.keys import run_info_key
 from intellect.protocol.wire import MessageKind, run_id_for, seal
@@ -171,7 +171,7 @@ class Coordinator:
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
                              self.tokenizer, self.eos_ids, policy_for=self.policy_for,
                              steps=lambda: (self.collect_step, self.published_step))
-        dropped = self.intake.recover_inbox()
+        dropped = self.intake.recover_inbox(keep_received=self.config.intake.workers > 0)
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
 
@@ -228,8 +228,15 @@ class Coordinator:
         from intellect.protocol.swarm import setup_swarm
 
         self.swarm = setup_swarm(self.config.swarm, self.identity, self.run_id, self.identity.public_key)
+        if self.config.intake.workers:  # before the first submission can arrive
+            from intellect.coordinator.validators import WorkerSpec
+
+            spec = WorkerSpec(self.config, self.run_id, self.base_dir, self.checkpoints, self.eos_ids,
+                              self.intake.ctx.row_secret)
+            self.intake.start_workers(spec, self.config.intake.workers, on_accept=self._on_accept)
         self.swarm.register_request_handler(SUBMIT_RPC, self.rpc_submit,
                                             max_request_bytes=self.config.intake.max_submission_bytes)
+        self.swarm.register_request_handler(VERDICT_RPC, self.rpc_verdict, max_request_bytes=32)
         self.publisher = Publisher(self.swarm, self.identity, self.config.swarm, self.state_dir)
         if self.config.task.name.startswith("jsonl:"):  # nodes fetch this exact file; its hash goes in RunInfo
             self.task_data = self.publisher.publish_data(Path(self.config.task.name.removeprefix("jsonl:")))
@@ -242,10 +249,24 @@ class Coordinator:
         self.publishing = PublishQueue(self._publish_policy, background=self.config.publish_in_background)
 
     def rpc_submit(self, peer: bytes, request: bytes) -> bytes:
-        outcome: Outcome = self.intake.submit(request, on_accept=self._on_accept)
+        """A signed submission in, a signed verdict out: the verdict itself, or with validator workers
+        `received` (the verdict is asked for by file hash: rpc_verdict)."""
+        if self.intake.pool is not None:
+            outcome: Outcome = self.intake.receive(request)
+        else:
+            outcome = self.intake.submit(request, on_accept=self._on_accept)
         if outcome.sender is not None:
             self.ledger.node_seen(outcome.sender.hex(), peer_id_of(outcome.sender))
         return seal(self.identity, MessageKind.VERDICT, self.run_id, encode_body(outcome.verdict))
+
+    def rpc_verdict(self, peer: bytes, request: bytes) -> bytes:
+        """The 32-byte sha256 of a submitted file in, its signed verdict out (`received` while judged)."""
+        if len(request) == 32:
+            verdict = self.intake.verdict_for(request.hex())
+        else:  # answered like any bad input, not raised (a handler's exception is logged as our failure)
+            verdict = Verdict(file_sha256="0" * 64, accepted=False, reason="bad_schema",
+                              detail="a verdict request is the 32-byte sha256 of the submitted file")
+        return seal(self.identity, MessageKind.VERDICT, self.run_id, encode_body(verdict))
 
     def _on_accept(self, train_step: int) -> None:
         with self.accepted:
@@ -410,6 +431,7 @@ class Coordinator:
             self.publisher.close()
         if self.swarm is not None:
             self.swarm.close()
+        self.intake.close()  # validator workers: after the swarm, so no submission arrives for them
         self.ledger.close()
 
 

@@ -34,16 +34,17 @@ class Reason(StrEnum):
     TOKEN_PROB_MISMATCH = "token_prob_mismatch"
     TOPLOC_FAILED = "toploc_failed"
     SAMPLING_MISMATCH = "sampling_mismatch"  # a token the seeded sampler does not draw (outside ties)
+    VALIDATOR_FAILED = "validator_failed"  # the validator worker failed on the file (ours, not the node's)
 
 
 # Rejections that do not prove the signer misbehaved: no strike towards a ban.
 NO_STRIKE = {Reason.OVERSIZE, Reason.BAD_ENVELOPE, Reason.WRONG_RUN, Reason.REPLAY, Reason.IN_FLIGHT, Reason.BANNED,
-             Reason.STALE_POLICY}
+             Reason.STALE_POLICY, Reason.VALIDATOR_FAILED}
 
 # Answered, counted in memory, but not written to the ledger: they carry no strike and no file, and
 # anyone can send them at line rate (bytes that are no envelope, a replayed envelope, a banned key), so
 # a ledger row each would let one flood grow the disk and hold the record lock honest verdicts wait on.
-UNRECORDED = NO_STRIKE - {Reason.STALE_POLICY}
+UNRECORDED = NO_STRIKE - {Reason.STALE_POLICY, Reason.VALIDATOR_FAILED}
 
 
 class Rejected(Exception):

@@ -9,7 +9,8 @@ both and check every sampled token; batch counters run 1, 2, ... per policy step
 engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6) are
 computed here; the batch is written as a parquet file into the outbox *before* it is sent, so nothing
 generated is lost when the coordinator is away: unsent files are retried while their policy is fresh
-enough, and reported as expired when not.
+enough, and reported as expired when not. A coordinator with validator workers answers a submission
+`received`: the file moves to outbox/received/ and its verdict is asked for by file hash until it comes.
 
 What this module does not know: how bytes travel (the `Swarm`), how shards are fetched (`ShardFetcher`),
 or how tokens are sampled (`Engine`).
@@ -35,8 +36,11 @@ from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
 from intellect.protocol.messages import (
     IN_FLIGHT,
+    RECEIVED,
     STALE_POLICY,
     SUBMIT_RPC,
+    UNKNOWN_FILE,
+    VERDICT_RPC,
     RunInfo,
     SubmissionHeader,
     Verdict,
@@ -100,6 +104,8 @@ class Worker:
         self.coordinator_key = config.coordinator_public_key
         self.outbox = config.state_dir / "outbox"
         self.outbox.mkdir(parents=True, exist_ok=True)
+        self.received = self.outbox / "received"  # stored by the coordinator, verdict not in yet
+        self._sent_at: dict[str, float] = {}  # file name -> when it was sent (monotonic), for latency_s
         self.counters_path = config.state_dir / "batch_counters.json"
         self.verdict_log = config.state_dir / "verdicts.jsonl"
         self.engine = None
@@ -181,6 +187,8 @@ class Worker:
                 continue
             try:
                 self.flush_outbox(self.newest_run_info[1])
+                if self.poll_verdicts():  # still being judged: ask again in a second, or when a batch comes
+                    self._outbox_changed.wait(1.0)
                 self._show_error("submit", "")
             except WorkError as e:
                 self._submit_failed(str(e))
@@ -198,7 +206,7 @@ class Worker:
     def _wait_for_room(self) -> bool:
         """Wait while `pipeline_depth` batches already wait for verdicts. False when no batch is to be made
         (stopped, or the batches sent and waiting already reach `max_batches`)."""
-        while not self.stop.is_set():
+        while not self.stop.is_set() and not self._done():
             pending = self._pending()
             budget_left = self.config.max_batches is None or self.num_batches + pending < self.config.max_batches
             if budget_left and pending <= self.config.pipeline_depth:
@@ -208,7 +216,8 @@ class Worker:
         return False
 
     def _pending(self) -> int:
-        return len(list(self.outbox.glob("*.parquet")))
+        """Batches written and without a verdict: unsent, or received and being judged."""
+        return len(list(self.outbox.glob("*.parquet"))) + len(list(self.received.glob("*.parquet")))
 
     # ------------------------------------------------------------------ follow_policy -> fetch
 
@@ -359,11 +368,60 @@ class Worker:
             raise WorkError(f"the coordinator did not answer ({e}); the batch stays in the outbox and is retried") from e
         if verdict.reason == IN_FLIGHT:  # an earlier copy is still being validated: its verdict comes on a resend
             raise WorkError("the coordinator is still validating an earlier copy of this batch; it is retried")
+        if verdict.reason == RECEIVED:  # stored; a validator judges it: its verdict is asked for by hash
+            self._keep_signed(path, envelope)
+            self.received.mkdir(exist_ok=True)
+            self._sent_at[path.name] = sent_at
+            os.replace(path, self.received / path.name)
+            if not self.pipelined:
+                return self._await_verdict(self.received / path.name)
+            return None
+        self._keep_signed(path, envelope)
+        return self._verdict_in(path, verdict, sent_at, asked=False)
+
+    def _verdict_in(self, path: Path, verdict: Verdict, sent_at: float, asked: bool) -> Verdict:
         if verdict.reason == STALE_POLICY:  # the run moved on without us seeing it: our DHT view is behind
             self.swarm.rebootstrap_soon()
-        self._record(path, verdict, envelope, latency_s=time.monotonic() - sent_at)
+        self._record(path, verdict, latency_s=time.monotonic() - sent_at, asked=asked)
         self.num_batches += 1
         return verdict
+
+    def poll_verdicts(self) -> int:
+        """Ask for the verdicts of received files, oldest first; returns how many are still being judged.
+        A file the coordinator no longer holds (`unknown_file`) goes back to the outbox to be sent again."""
+        waiting = 0
+        for path in sorted(self.received.glob("*.parquet")):
+            verdict = self.ask_verdict(path)
+            if verdict.reason == RECEIVED:
+                waiting += 1
+            elif verdict.reason == UNKNOWN_FILE:
+                logger.warning("%s: the coordinator holds no copy any more; sending it again", path.name)
+                os.replace(path, self.outbox / path.name)
+            else:
+                self._verdict_in(path, verdict, self._sent_at.pop(path.name, time.monotonic()), asked=True)
+        return waiting
+
+    def ask_verdict(self, path: Path) -> Verdict:
+        sha = hashlib.sha256(path.read_bytes()).digest()
+        try:
+            answer = self.swarm.call(self.coordinator_key, VERDICT_RPC, sha, timeout=min(60.0, self.config.submit_timeout_s))
+            signed = open_envelope(answer, run_id=self.swarm.run_id, kinds={MessageKind.VERDICT},
+                                   expected_sender=self.coordinator_key)
+            verdict = decode_body(Verdict, signed.body)
+        except (SwarmError, TimeoutError, WireRejected) as e:
+            raise WorkError(f"the coordinator did not answer a verdict question ({e}); asking again") from e
+        if verdict.file_sha256 != sha.hex():
+            raise WorkError(f"the coordinator answered for another file ({verdict.file_sha256[:12]}); asking again")
+        return verdict
+
+    def _await_verdict(self, path: Path) -> Verdict | None:
+        """Depth 0: wait here for a received file's verdict (up to submit_timeout_s, then the loop goes on)."""
+        deadline = time.monotonic() + self.config.submit_timeout_s
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if not self.poll_verdicts():
+                return None
+            self.stop.wait(0.5)
+        return None
 
     def flush_outbox(self, info: RunInfo) -> None:
         """Resend files that got no verdict; report those too stale to be trained on."""
@@ -376,8 +434,11 @@ class Worker:
                                path.name, policy_step, info.collect_step, info.async_level)
                 continue
             self.submit(path, info)
+        if not self.pipelined:
+            for path in sorted(self.received.glob("*.parquet")):  # received before a restart
+                self._await_verdict(path)
 
-    def _record(self, path: Path, verdict: Verdict, envelope: bytes, latency_s: float) -> None:
+    def _record(self, path: Path, verdict: Verdict, latency_s: float, asked: bool) -> None:
         self.status.submitted += 1
         if verdict.accepted:
             self.status.accepted += 1
@@ -386,18 +447,21 @@ class Worker:
             self.status.rejected += 1
             self.status.last_rejection = f"{verdict.reason}: {verdict.detail}"[:200]
         with open(self.verdict_log, "a") as f:
-            # latency_s: send to signed verdict, the coordinator's validation included
+            # latency_s: send to signed verdict, the coordinator's validation included; asked: the verdict
+            # came from a verdict question (validator workers), not as the submit call's answer
             f.write(json.dumps({"file": path.name, "at": time.time(), "latency_s": round(latency_s, 4),
-                                **verdict.model_dump()}) + "\n")
-        # keep the signed submission (for `intellect-node verify`), the last KEEP_SENT of them
+                                "asked": asked, **verdict.model_dump()}) + "\n")
+        path.unlink(missing_ok=True)
+        self.status.pending = self._pending()
+        self._outbox_changed.set()
+
+    def _keep_signed(self, path: Path, envelope: bytes) -> None:
+        """Keep the signed submission (for `intellect-node verify`), the last KEEP_SENT of them."""
         sent = self.config.state_dir / "sent"
         sent.mkdir(exist_ok=True)
         (sent / f"{path.stem}.signed").write_bytes(envelope)
         for old in sorted(sent.glob("*.signed"))[:-KEEP_SENT]:
             old.unlink(missing_ok=True)
-        path.unlink(missing_ok=True)
-        self.status.pending = self._pending()
-        self._outbox_changed.set()
 
     # ------------------------------------------------------------------ helpers
 

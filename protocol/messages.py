@@ -145,6 +145,11 @@ IN_FLIGHT = "in_flight"
 # Verdict.reason of a batch on a policy older than the run's collected step - async level: the node's
 # view of the run is behind (after a coordinator restart its DHT may not reach the coordinator's records)
 STALE_POLICY = "stale_policy"
+# Verdict.reason while validator workers judge the file (stored durably): not a verdict yet; the node
+# asks for it with VERDICT_RPC, by file hash
+RECEIVED = "received"
+# Verdict.reason of a verdict asked for a file the coordinator holds nothing of: submit it again
+UNKNOWN_FILE = "unknown_file"
 
 
 class Verdict(Body):
@@ -201,6 +206,7 @@ def decode_body(body_type: type[B], data: bytes, max_bytes: int = MAX_BODY_BYTES
 
 MAX_SUBMISSION_FILE_BYTES = MAX_SUBMISSION_BYTES
 SUBMIT_RPC = "submit"  # the coordinator's request handler: a signed submission in, a signed verdict out
+VERDICT_RPC = "verdict"  # the 32-byte sha256 of a submitted file in, its signed verdict (or RECEIVED) out
 
 
 def encode_submission(header: SubmissionHeader, rollout_file: bytes) -> bytes:

@@ -26,9 +26,11 @@ MAX_STEPS = 5
 BATCHES_PER_STEP = 2
 
 
-@pytest.fixture(scope="module", params=["hivemind", "libp2p"])
+@pytest.fixture(scope="module", params=["hivemind", "libp2p", "hivemind-workers"])
 def run(tmp_path_factory, tiny_model_path, request):
-    """The run on each swarm backend (the run file names it; the nodes follow)."""
+    """The run on each swarm backend (the run file names it; the nodes follow), and on hivemind with a
+    validator worker process (submissions answered `received`, verdicts asked for by the nodes)."""
+    backend, workers = request.param.removesuffix("-workers"), int(request.param.endswith("-workers"))
     tmp = tmp_path_factory.mktemp(f"run-{request.param}")
     state = tmp / "coordinator"
     config = write_toml(tmp / "coordinator.toml", {
@@ -38,8 +40,9 @@ def run(tmp_path_factory, tiny_model_path, request):
         "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
         "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                     "seq_len": 1024},
-        "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0, "backend": request.param},
-        "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
+        "swarm": {"host": "127.0.0.1", "port": 0, "record_ttl_s": 60.0, "backend": backend},
+        # eos: see tests/coordinator/test_intake.py
+        "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6, "workers": workers},
     })
     procs = Procs(tmp)
     try:
@@ -51,7 +54,7 @@ def run(tmp_path_factory, tiny_model_path, request):
         assert procs.wait_exit("coordinator", 240) == 0, procs.tails("coordinator")  # max_steps reached
         for i in range(2):
             procs.kill(f"node{i}")
-        yield tmp, state, nodes
+        yield tmp, state, nodes, workers
     finally:
         procs.close()
 
@@ -62,7 +65,7 @@ def node_key(d) -> str:
 
 @pytest.mark.slow
 def test_policy_steps_and_staleness(run):
-    tmp, state, nodes = run
+    tmp, state, nodes, workers = run
     printed = [json.loads(x) for x in (tmp / "coordinator.log").read_text().splitlines() if x.startswith("{")]
     metrics = [json.loads(x) for x in (state / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [m["step"] for m in printed] == list(range(MAX_STEPS))
@@ -74,6 +77,8 @@ def test_policy_steps_and_staleness(run):
         steps = [int(v["file"].split("-", 1)[0]) for v in verdicts]  # outbox files are named by policy step
         assert steps == sorted(steps) and len(set(steps)) >= 2, steps  # the node follows the policy forward
         assert {v["reason"] for v in verdicts} <= {"accepted", "stale_policy"}, verdicts
+        # with a worker every accepted batch's verdict was asked for (a stale one is refused at receipt)
+        assert {v["asked"] for v in verdicts if v["accepted"]} == {bool(workers)}, verdicts
         status = json.loads((d / "status.json").read_text())
         assert status["policy_step"] >= steps[-1] >= 1 and status["accepted"] >= 1
         used.append(steps)
