@@ -34,6 +34,8 @@ DEMO_SETTINGS = {
     "async_level": 2,  # INTELLECT-2's; 1 wastes batches that finish just after a step change
     "batches_per_step": 2,  # 2 batches x 4 prompts x 8 completions = 64 completions per step
     "threads": 2,
+    # one 2-core machine: a publishing thread only takes the trainer's cores (bench/publish.py: 0.88x on SmolLM2)
+    "publish_in_background": False,
     "shard_size": 4_000_000,  # small shards: frozen layers keep their hashes, so nodes fetch only what changed
     "keep_checkpoints": 3,  # async_level + 1: every policy still accepted can be verified
     # groups of 8: with 4 samples a problem's answers were often all right or all wrong (no signal)
