@@ -15,8 +15,11 @@ threads (one caller's in-flight limit) submit garbage as fast as they are answer
 banned), honest per-batch p95 beside the same pass without the flood. In one process, so the figure
 is the intake's own cost (the swarm's per-caller limit and the attacker's CPU are not in it).
 
+Then the same batches through validator worker processes (`intake.workers` 1 and 2): completions per
+second from the first submission to the last verdict, beside the inline figure with TOPLOC.
+
 Prints progress to stderr and one JSON line as the LAST stdout line:
-  intake_per_s, intake_toploc_per_s, completions, batches, per_check_ms (per completion, by stage,
+  intake_per_s, intake_toploc_per_s, intake_per_s_1, intake_per_s_2, receive_ms_1/2 (the submit call), completions, batches, per_check_ms (per completion, by stage,
   for each pass), bombs {name: seconds, x_honest_batch, peak_mb, reason}, flood {honest_p95_ms,
   quiet_p95_ms, ratio, garbage_per_s}, plus the settings.
 
@@ -129,6 +132,50 @@ def fresh_intake(coordinator, workdir: Path, toploc_fraction: float = 1.0):
     ledger = Ledger(workdir / "ledger.sqlite", coordinator.ledger.ban_policy)
     return Intake(config, coordinator.intake.ctx.run, ledger, workdir, coordinator.tokenizer, coordinator.eos_ids,
                   policy_for=coordinator.policy_for, steps=lambda: (0, 0))
+
+
+def worker_figures(coordinator, envelopes: list[bytes], completions: int, workdir: Path) -> dict:
+    """Completions per second from the first submission to the last verdict through validator worker
+    processes (intake.workers 1 and 2; loaded before the clock starts; each loads the policy on its
+    first job, which the clock includes). The submit call answers `received` and returns."""
+    from intellect.coordinator.validators import WorkerSpec
+    from intellect.protocol.messages import RECEIVED
+
+    out = {}
+    for n in (1, 2):
+        intake = fresh_intake(coordinator, workdir / f"workers{n}")
+        spec = WorkerSpec(coordinator.config, coordinator.run_id, coordinator.base_dir, coordinator.checkpoints,
+                          frozenset(coordinator.eos_ids), intake.ctx.row_secret)
+        intake.start_workers(spec, n, on_accept=None)
+        shas = [intake_sha(e) for e in envelopes]
+        try:
+            while intake.pool.num_ready < n:
+                time.sleep(0.05)
+            start = time.perf_counter()
+            received = []
+            for data in envelopes:
+                t = time.perf_counter()
+                verdict = intake.receive(data).verdict
+                received.append(time.perf_counter() - t)
+                assert verdict.reason == RECEIVED, verdict
+            while any(intake.verdict_for(s).reason == RECEIVED for s in shas):
+                time.sleep(0.01)
+            seconds = time.perf_counter() - start
+            assert all(intake.verdict_for(s).accepted for s in shas)
+            out[f"intake_per_s_{n}"] = round(completions / seconds, 1)
+            out[f"receive_ms_{n}"] = round(1000 * sorted(received)[len(received) // 2], 2)  # the submit call
+            log(f"{n} validator worker(s): {out[f'intake_per_s_{n}']} completions/s")
+        finally:
+            intake.close()
+            intake.ledger.close()
+    return out
+
+
+def intake_sha(envelope: bytes) -> str:
+    from intellect.protocol.messages import decode_submission
+    from intellect.protocol.wire import open_envelope
+
+    return decode_submission(open_envelope(envelope, run_id=None).body)[0].file_sha256
 
 
 def vm_kb(field: str) -> int:
@@ -259,6 +306,8 @@ def main() -> int:
             result[f"per_check_ms{'_toploc' if fraction else ''}"] = {
                 k.lstrip("_"): round(1000 * v / completions, 3) for k, v in stages.items()}
             log(f"toploc_fraction={fraction}: {result[key]} completions/s")
+        log("validator workers ...")
+        result |= worker_figures(coordinator, envelopes, completions, root / "workers")
         log("bombs ...")
         result["bombs"] = bomb_figures(coordinator, envelopes[0], root / "hostile")
         log("flood ...")

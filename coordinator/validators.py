@@ -216,6 +216,12 @@ class ValidatorPool:
         with self._lock:
             return [w.process.pid for w in self._workers]
 
+    @property
+    def num_ready(self) -> int:
+        """Workers that have loaded and take jobs."""
+        with self._lock:
+            return sum(w.ready for w in self._workers)
+
     def holding(self) -> dict[int, str]:
         """pid -> the file hash of the job it holds."""
         with self._lock:
