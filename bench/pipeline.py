@@ -2,14 +2,16 @@
 127.0.0.1, every check on) run twice in one go: nodes that wait for each verdict before generating the
 next batch (`pipeline_depth` 0, the old way) against pipelined nodes (`--depth`, the node's default 1).
 
+A third arm adds a validator worker process (`intake.workers` 1): the submit call answers `received` and
+the nodes ask for their verdicts.
+
 Per arm, from the nodes' status.json: the generation duty cycle (seconds inside the engine's generate
 over the span from the first batch's start to the last one's end, averaged over the nodes), and from the
 coordinator's metrics: wall time of the training steps and batches accepted and expired. On this 2-core
 machine nodes, validator and trainer share the CPU, so pipelining cannot give a node more CPU than the
 coordinator leaves it; on a volunteer's GPU the node's generation does not compete with validation.
 
-Not measured yet: intake throughput with 1 vs 2 validator workers (validation still runs inside the
-submit call: there are no validator processes).
+Intake throughput with 1 and 2 validator workers: bench/intake.py (intake_per_s_1, intake_per_s_2).
 
   python bench/pipeline.py [--model tiny|smollm2] [--steps 6] [--depth 1]
 
@@ -30,9 +32,10 @@ from pathlib import Path
 from intellect.node.config import NodeConfig
 
 
-def arm(depth: int, model: str, steps: int, state_dir: Path) -> dict:
+def arm(depth: int, model: str, steps: int, state_dir: Path, workers: int = 0) -> dict:
     started = time.perf_counter()
-    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "INTELLECT_NODE_PIPELINE_DEPTH": str(depth)}
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "INTELLECT_NODE_PIPELINE_DEPTH": str(depth),
+                        "INTELLECT_COORD_INTAKE__WORKERS": str(workers)}
     done = subprocess.run([sys.executable, "-m", "intellect.node.cli", "demo", "--headless", "--model", model,
                            "--steps", str(steps), "--state-dir", str(state_dir)],
                           capture_output=True, text=True, env=env, stdin=subprocess.DEVNULL, check=False)
@@ -69,12 +72,15 @@ def main() -> None:
         print(json.dumps({"arm": "sync", **sync}), file=sys.stderr, flush=True)
         piped = arm(args.depth, args.model, args.steps, Path(tmp) / "pipelined")
         print(json.dumps({"arm": "pipelined", **piped}), file=sys.stderr, flush=True)
+        workers = arm(args.depth, args.model, args.steps, Path(tmp) / "workers", workers=1)
+        print(json.dumps({"arm": "pipelined+worker", **workers}), file=sys.stderr, flush=True)
     print(json.dumps({"bench": "pipeline", "model": args.model, "steps": args.steps, "depth": args.depth,
                       "duty_cycle_sync": sync["duty_cycle"], "duty_cycle_pipelined": piped["duty_cycle"],
+                      "duty_cycle_pipelined_worker": workers["duty_cycle"],
                       "duty_ratio": round(piped["duty_cycle"] / max(sync["duty_cycle"], 1e-9), 2),
                       "wall_s_sync": sync["wall_s"], "wall_s_pipelined": piped["wall_s"],
                       "wall_ratio": round(piped["wall_s"] / max(sync["wall_s"], 1e-9), 2),
-                      "sync": sync, "pipelined": piped}))
+                      "sync": sync, "pipelined": piped, "pipelined_worker": workers}))
 
 
 if __name__ == "__main__":
