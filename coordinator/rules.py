@@ -10,7 +10,7 @@ What this module does not know: how the rules are checked (coordinator/checks.py
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -50,9 +50,10 @@ class IntakeConfig(BaseModel):
     reward_tolerance: float = Field(1e-5, gt=0, description="Allowed |claimed - recomputed| reward.")
     advantage_tolerance: float = Field(1e-3, gt=0, description="Allowed |claimed - recomputed| advantage.")
     prefill_batch_size: int = Field(8, ge=1, le=256, description="Completions per verification forward.")
-    workers: int = Field(0, ge=0, le=64, description=(
+    workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field("auto", description=(
         "Validator worker processes: the submit call stores the file and answers 'received', a worker runs the "
-        "model checks, nodes ask for the verdict (0: the submit call validates and answers the verdict)."))
+        "model checks, nodes ask for the verdict (0: the submit call validates and answers the verdict; auto: 1 "
+        "where a GPU is present, else 0: on CPU cores alone a worker only competes with the trainer)."))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Where validator workers run the prefill "
                                                                         "(auto: cuda when a GPU is present).")
 

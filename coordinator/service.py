@@ -168,10 +168,13 @@ class Coordinator:
                 _write_jsonl(self.metrics_path, kept)
 
     def _setup_intake(self) -> None:
+        from intellect.coordinator.validators import resolve_workers
+
+        self.validator_workers = resolve_workers(self.config.intake.workers)  # started with the swarm
         self.intake = Intake(self.config.intake, run_rules(self.config, self.run_id), self.ledger, self.state_dir,
                              self.tokenizer, self.eos_ids, policy_for=self.policy_for,
                              steps=lambda: (self.collect_step, self.published_step))
-        dropped = self.intake.recover_inbox(keep_received=self.config.intake.workers > 0)
+        dropped = self.intake.recover_inbox(keep_received=self.validator_workers > 0)
         if dropped:
             logger.info("dropped %s unacknowledged submissions from before a restart", dropped)
 
@@ -228,12 +231,12 @@ class Coordinator:
         from intellect.protocol.swarm import setup_swarm
 
         self.swarm = setup_swarm(self.config.swarm, self.identity, self.run_id, self.identity.public_key)
-        if self.config.intake.workers:  # before the first submission can arrive
+        if self.validator_workers:  # before the first submission can arrive
             from intellect.coordinator.validators import WorkerSpec
 
             spec = WorkerSpec(self.config, self.run_id, self.base_dir, self.checkpoints, self.eos_ids,
                               self.intake.ctx.row_secret)
-            self.intake.start_workers(spec, self.config.intake.workers, on_accept=self._on_accept)
+            self.intake.start_workers(spec, self.validator_workers, on_accept=self._on_accept)
         self.swarm.register_request_handler(SUBMIT_RPC, self.rpc_submit,
                                             max_request_bytes=self.config.intake.max_submission_bytes)
         self.swarm.register_request_handler(VERDICT_RPC, self.rpc_verdict, max_request_bytes=32)

@@ -61,6 +61,15 @@ WORKER_CHECKS = [check_prompts, check_rewards, check_termination, check_proofs_r
 MAX_TRIES = 2  # a job whose worker died is queued again once
 
 
+def resolve_workers(setting: int | str) -> int:
+    """`intake.workers`: a number, or "auto" (1 where a GPU is present, else 0)."""
+    if setting != "auto":
+        return int(setting)
+    import torch
+
+    return int(torch.cuda.is_available())
+
+
 @dataclass(frozen=True)
 class Job:
     file_sha256: str
