@@ -52,7 +52,7 @@ from intellect.coordinator.rules import IntakeConfig, RunRules
 from intellect.coordinator.validated import SUFFIX as VALIDATED_SUFFIX
 from intellect.coordinator.validated import to_bytes as validated_bytes
 from intellect.coordinator.validated import validated_path
-from intellect.coordinator.validators import RECEIPT_CHECKS, Finding, Job, ValidatorPool, WorkerSpec
+from intellect.coordinator.validators import RECEIPT_CHECKS, Finding, Job, ValidatorPool, WorkerSpec, judge
 from intellect.coordinator.verdicts import NO_STRIKE, UNRECORDED, Reason, Rejected
 from intellect.protocol.files import atomic_write, fsync_dir
 from intellect.protocol.messages import RECEIVED, UNKNOWN_FILE, SubmissionHeader, Verdict, decode_submission
@@ -273,7 +273,7 @@ class Intake:
         """Judge from now on in `workers` processes (`receive` instead of `submit`); the files received
         before a restart are queued again."""
         self.on_accept = on_accept
-        self.pool = ValidatorPool(spec, workers, self._commit_finding)
+        self.pool = ValidatorPool(spec, workers, self._commit_finding, fallback=lambda job: judge(self.ctx, job))
         for receipt in sorted(self.inbox.glob("*" + RECEIPT_SUFFIX), key=lambda p: p.stat().st_mtime):
             self._requeue(receipt)
 

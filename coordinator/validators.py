@@ -10,7 +10,9 @@ A job is plain (a file path, who signed it, the header) and a finding is plain (
 validation computed, as bytes): a later wave can run workers on other machines over the swarm.
 
 A worker that dies (killed, out of memory) is replaced, and the job it held is queued again, once; a
-file that kills a second worker gets the no-strike verdict `validator_failed` (it may be our bug).
+file that kills a second worker gets the no-strike verdict `validator_failed` (it may be our bug). When
+no worker can start (it says why, or three die while loading), the pool says so once and judges every job
+in the coordinator's process instead (`fallback`): slower, never stuck.
 
 What this module does not know: the ledger, verdicts on the wire, signatures (all the intake's).
 """
@@ -59,6 +61,7 @@ WORKER_CHECKS = [check_prompts, check_rewards, check_termination, check_proofs_r
                  check_claimed_logprobs, check_toploc, check_sampling]
 
 MAX_TRIES = 2  # a job whose worker died is queued again once
+MAX_START_FAILURES = 3  # workers in a row dying before they loaded: the pool gives up (`broken`)
 
 
 def resolve_workers(setting: int | str) -> int:
@@ -169,7 +172,11 @@ def _worker_main(spec: WorkerSpec, conn) -> None:
     import os
 
     parent = os.getppid()
-    ctx = worker_context(spec)
+    try:
+        ctx = worker_context(spec)
+    except Exception as e:  # noqa: BLE001 -- no policy, device or memory: said once, the pool stops starting workers
+        conn.send(("failed", f"{type(e).__name__}: {e}"))
+        return
     conn.send(("ready", None))
     while True:
         if not conn.poll(1.0):
@@ -199,9 +206,13 @@ class ValidatorPool:
     """`workers` processes judging stored files, one job each at a time; `on_finding(finding)` is called
     in the pool's collector thread, one finding at a time."""
 
-    def __init__(self, spec: WorkerSpec, workers: int, on_finding: Callable[[Finding], None]) -> None:
+    def __init__(self, spec: WorkerSpec, workers: int, on_finding: Callable[[Finding], None],
+                 fallback: Callable[[Job], Finding]) -> None:
+        """`fallback(job)` judges a job in this process once no worker can start (`broken`)."""
         self._mp = mp.get_context("spawn")  # torch and threads do not survive fork
-        self._spec, self._on_finding = spec, on_finding
+        self._spec, self._on_finding, self._fallback = spec, on_finding, fallback
+        self.broken = ""  # why no worker can run, once that is known; jobs are then judged by `fallback`
+        self._start_failures = 0
         self._workers: list[_Worker] = []
         self._waiting: deque[Job] = deque()
         self._tries: dict[str, int] = {}
@@ -238,9 +249,23 @@ class ValidatorPool:
 
     def submit(self, job: Job) -> None:
         with self._lock:
-            self._tries[job.file_sha256] = self._tries.get(job.file_sha256, 0) + 1
-            self._waiting.append(job)
-            self._dispatch()
+            if not self.broken:
+                self._tries[job.file_sha256] = self._tries.get(job.file_sha256, 0) + 1
+                self._waiting.append(job)
+                self._dispatch()
+                return
+        self._deliver(self._fallback(job))
+
+    def _give_up(self, why: str) -> None:
+        """No worker can start: say so once, and judge what waits (and all that comes) in this process."""
+        with self._lock:
+            if self.broken:
+                return
+            self.broken = why
+            orphans, self._waiting = list(self._waiting), deque()
+        logger.error("validator workers cannot start (%s): validating in the coordinator's process instead", why)
+        for job in orphans:
+            self._deliver(self._fallback(job))
 
     def _dispatch(self) -> None:
         for w in self._workers:
@@ -266,8 +291,17 @@ class ValidatorPool:
                 if kind == "ready":
                     with self._lock:
                         w.ready = True
+                        self._start_failures = 0
                         self._dispatch()
                     self.ready.set()
+                elif kind == "failed":
+                    with self._lock:
+                        self._workers.remove(w)
+                        alive = any(x.ready for x in self._workers)
+                    w.process.join(5.0)
+                    w.conn.close()
+                    if not alive:
+                        self._give_up(payload)
                 elif kind == "finding":
                     with self._lock:
                         w.job = None
@@ -283,7 +317,7 @@ class ValidatorPool:
             logger.exception("recording the finding on %s failed", finding.file_sha256[:12])
 
     def _replace_dead(self) -> None:
-        failed = []
+        failed, give_up = [], ""
         with self._lock:
             for w in [w for w in self._workers if not w.process.is_alive()]:
                 if self._stop.is_set():
@@ -292,6 +326,11 @@ class ValidatorPool:
                 w.conn.close()
                 logger.warning("validator worker %s exited (code %s); starting another", w.process.pid,
                                w.process.exitcode)
+                if not w.ready:
+                    self._start_failures += 1
+                if self._start_failures >= MAX_START_FAILURES and not any(x.ready for x in self._workers):
+                    give_up = f"{self._start_failures} workers died while loading (exit code {w.process.exitcode})"
+                    continue
                 self._spawn()
                 if w.job is None:
                     continue
@@ -305,6 +344,8 @@ class ValidatorPool:
             self._dispatch()
         for finding in failed:
             self._deliver(finding)
+        if give_up:
+            self._give_up(give_up)
 
     def close(self, timeout: float = 5.0) -> None:
         self._stop.set()

@@ -6,7 +6,8 @@ keys, and `ValidatorPool` processes loading the policy from a checkpoint folder.
 Cases: an honest batch is accepted with what the worker computed beside it; a forged reward gets its
 strike from the worker; a counter that skips ahead is refused at receipt (no worker involved); a resend
 of a file being judged hears `received` again; a worker SIGKILLed while it holds a job is replaced and
-the job judged; received files survive a restart of the intake."""
+the job judged; received files survive a restart of the intake; workers that cannot start leave the
+judging to the coordinator's process instead of leaving files unjudged."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import dataclasses
 import os
 import signal
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -53,14 +55,14 @@ def world(tmp_path_factory, tiny_model_path):
                                async_level=1, threads=1, rollouts=ROLLOUTS,
                                task={"name": "arithmetic", "max_operand": 20, "operators": "+"},
                                intake={"workers": 1, "eos_min_prob": 1e-6, "eos_floor_prob": 1e-6})
-    _, tokenizer = load_model(tiny_model_path)
+    policy, tokenizer = load_model(tiny_model_path)
     eos = eos_token_ids(tokenizer, tiny_model_path)
     info = RunInfo(run_id=RUN_ID, run_name="validators", coordinator_peer_id=COORDINATOR.peer_id,
                    task=TaskConfig(**config.task.model_dump()), collect_step=0, latest_policy_step=0, async_level=1,
                    model_config_hash="0" * 64, eos_token_ids=sorted(eos), **ROLLOUTS)
     engine = setup_engine(TorchEngineConfig(threads=1, max_batch_size=4), tiny_model_path)
     yield SimpleNamespace(tmp=tmp, config=config, tokenizer=tokenizer, eos=eos, info=info, engine=engine,
-                          checkpoints=checkpoints, base=tiny_model_path)
+                          checkpoints=checkpoints, base=tiny_model_path, policy=policy)
     engine.close()
 
 
@@ -68,13 +70,13 @@ def make_intake(w, name: str) -> Intake:
     state = w.tmp / name
     state.mkdir(exist_ok=True)
     intake = Intake(w.config.intake, run_rules(w.config, RUN_ID), Ledger(state / "ledger.sqlite"), state, w.tokenizer,
-                    w.eos, policy_for=lambda step: None, steps=lambda: (0, 0))
+                    w.eos, policy_for=lambda step: w.policy, steps=lambda: (0, 0))
     intake.recover_inbox(keep_received=True)
     return intake
 
 
-def start(w, intake: Intake, accepted: list) -> None:
-    spec = WorkerSpec(w.config, RUN_ID, w.base, w.checkpoints, frozenset(w.eos), intake.ctx.row_secret)
+def start(w, intake: Intake, accepted: list, base: Path | None = None) -> None:
+    spec = WorkerSpec(w.config, RUN_ID, base or w.base, w.checkpoints, frozenset(w.eos), intake.ctx.row_secret)
     intake.start_workers(spec, 1, on_accept=accepted.append)
 
 
@@ -200,3 +202,16 @@ def test_received_files_survive_a_restart(world):
         assert again.verdict_for("0" * 64).reason == "unknown_file"
     finally:
         again.close()
+
+
+def test_workers_that_cannot_start_leave_the_judging_to_the_coordinator(world):
+    intake = make_intake(world, "coordinator-d")
+    start(world, intake, [], base=world.tmp / "no-such-model")  # every worker fails while it loads
+    node = Node(world, "honest-d")
+    try:
+        data = node.batch()
+        assert intake.receive(node.sign(data)).verdict.reason == RECEIVED
+        assert final_verdict(intake, sha(data)).accepted
+        assert "no-such-model" in intake.pool.broken and not intake.pool.pids
+    finally:
+        intake.close()
