@@ -4,8 +4,11 @@ Runs an origin and N node processes on 127.0.0.1 with the origin's upload capped
   swarm        nodes fetch from each other and from the origin, which super-seeds;
   origin_only  every node fetches every shard from the origin (the baseline, measured in the same run).
 Times run from the moment all peers are up and the manifest is published to the moment every node holds
-a verified, assembled checkpoint. The last line printed is one JSON object:
-  {"nodes","size_mb","origin_mbit","swarm_s","origin_only_s","speedup","origin_egress_ratio","all_verified"}
+a verified, assembled checkpoint. One JSON object per swarm backend (--backend hivemind,libp2p runs both
+on the same checkpoint, one after the other):
+  {"backend","nodes","size_mb","origin_mbit","swarm_s","origin_only_s","speedup","origin_egress_ratio",
+   "peer_share","startup_s","all_verified"}
+startup_s = the median node's time from process start to a joined swarm.
 origin_egress_ratio = bytes the origin sent in the swarm run / checkpoint size.
 
 With --netns (root, Linux; tests/netns_harness.py) the origin and the nodes are separate hosts in
@@ -17,7 +20,7 @@ this bench moves checkpoints only; tests/test_netns.py runs the whole loop behin
 With --delta it measures policy updates as shard deltas instead (bench/delta.py, whose options follow:
 real GRPO steps on SmolLM2, one JSON line per learning rate with delta_share, full_share and exact).
 
-Usage: python bench/distribution.py --nodes 8 --size-mb 64 --origin-mbit 200
+Usage: python bench/distribution.py --nodes 8 --size-mb 64 --origin-mbit 200 [--backend hivemind,libp2p]
        sudo .venv/bin/python bench/distribution.py --netns --nodes 8 --natted 4 --size-mb 64
        python bench/distribution.py --delta --lr 1e-6 --lr 3e-7
 """
@@ -50,9 +53,13 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
             return {}
         return {"prefix": tuple(hosts[name].cmd()), "host": hosts[name].ip}
 
+    started_at: dict[str, float] = {}
+
     def start(name: str, *worker_args: str) -> None:
         w = where(name)
-        peers.start(name, *worker_args, *(["--host", w["host"]] if w else []), prefix=w.get("prefix", ()))
+        started_at[name] = time.time()
+        peers.start(name, *worker_args, "--backend", args.backend, *(["--host", w["host"]] if w else []),
+                    prefix=w.get("prefix", ()))
 
     try:
         origin_args = ["--role", "origin", "--seed", COORD, "--cache", "origin", "--checkpoint", str(checkpoint),
@@ -73,6 +80,8 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
             start(name, *node_args, *(["--origin-only"] if origin_only else []))
         for name in names:
             peers.wait_json(workdir / f"{name}.ready", 120, name)
+        # process start to a joined swarm (the ready file), per node
+        startup = sorted((workdir / f"{n}.ready").stat().st_mtime - started_at[n] for n in names)
         start = time.monotonic()
         (workdir / "go").touch()
         results = {}
@@ -90,7 +99,8 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
                           "origin_bytes_sent": sent, "origin_refused": origin["refused"], "bytes_from_peers": from_peers, "verified": verified,
                           "node_seconds": sorted(round(r["seconds"], 2) for r in results.values())}),
               flush=True)
-        return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified, "bytes_from_peers": from_peers}
+        return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified, "bytes_from_peers": from_peers,
+                "startup_s": startup[len(startup) // 2]}
     finally:
         peers.close()
 
@@ -115,25 +125,33 @@ def main() -> None:
     p.add_argument("--delay-ms", type=float, default=40.0, help="--netns: one-way delay per link")
     p.add_argument("--loss-pct", type=float, default=0.5, help="--netns: loss per link")
     p.add_argument("--link-mbit", type=float, default=100.0, help="--netns: rate of each link, each way")
+    p.add_argument("--backend", default="hivemind",
+                   help="swarm backends to run, comma-separated (hivemind,libp2p: one line each, same checkpoint)")
     args = p.parse_args()
+    backends = args.backend.split(",")
+    if not set(backends) <= {"hivemind", "libp2p"}:
+        raise SystemExit("--backend takes hivemind, libp2p or hivemind,libp2p")
     with tempfile.TemporaryDirectory(prefix="bench-distribution-") as tmp:
         tmp = Path(tmp)
         checkpoint = make_checkpoint(tmp / "checkpoint", args.size_mb)
         size = sum(f.stat().st_size for f in checkpoint.iterdir())
-        if args.netns:
-            extra, swarm, baseline = run_netns(tmp, checkpoint, args)
-        else:
-            extra = {}
-            swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False)
-            baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True)
-    print(json.dumps({
-        "nodes": args.nodes, "size_mb": args.size_mb, "origin_mbit": args.origin_mbit,
-        "swarm_s": round(swarm["seconds"], 2), "origin_only_s": round(baseline["seconds"], 2),
-        "speedup": round(baseline["seconds"] / swarm["seconds"], 2),
-        "origin_egress_ratio": round(swarm["origin_bytes_sent"] / size, 3),
-        "peer_share": round(swarm["bytes_from_peers"] / (size * args.nodes), 3),
-        "all_verified": swarm["verified"] and baseline["verified"], **extra,
-    }))
+        for backend in backends:
+            args.backend = backend
+            if args.netns:
+                extra, swarm, baseline = run_netns(tmp / backend, checkpoint, args)
+            else:
+                extra = {}
+                swarm = run_once(tmp / backend / "swarm", checkpoint, args, origin_only=False)
+                baseline = run_once(tmp / backend / "origin_only", checkpoint, args, origin_only=True)
+            print(json.dumps({
+                "backend": backend, "nodes": args.nodes, "size_mb": args.size_mb, "origin_mbit": args.origin_mbit,
+                "swarm_s": round(swarm["seconds"], 2), "origin_only_s": round(baseline["seconds"], 2),
+                "speedup": round(baseline["seconds"] / swarm["seconds"], 2),
+                "origin_egress_ratio": round(swarm["origin_bytes_sent"] / size, 3),
+                "peer_share": round(swarm["bytes_from_peers"] / (size * args.nodes), 3),
+                "startup_s": round(swarm["startup_s"], 2),
+                "all_verified": swarm["verified"] and baseline["verified"], **extra,
+            }), flush=True)
 
 
 def run_netns(tmp: Path, checkpoint: Path, args) -> tuple[dict, dict, dict]:
@@ -144,6 +162,7 @@ def run_netns(tmp: Path, checkpoint: Path, args) -> tuple[dict, dict, dict]:
         raise SystemExit(f"--netns: {why}")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so the namespaces are deleted
     shape = netns_harness.Shape(args.delay_ms, args.loss_pct, args.link_mbit)
+    tmp.mkdir(parents=True, exist_ok=True)
     with netns_harness.Network(tmp, shape) as net:
         hosts = {"origin": net.add_public("origin")}
         for i in range(args.nodes):

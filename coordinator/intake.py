@@ -112,19 +112,27 @@ class Intake:
 
     def submit(self, data: bytes, on_accept: Callable[[int], None] | None = None) -> Outcome:
         """Validate one submission and record its verdict. Never raises for bad input."""
+        opened = self._open(data)
+        if isinstance(opened, Outcome):
+            return opened
+        sender, header, rollout_file = opened
+        try:
+            with self._claimed(header.file_sha256, batch_key(sender, header.policy_step, header.batch_counter)):
+                outcome = self._judge(sender, header, rollout_file, on_accept)
+        except Rejected as r:  # the claim failed: no file of this submission was stored
+            return self._reject(r, sender, None, header.file_sha256)
+        self._remember(outcome.verdict)
+        return outcome
+
+    def _open(self, data: bytes):
+        """(sender, header, rollout file) of an authentic, well-formed submission, or its rejection's Outcome."""
         sender: bytes | None = None
-        file_sha: str | None = None
         try:
             envelope = self._authenticate(data)
             sender = envelope.sender
-            header, rollout_file = self._decode(envelope)
-            file_sha = header.file_sha256  # from here on the verdict names the file
-            with self._claimed(file_sha, batch_key(sender, header.policy_step, header.batch_counter)):
-                outcome = self._judge(sender, header, rollout_file, on_accept)
-        except Rejected as r:  # before the claim: no file of this submission was stored
-            return self._reject(r, sender, None, file_sha)
-        self._remember(outcome.verdict)
-        return outcome
+            return (sender, *self._decode(envelope))
+        except Rejected as r:  # nothing stored, and the verdict cannot name a file yet
+            return self._reject(r, sender, None, None)
 
     def _judge(self, sender: bytes, header, rollout_file: bytes, on_accept) -> Outcome:
         """Store, check and record one submission whose file hash and batch key this thread holds."""
@@ -280,19 +288,18 @@ class Intake:
     def receive(self, data: bytes) -> Outcome:
         """Authenticate, bound and store one submission, run the receipt checks, and queue it for a worker.
         The verdict is `received` (or a rejection found so far). Never raises for bad input."""
-        sender: bytes | None = None
-        file_sha: str | None = None
+        opened = self._open(data)
+        if isinstance(opened, Outcome):
+            return opened
+        sender, header, rollout_file = opened
+        file_sha = header.file_sha256
+        with self._in_flight_lock:
+            if file_sha in self._pending:  # a resend of a file being judged: the same answer
+                return Outcome(_received(file_sha), sender)
+        keys = (file_sha, batch_key(sender, header.policy_step, header.batch_counter))
         try:
-            envelope = self._authenticate(data)
-            sender = envelope.sender
-            header, rollout_file = self._decode(envelope)
-            file_sha = header.file_sha256
-            with self._in_flight_lock:
-                if file_sha in self._pending:  # a resend of a file being judged: the same answer
-                    return Outcome(_received(file_sha), sender)
-            keys = (file_sha, batch_key(sender, header.policy_step, header.batch_counter))
             self._claim(keys)
-        except Rejected as r:  # before the claim: no file of this submission was stored
+        except Rejected as r:  # no file of this submission was stored
             return self._reject(r, sender, None, file_sha)
         file_path: Path | None = None
         try:

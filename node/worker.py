@@ -161,12 +161,16 @@ class Worker:
 
     def turn(self) -> None:
         self._wait_if_paused()
-        info = self.follow_policy()
-        if not self.pipelined:
+        info = self.follow_policy()  # the submitter needs the run's state before it can make room
+        if self.pipelined:
+            full = self._pending() > self.config.pipeline_depth
+            if not self._wait_for_room():
+                return
+            if full:  # the run may have moved on while we waited
+                info = self.follow_policy()
+        else:
             self.flush_outbox(info)
         step = self.fetch_policy(info)
-        if self.pipelined and not self._wait_for_room():
-            return
         batch = self.generate(info, step)
         path = self.write(batch)
         if self.pipelined:
