@@ -41,7 +41,15 @@ def start_coordinator(config: CoordinatorConfig) -> Coordinator:
 
 
 def run_coordinator(config: CoordinatorConfig, headless: bool, console: Console) -> None:
+    """The coordinator in this process; under torchrun (WORLD_SIZE > 1) rank 0 runs it and the other
+    ranks train their FSDP2 shards of its model (`follow_coordinator`)."""
+    from intellect.coordinator.service import follow_coordinator
+    from intellect.coordinator.trainer import distributed
     from intellect.protocol.swarm import SwarmJoinError
+
+    if distributed.init_from_env() and distributed.rank_and_world()[0] > 0:
+        follow_coordinator(config)
+        return
 
     try:
         coordinator = start_coordinator(config)

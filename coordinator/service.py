@@ -98,6 +98,31 @@ def base_model_dir(model: str, cache_dir: Path) -> Path:
     return path
 
 
+def build_trainer(config: CoordinatorConfig, base_dir: Path):
+    """(GRPOTrainer, tokenizer) of the run's model, fp32 master weights; under torchrun every rank builds
+    the same and the trainer shards it (FSDP2)."""
+    import torch
+
+    from intellect.coordinator.trainer.trainer import GRPOTrainer
+    from intellect.protocol.model import load_model
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model, tokenizer = load_model(base_dir, dtype=torch.float32)
+    trainer_config = config.trainer.model_copy(update={"pad_token_id": tokenizer.pad_token_id or 0})
+    return GRPOTrainer(model, trainer_config), tokenizer
+
+
+def follow_coordinator(config: CoordinatorConfig) -> None:
+    """Ranks > 0 under torchrun: build the same trainer and run what rank 0's coordinator trains (its
+    steps, checkpoints and resume) until it stops; no swarm, intake or files of their own."""
+    trainer, _ = build_trainer(config, base_model_dir(config.model, config.state_dir / "models"))
+    logger.info("rank %s of %s: training this rank's FSDP2 shards of the coordinator's model",
+                trainer.rank, trainer.world_size)
+    trainer.follow()
+    logger.info("rank %s: the coordinator stopped", trainer.rank)
+
+
 class Coordinator:
     def __init__(self, config: CoordinatorConfig) -> None:
         self.config = config
@@ -129,20 +154,12 @@ class Coordinator:
     # ------------------------------------------------------------------ set-up
 
     def _setup_model(self) -> None:
-        import torch
+        from intellect.protocol.model import eos_token_ids
 
-        from intellect.coordinator.trainer.trainer import GRPOTrainer
-        from intellect.protocol.model import eos_token_ids, load_model
-
-        if self.config.threads:
-            torch.set_num_threads(self.config.threads)
         self.base_dir = base_model_dir(self.config.model, self.state_dir / "models")
-        model, self.tokenizer = load_model(self.base_dir, dtype=torch.float32)
+        self.trainer, self.tokenizer = build_trainer(self.config, self.base_dir)
         # the run's one EOS set, from the policy folder: announced to nodes, checked by intake
         self.eos_ids = eos_token_ids(self.tokenizer, self.base_dir)
-        trainer_config = self.config.trainer.model_copy(
-            update={"pad_token_id": self.tokenizer.pad_token_id or 0})
-        self.trainer = GRPOTrainer(model, trainer_config)
         self.checkpoints = self.state_dir / "checkpoints"
         if self.trainer.resume(self.checkpoints):
             logger.info("resumed at policy step %s", self.trainer.policy_step)
@@ -426,6 +443,7 @@ class Coordinator:
 
     def close(self) -> None:
         self.stop.set()
+        self.trainer.stop_followers()  # under torchrun the other ranks leave `follow` (one process: nothing)
         if self.evaluator is not None:
             self.evaluator.close()
         if self.publishing is not None:

@@ -8,8 +8,10 @@ Layout of `<dir>/step_<00000012>/`:
 - `trainer_state.pt`: step, optimizer, scheduler, torch/numpy/python RNG states, caller's extra dict.
 Only the newest checkpoint keeps the last two (they are 2-4x the policy's size): older ones stay as
 policies, which the validator needs for submissions up to async_level steps behind. A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so a crash leaves either
-the whole folder or a temp folder that `load_latest` ignores. Single-process: under FSDP the caller
-must hand over a model whose state dict is gathered. Knows nothing about shards or manifests.
+the whole folder or a temp folder that `load_latest` ignores. Under FSDP the trainer gathers the full
+state on rank 0 and hands it over (`model_state`, `optimizer_state`, keyed by parameter name), and
+resumes from `read_latest`'s dicts; weights are stored without the tied LM head (the input embedding
+holds it), and a loader fills it back in. Knows nothing about shards or manifests.
 """
 
 from __future__ import annotations
@@ -51,10 +53,16 @@ def save_checkpoint(
     extra: dict[str, Any] | None = None,
     tokenizer: Any = None,
     keep: int = 2,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
-    """Write checkpoint `step` atomically, keep the newest `keep` policies; returns its folder."""
-    from safetensors.torch import save_model
+    """Write checkpoint `step` atomically, keep the newest `keep` policies; returns its folder.
+    `model_state` / `optimizer_state`: the full state gathered under FSDP (the optimizer's keyed by
+    parameter name); by default the model's and the optimizer's own."""
+    from safetensors.torch import save_file
 
+    weights = untied(model_state if model_state is not None else model.state_dict(), model)
     if keep < 1:
         raise ValueError("keep must be >= 1")
     root = Path(directory)
@@ -62,11 +70,12 @@ def save_checkpoint(
     final = root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
-        export_policy(tmp / POLICY_DIR, model, tokenizer)
-        save_model(model, str(tmp / WEIGHTS_FILE))  # handles tied weights
+        export_policy(tmp / POLICY_DIR, model, tokenizer, state=weights)
+        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
         state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+            "optimizer_by_name": optimizer_state is not None,
             "scheduler": scheduler.state_dict(),
             "rng": _rng_state(),
             "extra": extra or {},
@@ -81,14 +90,15 @@ def save_checkpoint(
     return final
 
 
-def export_policy(directory: Path, model: torch.nn.Module, tokenizer: Any = None) -> None:
-    """The policy as a bf16 `from_pretrained` folder."""
+def export_policy(directory: Path, model: torch.nn.Module, tokenizer: Any = None,
+                  state: dict[str, torch.Tensor] | None = None) -> None:
+    """The policy as a bf16 `from_pretrained` folder (`state`: the model's full state, if not its own)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True)
     tensors: dict[str, torch.Tensor] = {}
     seen: set[int] = set()
-    for name, tensor in model.state_dict().items():
+    for name, tensor in (state if state is not None else model.state_dict()).items():
         # Tied weights share storage; keep the first name (the input embedding in HF causal LMs),
         # from_pretrained re-ties the LM head to it as the config's tie_word_embeddings says.
         if tensor.data_ptr() in seen:
@@ -112,22 +122,66 @@ def load_latest(
     scheduler: Any = None,
 ) -> LoadedCheckpoint | None:
     """Restore the newest complete checkpoint (temp folders ignored); None if there is none."""
-    from safetensors.torch import load_model
+    found = read_latest(directory)
+    if found is None:
+        return None
+    path, weights, state = found
+    model.load_state_dict(tied(weights, model), strict=True)
+    if optimizer is not None:
+        if state.get("optimizer_by_name"):  # written under FSDP: keyed by parameter name
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+            set_optimizer_state_dict(model, optimizer, state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
+        else:
+            optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    return LoadedCheckpoint(path, int(state["step"]), dict(state["extra"]))
+
+
+def read_latest(directory: str | Path) -> tuple[Path, dict[str, torch.Tensor], dict[str, Any]] | None:
+    """(folder, weights, trainer state) of the newest resumable checkpoint, on the CPU; None if none."""
+    from safetensors.torch import load_file
 
     steps = resumable_checkpoints(directory)
     if not steps:
         return None
     path = steps[-1]
-    device = next(model.parameters()).device
-    load_model(model, str(path / WEIGHTS_FILE), strict=True, device=str(device))
     # weights_only=False: the file holds numpy RNG state; it is our own local file, never wire input.
-    state = torch.load(path / STATE_FILE, map_location=device, weights_only=False)
-    if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
-    return LoadedCheckpoint(path, int(state["step"]), dict(state["extra"]))
+    return path, load_file(path / WEIGHTS_FILE), torch.load(path / STATE_FILE, map_location="cpu", weights_only=False)
+
+
+def _tied_names(model: torch.nn.Module) -> tuple[str, str] | None:
+    """(input embedding, LM head) weight names when the model ties them, else None."""
+    if not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return None
+    names = {id(m): n for n, m in model.named_modules()}
+    inp, out = model.get_input_embeddings(), model.get_output_embeddings()
+    if inp is None or out is None or id(inp) not in names or id(out) not in names:
+        return None
+    return f"{names[id(inp)]}.weight", f"{names[id(out)]}.weight"
+
+
+def untied(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state` without the tied LM head (the embedding holds the same values)."""
+    names = _tied_names(model)
+    return {k: v for k, v in state.items() if names is None or k != names[1]}
+
+
+def tied(state: dict[str, torch.Tensor], model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`state` with a tied pair's missing name filled from the other (checkpoints of either writer)."""
+    names = _tied_names(model)
+    if names is None:
+        return state
+    inp, out = names
+    state = dict(state)
+    if inp not in state and out in state:
+        state[inp] = state[out]
+    if out not in state and inp in state:
+        state[out] = state[inp]
+    return state
 
 
 def complete_checkpoints(directory: str | Path) -> list[Path]:
@@ -181,7 +235,8 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def restore_rng(state: dict[str, Any]) -> None:
+    """The RNG states a checkpoint saved (torch, numpy, python, CUDA)."""
     torch.set_rng_state(state["torch"].cpu())
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])

@@ -43,6 +43,11 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def all_sum(values: list[float]) -> list[float]:
     """Element-wise sum over ranks (float64 on the collective's device)."""
     _, world = rank_and_world()

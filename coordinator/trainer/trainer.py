@@ -122,7 +122,12 @@ class GRPOTrainer:
             command = distributed.broadcast_object(None)
             if command[0] == "stop":
                 return
-            self._train_step(command[1])
+            if command[0] == "save":  # the gather is collective; rank 0 writes
+                self._save(Path(command[1]), command[2], None)
+            elif command[0] == "resume":
+                self._resume(Path(command[1]))
+            else:
+                self._train_step(command[1])
 
     def stop_followers(self) -> None:
         if self.world_size > 1:
@@ -160,25 +165,59 @@ class GRPOTrainer:
         }
         return metrics
 
-    def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None) -> Path:
-        """Crash-safe checkpoint of the policy and the whole training state; returns its folder."""
+    def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None) -> Path | None:
+        """Crash-safe checkpoint of the policy and the whole training state; returns its folder. Under
+        FSDP rank 0 calls it: every rank gathers, rank 0 writes (the others get None)."""
         if self.world_size > 1:
-            raise NotImplementedError(
-                "checkpoints under FSDP (gathering the sharded state) are not written yet"
-            )
+            distributed.broadcast_object(("save", str(directory), keep))
+        return self._save(Path(directory), keep, tokenizer)
+
+    def _save(self, directory: Path, keep: int, tokenizer: Any) -> Path | None:
         extra = {"optimizer_step": self.optimizer_step}
-        return checkpoint.save_checkpoint(
-            directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep
-        )
+        if self.world_size == 1:
+            return checkpoint.save_checkpoint(
+                directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep
+            )
+        model_state, optimizer_state = _gather_full_state(self.model, self.optimizer)  # on rank 0 only
+        path = None
+        if self.rank == 0:
+            path = checkpoint.save_checkpoint(
+                directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep,
+                model_state=model_state, optimizer_state=optimizer_state,
+            )
+        distributed.barrier()
+        return path
 
     def resume(self, directory: str | Path) -> bool:
-        """Restore the latest complete checkpoint under `directory`; False if there is none."""
+        """Restore the latest complete checkpoint under `directory`; False if there is none. Under FSDP
+        rank 0 calls it: rank 0 reads the checkpoint and every rank takes its shard of it."""
         if self.world_size > 1:
-            raise NotImplementedError("resuming under FSDP is not supported yet")
-        loaded = checkpoint.load_latest(directory, self.model, self.optimizer, self.scheduler)
-        if loaded is None:
+            distributed.broadcast_object(("resume", str(directory)))
+        return self._resume(Path(directory))
+
+    def _resume(self, directory: Path) -> bool:
+        if self.world_size == 1:
+            loaded = checkpoint.load_latest(directory, self.model, self.optimizer, self.scheduler)
+            if loaded is None:
+                return False
+            self.policy_step, self.optimizer_step = loaded.step, int(loaded.extra["optimizer_step"])
+            return True
+        found = checkpoint.read_latest(directory) if self.rank == 0 else None
+        meta = None if found is None else {k: found[2][k] for k in ("step", "extra", "scheduler")} | {
+            "by_name": bool(found[2].get("optimizer_by_name"))}
+        meta = distributed.broadcast_object(meta)
+        if meta is None:
             return False
-        self.policy_step, self.optimizer_step = loaded.step, int(loaded.extra["optimizer_step"])
+        if not meta["by_name"]:
+            raise ValueError(f"the newest checkpoint under {directory} was written by a single-process trainer; "
+                             "resume it in one process (without torchrun), or start the run afresh")
+        weights, optimizer_state = ({}, {}) if found is None else (checkpoint.tied(found[1], self.model),
+                                                                    found[2]["optimizer"])
+        _scatter_full_state(self.model, self.optimizer, weights, optimizer_state)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if found is not None:
+            checkpoint.restore_rng(found[2]["rng"])
+        self.policy_step, self.optimizer_step = int(meta["step"]), int(meta["extra"]["optimizer_step"])
         return True
 
     def _prepare(self, samples: list[TrainSample], need_old: bool = True) -> OptimizerBatch:
@@ -314,3 +353,30 @@ def _reduce(step_metrics: list[dict[str, float]]) -> dict[str, float]:
     if num_behaviour:  # KL(mu || pi_old at the step's start), per token with a known mu
         metrics["mismatch_kl"] = sum(m["mismatch_kl_sum"] for m in step_metrics) / num_behaviour
     return metrics
+
+
+def _gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """The full (unsharded) model and optimizer state, on rank 0's CPU (empty dicts elsewhere); collective.
+    The optimizer's is keyed by parameter name."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+
+
+def _scatter_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                        optimizer_state: dict) -> None:
+    """Rank 0's full state into every rank's shards (the other ranks pass empty dicts); collective."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, model_state, options=options)
+    set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)

@@ -125,3 +125,60 @@ def test_fsdp_two_processes_match_one(tmp_path):
             assert step_got.keys() == step_expected.keys()
             for name, grad in step_expected.items():
                 assert torch.allclose(step_got[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def save_then_resume(ckpt: str, rank: int = 0):
+    """Train one step from seed 0, checkpoint it, resume a trainer built from other weights (seed 1) and
+    train a second step: that step's metrics, and the resumed step number."""
+    from intellect.coordinator.trainer.trainer import GRPOTrainer
+
+    torch.manual_seed(0)
+    first = GRPOTrainer(tiny_llama(), trainer_config("chunked"))
+    if rank == 0:
+        first.train_step(samples())
+        first.save(ckpt, keep=2)
+        first.stop_followers()
+    else:
+        first.follow()
+    resumed = GRPOTrainer(tiny_llama(seed=1), trainer_config("chunked"))
+    if rank != 0:
+        resumed.follow()
+        return None
+    assert resumed.resume(ckpt)
+    metrics = resumed.train_step(samples())
+    resumed.stop_followers()
+    return metrics, resumed.policy_step, resumed.optimizer_step
+
+
+def _save_resume_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        result = save_then_resume(os.path.join(out_dir, "fsdp"), rank)
+        if rank == 0:
+            torch.save(result, os.path.join(out_dir, "result.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_checkpoints_and_resumes_like_one_process(tmp_path):
+    """Before: GRPOTrainer.save and resume raised NotImplementedError under FSDP. Now every rank gathers,
+    rank 0 writes the same checkpoint one process writes, and a trainer built from other weights resumes
+    it (its shards and the optimizer's) and trains on as one process does."""
+    from safetensors.torch import load_file
+
+    from intellect.coordinator.trainer.checkpoint import POLICY_DIR
+
+    mp.spawn(_save_resume_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    metrics, policy_step, optimizer_step = torch.load(tmp_path / "result.pt", weights_only=False)
+    expected, expected_policy_step, expected_optimizer_step = save_then_resume(str(tmp_path / "single"))
+    assert (policy_step, optimizer_step) == (expected_policy_step, expected_optimizer_step) == (2, 4)
+    for key in ("loss", "grad_norm", "clip_ratio", "mismatch_kl"):
+        assert metrics[key] == pytest.approx(expected[key], rel=1e-4, abs=1e-6), key
+    fsdp, single = (load_file(tmp_path / d / "step_00000001" / POLICY_DIR / "model.safetensors")
+                    for d in ("fsdp", "single"))
+    assert fsdp.keys() == single.keys() and "lm_head.weight" not in fsdp  # tied: the embedding holds it
+    for name, tensor in single.items():
+        assert torch.equal(fsdp[name], tensor), name
