@@ -165,7 +165,18 @@ def test_received_at_once_then_judged_by_a_worker(world):
         intake.close()
 
 
-def test_a_killed_worker_is_replaced_and_its_job_judged(world):
+def kill_the_holder(intake: Intake, killed: tuple[int, ...] = ()) -> int:
+    """SIGKILL the worker (not one of `killed`) once it holds a job (a fresh worker loads the policy on its
+    first job: ~1 s)."""
+    deadline = time.monotonic() + 120
+    while not (held := [pid for pid in intake.pool.holding() if pid not in killed]):
+        assert time.monotonic() < deadline, "no worker took the job"
+        time.sleep(0.002)
+    os.kill(held[0], signal.SIGKILL)
+    return held[0]
+
+
+def test_a_killed_worker_is_replaced_and_its_job_judged_once_more(world):
     intake = make_intake(world, "coordinator-b")
     start(world, intake, [])
     node = Node(world, "honest-b")
@@ -173,14 +184,18 @@ def test_a_killed_worker_is_replaced_and_its_job_judged(world):
         assert intake.pool.ready.wait(120)
         data = node.batch()
         assert intake.receive(node.sign(data)).verdict.reason == RECEIVED
-        deadline = time.monotonic() + 60
-        while not (held := list(intake.pool.holding())):
-            assert time.monotonic() < deadline, "the worker never took the job"
-            time.sleep(0.002)
-        os.kill(held[0], signal.SIGKILL)  # it is loading the policy for its first job (~1 s)
+        killed = kill_the_holder(intake)
         v = final_verdict(intake, sha(data))
         assert v.accepted, v
-        assert held[0] not in intake.pool.pids and len(intake.pool.pids) == 1
+        assert killed not in intake.pool.pids and len(intake.pool.pids) == 1
+        # a file whose worker dies twice is not tried a third time: no strike, the node is told why
+        again = node.batch()
+        assert intake.receive(node.sign(again)).verdict.reason == RECEIVED
+        first = kill_the_holder(intake, (killed,))  # the worker that judged the first file: the kill is quick
+        kill_the_holder(intake, (killed, first))  # its replacement, loading the policy for its first job
+        v = final_verdict(intake, sha(again))
+        assert v.reason == "validator_failed" and not v.accepted, v
+        assert intake.ledger.strikes(node.identity.public_key_hex) == 0
     finally:
         intake.close()
 
