@@ -230,3 +230,42 @@ def test_workers_that_cannot_start_leave_the_judging_to_the_coordinator(world):
         assert "no-such-model" in intake.pool.broken and not intake.pool.pids
     finally:
         intake.close()
+
+
+POOL_SCRIPT = """
+import sys, time
+from pathlib import Path
+from intellect.coordinator.config import CoordinatorConfig
+from intellect.coordinator.validators import ValidatorPool, WorkerSpec
+
+base, checkpoints = Path(sys.argv[1]), Path(sys.argv[2])
+config = CoordinatorConfig(state_dir=Path(sys.argv[3]), model=str(base), threads=1)
+if __name__ == "__main__":
+    pool = ValidatorPool(WorkerSpec(config, "r", base, checkpoints, frozenset({2}), b"0" * 32), 2,
+                         on_finding=print, fallback=None)
+    print(" ".join(map(str, pool.pids)), flush=True)
+    time.sleep(600)
+"""
+
+
+def test_validators_leave_with_a_sigkilled_coordinator(world):
+    """A coordinator killed with SIGKILL cannot stop its workers: they see their parent gone and exit."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    script = world.tmp / "pool.py"
+    script.write_text(POOL_SCRIPT)
+    parent = subprocess.Popen([sys.executable, str(script), str(world.base), str(world.checkpoints),
+                               str(world.tmp / "pool-state")], stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(p) for p in parent.stdout.readline().split()]
+        workers = [psutil.Process(p) for p in pids]
+        assert len(workers) == 2 and all(w.is_running() for w in workers)
+        parent.kill()
+        parent.wait(10)
+        _, alive = psutil.wait_procs(workers, timeout=60)  # a worker still loading checks once it has loaded
+        assert not [w for w in alive if w.status() != psutil.STATUS_ZOMBIE], "validator workers outlived the kill"
+    finally:
+        parent.kill()
