@@ -374,8 +374,10 @@ def _run_and_restart(procs: Procs, tmp_path: Path) -> int:
     ledger = coordinator_nodes(coord_state)
     assert len(ledger) == 3, ledger
     for state in nodes.values():
+        # stale_policy (no strike): a pipelined node's next batch, made while its last one was judged, can
+        # be overtaken by the run (steps of all-zero advantages take no time on the tiny model)
         reasons = {v["reason"] for v in _verdicts(state) if not v["accepted"]}
-        assert reasons <= NO_FAULT, f"an honest node was refused: {reasons}"
+        assert reasons <= NO_FAULT | {"stale_policy"}, f"an honest node was refused: {reasons}"
 
     # crash node2 (SIGKILL, its DHT process and p2pd too) and start it again on the same state dir
     victim = nodes["node2"]
