@@ -490,8 +490,11 @@ class Worker:
         os.replace(tmp, self.counters_path)
 
     def _wait_if_paused(self) -> None:
+        """No new batch while paused. Pipelined, the batches already made are still sent and judged (they
+        would go stale): the state reads "paused" once none is left, or while the submitter is failing."""
         while not self.resume.is_set() and not self.stop.is_set():
-            self.status.state = "paused"
+            draining = self.pipelined and self._pending() and not self._errors["submit"]
+            self.status.state = "submitting" if draining else "paused"
             self.resume.wait(0.2)
 
     def _show_error(self, source: str, message: str) -> None:
