@@ -82,10 +82,13 @@ def test_policy_steps_and_staleness(run):
         status = json.loads((d / "status.json").read_text())
         assert status["policy_step"] >= steps[-1] >= 1 and status["accepted"] >= 1
         used.append(steps)
-    # the last step trained batches of policy >= MAX_STEPS - 1 - async level: the nodes kept up
-    assert max(max(s) for s in used) >= MAX_STEPS - 1 - ASYNC_LEVEL
-
     with Ledger(state / "ledger.sqlite") as ledger:
+        # the last step trained batches of policy >= MAX_STEPS - 1 - async level: the nodes kept up (the
+        # ledger says; with a validator worker the nodes may not have asked for the last verdicts before
+        # the coordinator ended)
+        trained = [s.policy_step for m in metrics for s in ledger.accepted_for_train_step(m["step"])]
+        assert max(trained) >= MAX_STEPS - 1 - ASYNC_LEVEL, trained
+        assert max(max(s) for s in used) >= 1
         for m in metrics:  # each step took its batches, none staler than the async level
             assert_step_took_its_batches(ledger, m, BATCHES_PER_STEP, ASYNC_LEVEL)
         by_node = {n.public_key: n for n in ledger.node_table()}
