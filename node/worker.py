@@ -73,6 +73,7 @@ from intellect.protocol.wire import MessageKind, WireRejected, open_envelope, se
 logger = logging.getLogger(__name__)
 
 KEEP_SENT = 100
+VERDICT_POLL_S = 0.5  # between verdict questions while files are judged (the door allows 4 calls/s a caller)
 
 
 class WorkError(Exception):
@@ -191,8 +192,8 @@ class Worker:
                 continue
             try:
                 self.flush_outbox(self.newest_run_info[1])
-                if self.poll_verdicts():  # still being judged: ask again in a second, or when a batch comes
-                    self._outbox_changed.wait(1.0)
+                if self.poll_verdicts():  # still being judged: ask again soon (a caller may ask 4 times a
+                    self._outbox_changed.wait(VERDICT_POLL_S)  # second), or when a batch comes
                 self._show_error("submit", "")
             except WorkError as e:
                 self._submit_failed(str(e))
