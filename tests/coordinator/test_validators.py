@@ -188,11 +188,18 @@ def test_a_killed_worker_is_replaced_and_its_job_judged_once_more(world):
         v = final_verdict(intake, sha(data))
         assert v.accepted, v
         assert killed not in intake.pool.pids and len(intake.pool.pids) == 1
-        # a file whose worker dies twice is not tried a third time: no strike, the node is told why
+        # a file whose worker dies twice is not tried a third time: no strike, the node is told why. Each
+        # kill lands while a fresh worker loads the policy for its first job (the idle one goes first).
+        idle = intake.pool.pids[0]
+        os.kill(idle, signal.SIGKILL)
+        deadline = time.monotonic() + 120
+        while not (intake.pool.num_ready == 1 and idle not in intake.pool.pids):
+            assert time.monotonic() < deadline, "the idle worker was not replaced"
+            time.sleep(0.05)
         again = node.batch()
         assert intake.receive(node.sign(again)).verdict.reason == RECEIVED
-        first = kill_the_holder(intake, (killed,))  # the worker that judged the first file: the kill is quick
-        kill_the_holder(intake, (killed, first))  # its replacement, loading the policy for its first job
+        second = kill_the_holder(intake, (killed, idle))
+        kill_the_holder(intake, (killed, idle, second))
         v = final_verdict(intake, sha(again))
         assert v.reason == "validator_failed" and not v.accepted, v
         assert intake.ledger.strikes(node.identity.public_key_hex) == 0
