@@ -217,7 +217,11 @@ class Ledger:
             return self._db.execute(sql, args).fetchall()
 
     def close(self) -> None:
-        self._db.close()
+        """After the transaction in progress, if any: closing under a writer's feet crashes the process
+        (a request handler still recording a verdict while the coordinator stops); later calls raise
+        sqlite3.ProgrammingError."""
+        with self._lock:
+            self._db.close()
 
     def __enter__(self) -> Self:
         return self

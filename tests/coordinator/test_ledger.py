@@ -265,3 +265,38 @@ def test_requeue_moves_accepted_submissions_to_a_later_step(tmp_path):
         ledger.requeue([r.id for r in rows[1:]], 6)
         assert [r.content_hash for r in ledger.accepted_for_train_step(5)] == [rows[0].content_hash]
         assert [r.content_hash for r in ledger.accepted_for_train_step(6)] == [r.content_hash for r in rows[1:]]
+
+
+def test_close_waits_for_the_write_in_progress(tmp_path):
+    """Seen in CI: a coordinator that was stopping closed its ledger while a request handler was still
+    recording a verdict, and the process died of a segmentation fault (exit -11). close() now waits for
+    the transaction in progress; calls after it raise instead."""
+    import threading
+    import time
+
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    ledger.node_seen(A, "in-a", at=1.0)
+    inside, release = threading.Event(), threading.Event()
+
+    def writer():
+        with ledger._transaction():
+            inside.set()
+            release.wait(10)
+            ledger._db.execute("UPDATE nodes SET last_seen = 2.0 WHERE public_key = ?", (A,))
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    assert inside.wait(10)
+    closer = threading.Thread(target=ledger.close)
+    closer.start()
+    time.sleep(0.3)
+    assert closer.is_alive(), "close() did not wait for the write in progress"
+    release.set()
+    thread.join(10)
+    closer.join(10)
+    assert not closer.is_alive()
+    with pytest.raises(sqlite3.ProgrammingError):
+        ledger.node_table()
+    with Ledger(path) as again:
+        assert again.node_table()[0].last_seen == 2.0
