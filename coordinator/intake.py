@@ -281,7 +281,7 @@ class Intake:
         """Judge from now on in `workers` processes (`receive` instead of `submit`); the files received
         before a restart are queued again."""
         self.on_accept = on_accept
-        self.pool = ValidatorPool(spec, workers, self._commit_finding, fallback=lambda job: judge(self.ctx, job))
+        self.pool = ValidatorPool(spec, workers, self.commit, fallback=lambda job: judge(self.ctx, job))
         for receipt in sorted(self.inbox.glob("*" + RECEIPT_SUFFIX), key=lambda p: p.stat().st_mtime):
             self._requeue(receipt)
 
@@ -342,9 +342,6 @@ class Intake:
             file_path.unlink(missing_ok=True)
             return
         self._queue(keys, sub, file_path)
-
-    def _commit_finding(self, finding: Finding) -> None:
-        self.commit(finding)
 
     def commit(self, finding: Finding) -> Verdict | None:
         """Record a worker's finding on a received file; the verdict is kept for `verdict_for`. Called from

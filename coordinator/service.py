@@ -29,21 +29,21 @@ What this module does not know: how the screen looks (dashboard) or what the CLI
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from pathlib import Path
 
 from intellect.coordinator.config import CoordinatorConfig
 from intellect.coordinator.faults import pause_point
 from intellect.coordinator.intake import Intake, Outcome
 from intellect.coordinator.ledger import BanPolicy, Ledger
+from intellect.coordinator.policies import PolicyCache, policy_dir
 from intellect.coordinator.rules import run_rules
 from intellect.coordinator.validated import read_validated
+from intellect.coordinator.verdicts import Reason
 from intellect.protocol.identity import Identity, load_identity, peer_id_of
 from intellect.protocol.messages import SUBMIT_RPC, VERDICT_RPC, RunInfo, Verdict, encode_body
 from intellect.protocol.rollouts import RolloutFormatError, read_rollouts
@@ -145,8 +145,6 @@ class Coordinator:
         self.publishing = None  # a PublishQueue of new policy steps, published in order (start_swarm)
         self._announce_lock = threading.Lock()  # one announce at a time: the newer RunInfo gets the higher seq
         self.task_data = None  # the ShardEntry of a "jsonl:" task's file, served to nodes (RunInfo.task_data)
-        self._policies: OrderedDict[int, object] = OrderedDict()
-        self._policy_lock = threading.Lock()
         self._setup_model()
         self._setup_intake()
         self._setup_eval()
@@ -161,6 +159,8 @@ class Coordinator:
         # the run's one EOS set, from the policy folder: announced to nodes, checked by intake
         self.eos_ids = eos_token_ids(self.tokenizer, self.base_dir)
         self.checkpoints = self.state_dir / "checkpoints"
+        # the model of a published policy step, in `compute_dtype` (the last async_level + 1 kept)
+        self.policy_for = PolicyCache(self.checkpoints, self.config.async_level + 1)
         if self.trainer.resume(self.checkpoints):
             logger.info("resumed at policy step %s", self.trainer.policy_step)
         else:
@@ -219,27 +219,7 @@ class Coordinator:
             self.evaluator.submit(policy_step)
 
     def policy_dir(self, step: int) -> Path:
-        from intellect.coordinator.trainer.checkpoint import POLICY_DIR
-
-        return self.checkpoints / f"step_{step:08d}" / POLICY_DIR
-
-    def policy_for(self, step: int):
-        """The model of a published policy step, in `compute_dtype` (LRU of async_level + 1)."""
-        from intellect.protocol.model import load_model, load_weights
-
-        with self._policy_lock:
-            if step in self._policies:
-                self._policies.move_to_end(step)
-                return self._policies[step]
-            if self._policies:  # a copy of a loaded policy takes the new weights: a third of a fresh load
-                model = copy.deepcopy(next(reversed(self._policies.values())))
-                load_weights(model, self.policy_dir(step))
-            else:
-                model, _ = load_model(self.policy_dir(step))
-            self._policies[step] = model
-            while len(self._policies) > self.config.async_level + 1:
-                self._policies.popitem(last=False)
-            return model
+        return policy_dir(self.checkpoints, step)
 
     # ------------------------------------------------------------------ network
 
@@ -284,7 +264,7 @@ class Coordinator:
         if len(request) == 32:
             verdict = self.intake.verdict_for(request.hex())
         else:  # answered like any bad input, not raised (a handler's exception is logged as our failure)
-            verdict = Verdict(file_sha256="0" * 64, accepted=False, reason="bad_schema",
+            verdict = Verdict(file_sha256="0" * 64, accepted=False, reason=Reason.BAD_SCHEMA.value,
                               detail="a verdict request is the 32-byte sha256 of the submitted file")
         return seal(self.identity, MessageKind.VERDICT, self.run_id, encode_body(verdict))
 

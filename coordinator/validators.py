@@ -23,7 +23,7 @@ import logging
 import multiprocessing as mp
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import wait
@@ -123,12 +123,11 @@ def _no_ledger(*_):
 
 
 def worker_context(spec: WorkerSpec) -> CheckContext:
-    """The checks' context in a worker: the run's rules and its own LRU of policies."""
+    """The checks' context in a worker: the run's rules and its own cache of policies."""
     import torch
 
+    from intellect.coordinator.policies import PolicyCache
     from intellect.coordinator.rules import run_rules
-    from intellect.coordinator.trainer.checkpoint import POLICY_DIR
-    from intellect.protocol.model import load_model, load_weights
 
     config = spec.config
     torch.set_num_threads(config.threads or 1)
@@ -136,25 +135,7 @@ def worker_context(spec: WorkerSpec) -> CheckContext:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = _tokenizer(spec.base_dir)
-    policies: OrderedDict[int, object] = OrderedDict()
-
-    def policy_for(step: int):
-        if step in policies:
-            policies.move_to_end(step)
-            return policies[step]
-        folder = spec.checkpoints / f"step_{step:08d}" / POLICY_DIR
-        if policies:  # a copy of a loaded policy takes the new weights: a third of a fresh load
-            import copy
-
-            model = copy.deepcopy(next(reversed(policies.values())))
-            load_weights(model, folder)
-        else:
-            model, _ = load_model(folder, device=device)
-        policies[step] = model
-        while len(policies) > config.async_level + 1:
-            policies.popitem(last=False)
-        return model
-
+    policy_for = PolicyCache(spec.checkpoints, config.async_level + 1, device=device)
     return CheckContext(run=run_rules(config, spec.run_id), config=config.intake, tokenizer=tokenizer,
                         eos_ids=spec.eos_ids, policy_for=policy_for, steps=_no_ledger, batch_holder=_no_ledger,
                         highest_counter=_no_ledger, row_secret=spec.row_secret)
