@@ -33,6 +33,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,10 +79,9 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
             if args.node_mbit:
                 node_args += ["--max-upload-mbit", str(args.node_mbit)]
             start(name, *node_args, *(["--origin-only"] if origin_only else []))
-        for name in names:
-            peers.wait_json(workdir / f"{name}.ready", 120, name)
-        # process start to a joined swarm (the ready file), per node
-        startup = sorted((workdir / f"{n}.ready").stat().st_mtime - started_at[n] for n in names)
+        ready = {name: peers.wait_json(workdir / f"{name}.ready", 120, name) for name in names}
+        # process start to a joined swarm, per node (the reachability check that follows not counted)
+        startup = sorted(ready[n]["joined_at"] - started_at[n] for n in names)
         start = time.monotonic()
         (workdir / "go").touch()
         results = {}
@@ -97,7 +97,9 @@ def run_once(workdir: Path, checkpoint: Path, args, origin_only: bool, hosts: di
         from_peers = sum(r["stats"].get("bytes_from_peers", 0) for r in results.values())
         print(json.dumps({"mode": "origin_only" if origin_only else "swarm", "seconds": round(seconds, 2),
                           "origin_bytes_sent": sent, "origin_refused": origin["refused"], "bytes_from_peers": from_peers, "verified": verified,
-                          "node_seconds": sorted(round(r["seconds"], 2) for r in results.values())}),
+                          "node_seconds": sorted(round(r["seconds"], 2) for r in results.values()),
+                          "node_stats": dict(sum((Counter(r["stats"]) + Counter(r["swarm_stats"])
+                                                  for r in results.values()), Counter()))}),
               flush=True)
         return {"seconds": seconds, "origin_bytes_sent": sent, "verified": verified, "bytes_from_peers": from_peers,
                 "startup_s": startup[len(startup) // 2]}

@@ -100,7 +100,7 @@ class Publisher:
         ttl = self.config.record_ttl_s
         self.swarm.publish(manifest_key(step), signed, ttl)
         body = ShardAnnounce(policy_step=step, manifest_sha256=manifest_digest(signed),
-                             shard_sha256s=sorted(_blobs(manifest)))
+                             shard_sha256s=sorted(_blobs(manifest)), addrs=self.swarm.direct_addrs())
         self.swarm.publish(shards_key(step),
                            seal(self.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body)), ttl)
 

@@ -12,6 +12,7 @@ import logging
 import threading
 import time
 
+from intellect.node import known_peers
 from intellect.node.config import NodeConfig
 from intellect.node.status import NodeStatus
 from intellect.node.worker import Worker
@@ -43,12 +44,11 @@ class NodeApp:
     def start(self) -> None:
         """Join the swarm (raises SwarmJoinError in plain words) and start the work loop."""
         from intellect.node.fetch import ShardFetcher
-        from intellect.protocol.swarm import setup_swarm
 
         self.status.state = "joining"
         self._write_status()
-        self.swarm = setup_swarm(self.config.swarm, self.identity, self.config.run_id,
-                                 self.config.coordinator_public_key)
+        self.swarm = known_peers.join(self.config.swarm, self.identity, self.config.run_id,
+                                      self.config.coordinator_public_key, self.config.state_dir)
         self.fetcher = ShardFetcher(self.swarm, self.config.swarm, self.config.state_dir / "cache",
                                     self.config.coordinator_public_key, progress=self._on_progress)
         self.worker = Worker(self.config, self.identity, self.swarm, self.fetcher, self.status)
@@ -102,6 +102,7 @@ class NodeApp:
                     self.status.reachability = r.line
                     checked = r.reachable is not None
                 self._heartbeat()
+                known_peers.save(self.swarm, self.config.state_dir)
             except (SwarmError, TimeoutError, OSError) as e:
                 logger.warning("housekeeping: %s", e)
 

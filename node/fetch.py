@@ -213,6 +213,7 @@ class ShardFetcher:
                     raise ShardUnavailable(f"step {step}: {len(pending)} shards still missing at the deadline")
                 if time.monotonic() - state.refreshed > self.tuning.holders_refresh_s:
                     state.holders = self._holders(step, digest)
+                    state.connected = self._connected()
                     state.refreshed = time.monotonic()
                 while len(jobs) < self.tuning.parallel:
                     job = self._pick(pending, jobs.values(), state)
@@ -249,6 +250,9 @@ class ShardFetcher:
             for sha in usable:
                 peers = [p for p in state.holders.get(state.blob(pending[sha]).sha256, ())
                          if p != origin and self._usable(p, load, state, now) and p not in state.failed[sha]]
+                # holders we can reach first: connected, or announced where to dial them (the others
+                # may sit behind a NAT, and a dial that cannot succeed holds a download slot until it fails)
+                peers = [p for p in peers if self._reachable(p, state)] or peers
                 if peers:
                     peer = min(peers, key=lambda p: (load[p], random.random()))
                     key = (len(peers), load[peer], random.random())
@@ -264,8 +268,15 @@ class ShardFetcher:
             return None
         sha = random.choice(candidates)
         blob = state.blob(pending[sha])
-        others_failed = bool(state.failed[sha]) or any(p in self.bad_peers for p in state.holders.get(blob.sha256, ()))
+        # "every other holder failed me" lifts the origin's super-seeding hold: holders we had no way to
+        # reach (behind a NAT, never connected) do not count, or NATed nodes would drain the origin
+        others_failed = (any(self._reachable(p, state) for p in state.failed[sha])
+                         or any(p in self.bad_peers for p in state.holders.get(blob.sha256, ())))
         return _Job(pending[sha], origin, others_failed, blob)
+
+    def _reachable(self, peer: PeerKey, state: _PickState) -> bool:
+        """Connected now, or it announced where to dial it."""
+        return peer in state.connected or self.swarm.addr_book.knows(peer)
 
     def _usable(self, peer: PeerKey, load: Counter, state: _PickState, now: float) -> bool:
         return (peer not in self.bad_peers and peer != self.swarm.identity.public_key
@@ -367,12 +378,19 @@ class ShardFetcher:
             except WireRejected:
                 self.stats["announces_rejected"] += 1
                 continue
+            self.swarm.remember_addrs(envelope.sender, announce.addrs)
             if announce.policy_step != step or announce.manifest_sha256 != digest:
                 self.stats["announces_other_manifest"] += 1
                 continue
             for sha in announce.shard_sha256s:
                 holders[sha].append(envelope.sender)
         return holders
+
+    def _connected(self) -> set[PeerKey]:
+        try:
+            return set(self.swarm.peers())
+        except (SwarmError, TimeoutError):
+            return set()
 
     # ---- task data --------------------------------------------------------------------------------
 
@@ -444,7 +462,9 @@ class ShardFetcher:
         holders = []
         for envelope in envelopes:
             try:
-                if sha in decode_body(DataAnnounce, envelope.body).sha256s:
+                announce = decode_body(DataAnnounce, envelope.body)
+                self.swarm.remember_addrs(envelope.sender, announce.addrs)
+                if sha in announce.sha256s:
                     holders.append(envelope.sender)
             except WireRejected:
                 self.stats["announces_rejected"] += 1
@@ -482,7 +502,7 @@ class ShardFetcher:
         shas = self._held(manifest)
         if not shas:
             return
-        body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas)
+        body = ShardAnnounce(policy_step=step, manifest_sha256=digest, shard_sha256s=shas, addrs=self._direct_addrs())
         envelope = seal(self.swarm.identity, MessageKind.SHARD_ANNOUNCE, self.swarm.run_id, encode_body(body))
         try:
             self.swarm.publish(shards_key(step), envelope, self.config.record_ttl_s)
@@ -496,12 +516,19 @@ class ShardFetcher:
         if self.config.client_mode or not held:
             return
         envelope = seal(self.swarm.identity, MessageKind.DATA_ANNOUNCE, self.swarm.run_id,
-                        encode_body(DataAnnounce(sha256s=held[:16])))
+                        encode_body(DataAnnounce(sha256s=held[:16], addrs=self._direct_addrs())))
         try:
             self.swarm.publish(task_data_key(), envelope, self.config.record_ttl_s)
         except (SwarmError, TimeoutError, OSError) as e:
             logger.info("task data announce failed: %s (will retry)", e)
             self._dirty.set()
+
+    def _direct_addrs(self) -> list[str]:
+        try:
+            return self.swarm.direct_addrs()
+        except (SwarmError, TimeoutError) as e:
+            logger.info("could not list our addresses for the announcement: %s", e)
+            return []
 
     def _held(self, manifest: PolicyManifest) -> list[str]:
         """The manifest's shards and deltas this node holds (and so serves)."""
@@ -576,6 +603,7 @@ class ShardFetcher:
 @dataclass
 class _PickState:
     holders: dict[str, list[PeerKey]] = field(default_factory=dict)
+    connected: set = field(default_factory=set)  # peers with a connection open now
     refreshed: float = 0.0
     failures_cleared: float = field(default_factory=time.monotonic)
     failed: defaultdict = field(default_factory=lambda: defaultdict(set))  # sha -> peers that failed it

@@ -25,6 +25,9 @@ Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 digests, publ
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Step = Annotated[int, Field(ge=0, le=10**9)]
+# where a peer can be dialled directly: /ip4|ip6/<ip>/tcp/<port> (protocol/swarm/addr_book.py)
+DialAddrs = Annotated[list[Annotated[str, Field(max_length=64, pattern=r"^/ip[46]/[0-9A-Fa-f.:]+/tcp/[0-9]{1,5}$")]],
+                      Field(max_length=4)]
 
 
 class Body(BaseModel):
@@ -92,12 +95,14 @@ class ShardAnnounce(Body):
     policy_step: Step
     manifest_sha256: Hex32
     shard_sha256s: Annotated[list[Hex32], Field(max_length=100_000)]
+    addrs: DialAddrs = []  # the signer's direct addresses: fetchers dial them, not peer routing
 
 
 class DataAnnounce(Body):
     """A peer says which verified task data files (`RunInfo.task_data`) it holds and serves."""
 
     sha256s: Annotated[list[Hex32], Field(min_length=1, max_length=16)]
+    addrs: DialAddrs = []  # as in ShardAnnounce
 
 
 class RunInfo(Body):

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from intellect.protocol.identity import Identity
+from intellect.protocol.swarm.addr_book import AddrBook, dialable
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.wire import Envelope
 
@@ -49,9 +50,41 @@ class RequestRefused(Exception):
 
 
 class Swarm(abc.ABC):
+    config: SwarmConfig
     identity: Identity
     run_id: str
     stats: Counter  # records_ok, rejected_<reason>, requests_served, handler_errors, ...
+    addr_book: AddrBook  # dial hints from peers' signed announcements (addr_book.py)
+    reachability = None  # the last check_reachability() answer (reachability.Reachability)
+
+    def remember_addrs(self, peer: PeerKey, addrs: list[str]) -> None:
+        """Dial hints `peer` signed about itself; calls to `peer` dial them first (at most every 30 s)."""
+        if peer != self.identity.public_key:
+            self.addr_book.note(peer, addrs)
+
+    def direct_addrs(self) -> list[str]:
+        """The addresses we sign into our announcements for peers to dial: `announce_addrs` if set, else
+        our visible direct ones (loopback last); none in client mode or once the dial-back check found us
+        behind a NAT (nobody could dial them)."""
+        if self.config.client_mode:
+            return []
+        if self.config.announce_addrs:
+            return dialable(self.config.announce_addrs)
+        if self.reachability is not None and self.reachability.case == "behind NAT":
+            return []
+        addrs = [a for a in self.visible_addrs() if "/p2p-circuit" not in a]
+        return dialable(sorted(addrs, key=lambda a: "/127." in a or "/::1/" in a))
+
+    def rebootstrap_addrs(self) -> list[str]:
+        """The bootstrap peers, then the known ones: dialled again when records went missing or stale."""
+        return [*self.config.bootstrap, *(a for a in self.addr_book.multiaddrs() if a not in self.config.bootstrap)]
+
+    def check_reachability(self, timeout: float = 20.0):
+        """Public (dialled), relayed, behind NAT, client mode or unknown: see `reachability.py`."""
+        from intellect.protocol.swarm.reachability import ask_for_dialback
+
+        self.reachability = ask_for_dialback(self, timeout)
+        return self.reachability
 
     def counters(self) -> dict[str, int]:
         """`stats` plus `dht_records_refused`: records our DHT's validator refused to store or to take

@@ -52,6 +52,7 @@ from intellect.protocol.swarm import (
     SwarmError,
     SwarmJoinError,
 )
+from intellect.protocol.swarm.addr_book import AddrBook
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -74,18 +75,14 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
-from intellect.protocol.swarm.reachability import (
-    DIALBACK_RPC,
-    Reachability,
-    ask_for_dialback,
-    parse_dialback_request,
-)
+from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
 
 _PROTO_PREFIX = "intellect."
 _REBOOTSTRAP_EVERY_S = 15.0
+_DIAL_HINT_TIMEOUT_S = 5.0
 
 
 def libp2p_peer_id(peer: PeerKey):
@@ -195,6 +192,7 @@ class HivemindSwarm(Swarm):
         self._workers = ThreadPoolExecutor(max_workers=_HANDLER_THREADS, thread_name_prefix="swarm-handler")
         self._closed = False
         self._last_rebootstrap = 0.0
+        self.addr_book = AddrBook()
         self._dialback_lock = threading.Lock()
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
         if not config.client_mode:
@@ -272,11 +270,12 @@ class HivemindSwarm(Swarm):
         """Swarm.rebootstrap_soon: pings the bootstrap peers from the DHT process, so both routing tables
         hold each other again. Called when a read finds nothing, and by a node whose batch was stale."""
         now = time.monotonic()
-        if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
+        addrs = self.rebootstrap_addrs()
+        if not addrs or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
             return
         self._last_rebootstrap = now
         with self._dht_lock:
-            self._dht.run_coroutine(functools.partial(_ping_peers, list(self.config.bootstrap)), return_future=True)
+            self._dht.run_coroutine(functools.partial(_ping_peers, addrs), return_future=True)
         self._count("rebootstraps")
 
     # ---- handlers ---------------------------------------------------------------------------------
@@ -354,6 +353,7 @@ class HivemindSwarm(Swarm):
             raise SwarmError(f"{name} to {peer.hex()[:12]}: {type(e).__name__}: {e}") from None
 
     async def _call_stream(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
+        await self._dial_hint(peer)
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(peer), _PROTO_PREFIX + name)
         try:
             writer.write(len(request).to_bytes(4, "big") + request)
@@ -365,6 +365,22 @@ class HivemindSwarm(Swarm):
         finally:
             writer.close()
 
+    async def _dial_hint(self, peer: PeerKey) -> None:
+        """Connect to `peer` at the addresses it announced (addr_book.py), so p2pd need not find it by
+        peer routing; a failure is left to the call itself."""
+        addrs = self.addr_book.due(peer)
+        if not addrs:
+            return
+        from hivemind.utils.multiaddr import Multiaddr
+
+        try:
+            await asyncio.wait_for(self._p2p._client.connect(libp2p_peer_id(peer), [Multiaddr(a) for a in addrs]),
+                                   _DIAL_HINT_TIMEOUT_S)
+            self._count("hint_dials_ok")
+        except (TimeoutError, ValueError, *_net_errors()) as e:
+            self._count("hint_dials_failed")
+            logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], addrs, e)
+
     # ---- peers and reachability -------------------------------------------------------------------
 
     def peers(self) -> list[PeerKey]:
@@ -373,10 +389,6 @@ class HivemindSwarm(Swarm):
 
     def visible_addrs(self) -> list[str]:
         return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
-
-    def check_reachability(self, timeout: float = 20.0) -> Reachability:
-        """Public (dialled), relayed, behind NAT, client mode or unknown: see `reachability`."""
-        return ask_for_dialback(self, timeout)
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""

@@ -58,6 +58,7 @@ from intellect.protocol.swarm import (
     SwarmError,
     SwarmJoinError,
 )
+from intellect.protocol.swarm.addr_book import AddrBook
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -81,12 +82,7 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
-from intellect.protocol.swarm.reachability import (
-    DIALBACK_RPC,
-    Reachability,
-    ask_for_dialback,
-    parse_dialback_request,
-)
+from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
@@ -102,6 +98,7 @@ _MAX_DHT_VALUE = 1024 * 1024 - 1024  # py-libp2p's DHT refuses records over 1 Mi
 _MAX_PROVIDERS = 256
 _QUERY_TIMEOUT_S = 5.0
 _REBOOTSTRAP_EVERY_S = 15.0
+_DIAL_HINT_TIMEOUT_S = 5.0
 _HANDLER_THREADS = 8  # request handlers run in at most this many threads; InFlight bounds what waits
 
 
@@ -233,6 +230,7 @@ class Libp2pSwarm(Swarm):
         self._start_error: BaseException | None = None
         self._closed = False
         self._last_rebootstrap = 0.0
+        self.addr_book = AddrBook()
         self._dialback_lock = threading.Lock()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), name="swarm-trio", daemon=True)
         self._aloop = asyncio.new_event_loop()  # stream handlers are asyncio generators (shard_server)
@@ -289,7 +287,8 @@ class Libp2pSwarm(Swarm):
         delay, attempts, last_error = 0.5, 0, ""
         while True:
             attempts += 1
-            answered, last_error = self._run(self._connect_bootstrap, timeout=self.config.join_timeout_s + 15)
+            answered, last_error = self._run(self._connect_bootstrap, list(self.config.bootstrap),
+                                             timeout=self.config.join_timeout_s + 15)
             if answered:
                 return
             if time.monotonic() + delay > deadline:
@@ -301,10 +300,11 @@ class Libp2pSwarm(Swarm):
                              f"{', '.join(self.config.bootstrap)}. Last error: {last_error}. Check that these peers "
                              "are running and that this machine can reach them (firewall, address).")
 
-    async def _connect_bootstrap(self) -> tuple[int, str]:
-        """Dial each bootstrap peer and put it in the DHT's routing table; (how many answered, last error)."""
+    async def _connect_bootstrap(self, addrs: list[str]) -> tuple[int, str]:
+        """Dial each of `addrs` (/../p2p/<id>) and put it in the DHT's routing table; (how many answered,
+        last error)."""
         answered, last_error = 0, ""
-        for addr in self.config.bootstrap:
+        for addr in addrs:
             try:
                 info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
                 with trio.fail_after(10.0):
@@ -445,10 +445,11 @@ class Libp2pSwarm(Swarm):
         """Swarm.rebootstrap_soon: dials the bootstrap peers on the swarm's loop. Called when a read finds
         nothing, and by a node whose batch was stale."""
         now = time.monotonic()
-        if not self.config.bootstrap or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
+        addrs = self.rebootstrap_addrs()
+        if not addrs or now - self._last_rebootstrap < _REBOOTSTRAP_EVERY_S:
             return
         self._last_rebootstrap = now
-        trio.from_thread.run_sync(self._nursery.start_soon, self._connect_bootstrap, trio_token=self._token)
+        trio.from_thread.run_sync(self._nursery.start_soon, self._connect_bootstrap, addrs, trio_token=self._token)
         self._count("rebootstraps")
 
     # ---- handlers ---------------------------------------------------------------------------------
@@ -540,6 +541,15 @@ class Libp2pSwarm(Swarm):
 
     async def _call_stream(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
         peer_id = ID(peer_id_bytes(peer))
+        hint = self.addr_book.due(peer) if peer_id not in self._host.get_connected_peers() else []
+        if hint:  # the addresses it announced (addr_book.py): no peer routing needed
+            try:
+                with trio.fail_after(_DIAL_HINT_TIMEOUT_S):
+                    await self._host.connect(PeerInfo(peer_id, [multiaddr.Multiaddr(a) for a in hint]))
+                self._count("hint_dials_ok")
+            except (ValueError, multiaddr.exceptions.Error, *_net_errors()) as e:
+                self._count("hint_dials_failed")
+                logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], hint, e)
         if peer_id not in self._host.get_connected_peers() and not self._host.get_peerstore().addrs(peer_id):
             found = await self._dht.find_peer(peer_id)  # a peer we only know from a record
             if found is not None:
@@ -564,10 +574,6 @@ class Libp2pSwarm(Swarm):
             return [str(a) for a in self._host.get_addrs()]
 
         return self._run(addrs, timeout=10.0)
-
-    def check_reachability(self, timeout: float = 20.0) -> Reachability:
-        """Public (dialled), relayed, behind NAT, client mode or unknown: see `reachability`."""
-        return ask_for_dialback(self, timeout)
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway host (a new connection, not the one it came on)."""

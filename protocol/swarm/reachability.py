@@ -10,11 +10,13 @@ What this module does not know: how a peer dials (that is the backend).
 
 from __future__ import annotations
 
+import random
+import time
 from dataclasses import dataclass
 
 import msgpack
 
-from intellect.protocol.swarm import RequestRefused, SwarmError
+from intellect.protocol.swarm import RemoteError, RequestRefused, SwarmError
 from intellect.protocol.swarm.config import SwarmConfig
 
 DIALBACK_RPC = "swarm.dialback"
@@ -68,8 +70,8 @@ def judge(config: SwarmConfig, addrs: list[str], answers: list[str]) -> Reachabi
     if not answers:
         return Reachability(None, "no peer to ask yet", "")
     return Reachability(False, f"peers could not dial {', '.join(direct)} ({'; '.join(answers)})",
-                        "downloading, generating and submitting still work (they dial out), but no peer "
-                        f"can fetch shards from us. To serve: forward TCP port {port} in your router (fix "
+                        "downloading, generating and submitting still work (they dial out), but only "
+                        "peers we dialled can fetch shards from us. To serve everyone: forward TCP port {port} in your router (fix "
                         "swarm.port, set announce_addrs to /ip4/<public ip>/tcp/<port>), or set "
                         "use_auto_relay = true to be reached through a relay; or set client_mode = true "
                         "to stop trying", "behind NAT")
@@ -80,11 +82,22 @@ def ask_for_dialback(swarm, timeout: float) -> Reachability:
     if swarm.config.client_mode:
         return CLIENT_MODE
     addrs = swarm.visible_addrs()
+    deadline = time.monotonic() + timeout
     answers = []
     for peer in swarm.peers()[:2]:
-        try:
-            answers.append(swarm.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
-                           .decode(errors="replace"))
-        except SwarmError as e:
-            answers.append(f"error: {e}")
+        while True:
+            try:
+                answers.append(swarm.call(peer, DIALBACK_RPC, dialback_request(addrs), timeout=timeout)
+                               .decode(errors="replace"))
+            except RemoteError as e:
+                # busy: the peer is dialling someone else back (it does one at a time, and a coordinator
+                # sees many nodes join at once); that says nothing about us, so ask again
+                if e.code == "busy" and time.monotonic() + 1.0 < deadline:
+                    time.sleep(random.uniform(0.2, 1.0))
+                    continue
+                if e.code != "busy":
+                    answers.append(f"error: {e}")
+            except SwarmError as e:
+                answers.append(f"error: {e}")
+            break
     return judge(swarm.config, addrs, answers)

@@ -77,7 +77,7 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    logging.basicConfig(level=os.environ.get("FETCH_WORKER_LOG", "WARNING"), stream=sys.stderr)
     identity = Identity.from_seed(args.seed.encode())
     coordinator_key = identity.public_key if args.role == "origin" else bytes.fromhex(args.coordinator_key)
     run_id = run_id_for(coordinator_key, args.run_name)
@@ -88,8 +88,12 @@ def main() -> int:
     # after the DHT process is forked: it must keep the default SIGTERM (hivemind terminates it with one)
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
+        joined_at = time.time()
+        if args.role == "node":
+            swarm.check_reachability(timeout=10.0)  # as a joining node does: NATed nodes announce no address
         if args.ready:
-            write_json(args.ready, {"addrs": swarm.visible_addrs(), "key": identity.public_key_hex})
+            write_json(args.ready, {"addrs": swarm.visible_addrs(), "key": identity.public_key_hex,
+                                    "joined_at": joined_at})
         if args.role == "origin":
             return run_origin(args, swarm, identity, config, stop)
         return run_node(args, swarm, config, coordinator_key, stop)
@@ -141,7 +145,10 @@ def run_node(args, swarm, config, coordinator_key, stop) -> int:
     except ShardUnavailable as e:
         result.update(ok=False, error=str(e))
     result.update(seconds=time.monotonic() - started, stats=dict(fetcher.stats), swarm_stats=dict(swarm.stats),
-                  bad_peers=[k.hex() for k in fetcher.bad_peers], bytes_sent=fetcher.server.bytes_sent)
+                  bad_peers=[k.hex() for k in fetcher.bad_peers], bytes_sent=fetcher.server.bytes_sent,
+                  reachability=swarm.reachability.line if swarm.reachability else None,
+                  direct_addrs=swarm.direct_addrs(),
+                  addr_book={k.hex()[:12]: v for k, v in swarm.addr_book.known().items()})
     if args.result:
         write_json(args.result, result)
     if args.stay:

@@ -204,6 +204,23 @@ def reachability_check_finds_a_public_peer(a, b):
 
 
 @case
+def reachability_checks_at_once_all_find_a_public_peer(a, b):
+    """The asked peer dials back one caller at a time and answers the others `busy`: a busy peer says
+    nothing about us (nodes that joined together were all judged "behind NAT" by their coordinator)."""
+    results = [None] * 3
+
+    def check(i: int) -> None:
+        results[i] = b.check_reachability(timeout=30.0)
+
+    threads = [threading.Thread(target=check, args=(i,)) for i in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert [r.case if r else None for r in results] == ["public"] * 3, [r.line if r else None for r in results]
+
+
+@case
 def join_names_the_bootstrap_peers_it_tried(a, b):
     dead = [dead_bootstrap(i) for i in range(2)]
     try:

@@ -430,7 +430,8 @@ def _pid(i: int) -> str:
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["a_late_joiner_reads_every_writer_and_a_departed_peer_does_not_stall_reads",
                                   "calls_streams_and_refusals", "requests_beyond_the_in_flight_limit_are_refused_busy",
-                                  "a_caller_over_its_call_rate_waits_for_its_refusal"])
+                                  "a_caller_over_its_call_rate_waits_for_its_refusal",
+                                  "reachability_checks_at_once_all_find_a_public_peer"])
 def test_shared_case(pair, name):
     """Cases tests/protocol/test_swarm_libp2p.py runs on py-libp2p, here on hivemind (the others have
     hivemind-specific versions above)."""
