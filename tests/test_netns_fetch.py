@@ -55,7 +55,7 @@ def test_nodes_on_separate_hosts_share_shards_and_a_flapping_link_resumes(tmp_pa
             assert all(ready.values())
             (tmp_path / "go1").touch()
             done = {n: peers.wait_json(tmp_path / f"{n}.json", 240, n) for n in ("pub", "nat")}
-            for n, result in done.items():
+            for result in done.values():
                 assert result["ok"] and sha256_of(tmp_path / result["folder"] / "model.safetensors") == want, result
             assert done["pub"]["reachability"].startswith("public"), done["pub"]["reachability"]
             assert done["nat"]["reachability"].startswith("behind NAT"), done["nat"]["reachability"]
