@@ -158,6 +158,8 @@ def main() -> None:
             else:
                 r = swarm(args.steps, args.model, Path(tmp) / name, *swarm_args)
             name = "swarm" if name == "swarm_a2_behaviour" else name  # the demo as shipped
+            print(json.dumps({"arm": name, "before": r["before"], "after": r["after"], "seconds": r["seconds"]}),
+                  file=sys.stderr, flush=True)  # progress: each arm as it ends
             out |= {f"{name}_heldout_before": round(r["before"]["mean_at_k"], 4),
                     f"{name}_heldout_after": round(r["after"]["mean_at_k"], 4),
                     f"{name}_heldout_gain": round(r["after"]["mean_at_k"] - r["before"]["mean_at_k"], 4),

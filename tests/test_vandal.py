@@ -87,7 +87,7 @@ def took_part(node_dir, since: float | None) -> bool:
     except (OSError, ValueError):
         return False
     return since is not None and any(v["accepted"] and v["at"] > since for v in verdicts) \
-        and status.get("policy_step", 0) >= 1 and status.get("collect_step", 0) >= 1
+        and (status.get("policy_step") or 0) >= 1 and (status.get("collect_step") or 0) >= 1  # null until known
 
 
 @pytest.mark.slow

@@ -16,9 +16,17 @@ before a record is stored or used, and prefers the later expiration.
 
 Streams use protocol id `/intellect/<name>` and the framing of `framing`.
 
-What this module does not know: what the records, requests and streams mean. Not built yet: circuit
-relay v2 and hole punching (use_relay / use_auto_relay are ignored), listening in client mode is not
-turned off (the DHT runs as a client, so we store nothing), and 0.0.0.0 is announced as is.
+Relays (circuit relay v2). With `use_relay`, a peer that is reachable (the bootstrap peer of others, one
+with announce_addrs, or one the dial-back check found public) relays for others within RELAY_LIMITS, and
+a call to a peer that no direct dial reaches goes through our bootstrap peers as relays; DCUtR then tries
+to turn a relayed connection into a direct one in the background (hole punching). With `use_auto_relay`
+too, a node the check found behind a NAT reserves a slot on its bootstrap peers and shows
+`<relay>/p2p-circuit/p2p/<us>` in visible_addrs (reachability: "relayed").
+
+What this module does not know: what the records, requests and streams mean, and where a NATed peer
+reserved when that is none of our bootstrap peers (announcements carry direct addresses only). Listening
+in client mode is not turned off (the DHT runs as a client, so we store nothing), and 0.0.0.0 is
+announced as is.
 """
 
 from __future__ import annotations
@@ -44,7 +52,14 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.peer.peerstore import PeerStoreError
 from libp2p.records.validator import NamespacedValidator, Validator
+from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
+from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
+from libp2p.relay.circuit_v2.protocol import PROTOCOL_ID as HOP_PROTOCOL_ID
+from libp2p.relay.circuit_v2.protocol import CircuitV2Protocol
+from libp2p.relay.circuit_v2.resources import RelayLimits
+from libp2p.relay.circuit_v2.transport import CircuitV2Transport
 from libp2p.tools.anyio_service import background_trio_service
 
 from intellect.protocol.identity import Identity
@@ -82,7 +97,7 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
-from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request
+from intellect.protocol.swarm.reachability import DIALBACK_RPC, Reachability, judge, parse_dialback_request
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
@@ -100,6 +115,14 @@ _QUERY_TIMEOUT_S = 5.0
 _REBOOTSTRAP_EVERY_S = 15.0
 _DIAL_HINT_TIMEOUT_S = 5.0
 _HANDLER_THREADS = 8  # request handlers run in at most this many threads; InFlight bounds what waits
+_RELAY_DIAL_TIMEOUT_S = 10.0
+_RELAY_HEAD_START_S = 2.0  # a direct dial gets this long alone before a relay is tried too
+_MAX_RELAYS = 2  # bootstrap peers a NATed node reserves on / a caller dials a NATed peer through
+# What one relaying peer gives away (every key is free): a circuit lives at most 10 min and carries at
+# most 256 MiB (a caller that needs more dials a new one), 4 circuits per reserved peer, 32 reservations
+# of 5 min (refreshed by their holders while connected)
+RELAY_LIMITS = RelayLimits(duration=600, data=256 << 20, max_circuit_conns=4, max_reservations=32,
+                           reservation_ttl=300)
 
 
 def record_dht_key(run_id: str, key: str, subkey: str) -> str:
@@ -189,6 +212,15 @@ class _ForgetDeparted(INotifee):
     async def listen_close(self, network, multiaddr) -> None: ...
 
 
+class _Relay(CircuitV2Protocol):
+    """py-libp2p's circuit relay v2, reserving for the peer on the connection: py-libp2p takes the peer
+    id from the RESERVE message, so one peer could fill every slot with ids it made up."""
+
+    async def _handle_reserve(self, stream, msg) -> None:
+        msg.peer.id = stream.muxed_conn.peer_id.to_bytes()
+        await super()._handle_reserve(stream, msg)
+
+
 def _net_errors() -> tuple[type[BaseException], ...]:
     return (BaseLibp2pError, trio.TooSlowError, trio.BrokenResourceError, trio.ClosedResourceError, OSError,
             EOFError, asyncio.IncompleteReadError)
@@ -231,6 +263,7 @@ class Libp2pSwarm(Swarm):
         self._closed = False
         self._last_rebootstrap = 0.0
         self.addr_book = AddrBook()
+        self._circuit_addrs: list[str] = []  # ours, once a relay holds a reservation for us
         self._dialback_lock = threading.Lock()
         self._thread = threading.Thread(target=trio.run, args=(self._main,), name="swarm-trio", daemon=True)
         self._aloop = asyncio.new_event_loop()  # stream handlers are asyncio generators (shard_server)
@@ -267,9 +300,12 @@ class Libp2pSwarm(Swarm):
             validator = NamespacedValidator({_NAMESPACE: self.validator}, strict_validation=True)
             self._dht = KadDHT(self._host, mode, validator=validator, validator_changed=True)
             self._host.get_network().register_notifee(_ForgetDeparted(self._dht))
+            self._relay = _Relay(self._host, limits=RELAY_LIMITS) if self.config.use_relay else None
             async with self._host.run([_listen_addr(self.config)]), background_trio_service(self._dht), \
                     trio.open_nursery() as nursery:
                 self._nursery = nursery
+                if self._relay is not None:
+                    await self._start_relay(nursery)
                 self._ready.set()
                 await self._stop.wait()
                 with trio.move_on_after(5.0):  # peers see us leave (and drop us from their routing tables)
@@ -325,6 +361,89 @@ class Libp2pSwarm(Swarm):
                 raise backend_mismatch(addr, "hivemind", "libp2p")
         except _net_errors():
             return  # not a hivemind peer (or not a listening one: then we cannot tell)
+
+    # ---- relays -----------------------------------------------------------------------------------
+
+    async def _start_relay(self, nursery: trio.Nursery) -> None:
+        """Accept relayed connections (stop), dial through relays, hole-punch them (DCUtR); relay for others
+        (hop) now if we are surely reachable: the first peer (others bootstrap from it) or port-forwarded."""
+        # no client role: py-libp2p would then reserve on every relay it dials through
+        self._relay_transport = CircuitV2Transport(self._host, self._relay, RelayConfig(roles=RelayRole.STOP,
+                                                                                       limits=RELAY_LIMITS))
+        for service in (self._relay, DCUtRProtocol(self._host)):
+            await nursery.start(self._keep_running, service)
+        if not self.config.client_mode and (not self.config.bootstrap or self.config.announce_addrs):
+            await self._start_hop()
+
+    async def _keep_running(self, service, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        async with background_trio_service(service):
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def _start_hop(self) -> None:
+        self._relay.allow_hop = True
+        self._host.set_stream_handler(HOP_PROTOCOL_ID, self._relay._handle_hop_stream)
+
+    async def _reserve(self) -> list[str]:
+        """Reserve a slot on up to _MAX_RELAYS bootstrap peers; our circuit addresses there."""
+        me = self._host.get_id().to_base58()
+        for addr in self.config.bootstrap:
+            circuit = f"{addr}/p2p-circuit/p2p/{me}"
+            if len(self._circuit_addrs) >= _MAX_RELAYS or circuit in self._circuit_addrs:
+                continue
+            try:
+                info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+                with trio.fail_after(_RELAY_DIAL_TIMEOUT_S):
+                    await self._host.connect(info)
+                    stream = await self._host.new_stream(info.peer_id, [HOP_PROTOCOL_ID])
+                    try:  # keeps refreshing it in the background while we stay connected
+                        ok = await self._relay_transport.reserve(stream, info.peer_id, self._nursery)
+                    finally:
+                        await _close_quietly(stream)
+            except (ValueError, *_net_errors()) as e:
+                logger.debug("reserving on %s failed: %s", addr, e)
+                ok = False
+            self._count("relay_reservations_ok" if ok else "relay_reservations_failed")
+            if ok:
+                self._circuit_addrs.append(circuit)
+        return self._circuit_addrs
+
+    async def _dial_relayed(self, peer_id: ID) -> None:
+        """Connect to `peer_id` through one of our first _MAX_RELAYS bootstrap peers (a NATed peer reserves
+        on its bootstrap peers, see _reserve); BaseLibp2pError when none of them relays to it."""
+        last_error: BaseException | None = None
+        for addr in self.config.bootstrap[:_MAX_RELAYS]:
+            try:
+                relay = multiaddr.Multiaddr(addr)
+                if info_from_p2p_addr(relay).peer_id == peer_id:
+                    continue
+                with trio.fail_after(_RELAY_DIAL_TIMEOUT_S):
+                    await self._relay_transport.dial(
+                        relay.encapsulate(multiaddr.Multiaddr(f"/p2p-circuit/p2p/{peer_id.to_base58()}")))
+                self._count("relay_dials_ok")
+                return
+            except (ValueError, ConnectionError, multiaddr.exceptions.Error, *_net_errors()) as e:
+                self._count("relay_dials_failed")
+                last_error = e
+                logger.debug("dialling %s through %s failed: %s", peer_id, addr, e)
+        raise BaseLibp2pError(f"no relay reaches {peer_id}: {last_error}")
+
+    def check_reachability(self, timeout: float = 20.0) -> Reachability:
+        """Swarm.check_reachability, then: relay for others when public; with use_auto_relay, reserve on a
+        relay when behind a NAT (the case becomes "relayed" once one holds a slot for us)."""
+        reach = super().check_reachability(timeout)
+        if self._relay is not None and reach.case == "public":
+            self._run(self._start_hop, timeout=10.0)
+        elif self._relay is not None and self.config.use_auto_relay and reach.case == "behind NAT" and \
+                self._run(self._reserve, timeout=_RELAY_DIAL_TIMEOUT_S * (len(self.config.bootstrap) + 1)):
+            self.reachability = judge(self.config, self.visible_addrs(), [])
+        return self.reachability
+
+    def direct_addrs(self) -> list[str]:
+        """Swarm.direct_addrs; none while only a relay reaches us (nobody could dial them)."""
+        if self.reachability is not None and self.reachability.case == "relayed" and not self.config.announce_addrs:
+            return []
+        return super().direct_addrs()
 
     # ---- plumbing ---------------------------------------------------------------------------------
 
@@ -550,7 +669,9 @@ class Libp2pSwarm(Swarm):
             except (ValueError, multiaddr.exceptions.Error, *_net_errors()) as e:
                 self._count("hint_dials_failed")
                 logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], hint, e)
-        if peer_id not in self._host.get_connected_peers() and not self._host.get_peerstore().addrs(peer_id):
+        if self._relay is not None and peer_id not in self._host.get_connected_peers():
+            await self._connect_or_relay(peer_id)
+        elif peer_id not in self._host.get_connected_peers() and not self._host.get_peerstore().addrs(peer_id):
             found = await self._dht.find_peer(peer_id)  # a peer we only know from a record
             if found is not None:
                 await self._host.connect(found)
@@ -560,6 +681,37 @@ class Libp2pSwarm(Swarm):
             return await read_answer(_exact_reader(stream), name, peer, max_bytes)
         finally:
             await _close_quietly(stream)
+
+    async def _connect_or_relay(self, peer_id: ID) -> None:
+        """Dial `peer_id` directly (where the peerstore or peer routing says it is) and, from
+        _RELAY_HEAD_START_S on, through a relay too: the first connection wins. A NATed peer's own
+        addresses are private, and a dial there only times out."""
+        errors: list[BaseException] = []
+
+        async def direct() -> None:
+            with trio.fail_after(_RELAY_DIAL_TIMEOUT_S):
+                addrs = [a for a in _known_addrs(self._host, peer_id) if "/p2p-circuit" not in str(a)]
+                info = PeerInfo(peer_id, addrs) if addrs else await self._dht.find_peer(peer_id)
+                if info is None:
+                    raise BaseLibp2pError("peer routing does not know it")
+                await self._host.connect(info)
+
+        async def relayed() -> None:
+            await trio.sleep(_RELAY_HEAD_START_S)
+            await self._dial_relayed(peer_id)
+
+        async with trio.open_nursery() as nursery:
+            async def attempt(dial) -> None:
+                try:
+                    await dial()
+                    nursery.cancel_scope.cancel()
+                except (PeerStoreError, *_net_errors()) as e:
+                    errors.append(e)
+
+            nursery.start_soon(attempt, direct)
+            nursery.start_soon(attempt, relayed)
+        if len(errors) == 2:
+            raise BaseLibp2pError(f"neither a direct dial nor a relay reaches {peer_id}: {errors[0]}; {errors[1]}")
 
     # ---- peers and reachability -------------------------------------------------------------------
 
@@ -571,7 +723,7 @@ class Libp2pSwarm(Swarm):
 
     def visible_addrs(self) -> list[str]:
         async def addrs() -> list[str]:
-            return [str(a) for a in self._host.get_addrs()]
+            return [str(a) for a in self._host.get_addrs()] + self._circuit_addrs
 
         return self._run(addrs, timeout=10.0)
 
@@ -625,6 +777,13 @@ class Libp2pSwarm(Swarm):
         self._thread.join(timeout=10.0)
         self._aloop.call_soon_threadsafe(self._aloop.stop)
         self._athread.join(timeout=5.0)
+
+
+def _known_addrs(host, peer_id: ID) -> list[multiaddr.Multiaddr]:
+    try:
+        return host.get_peerstore().addrs(peer_id)
+    except PeerStoreError:  # a peer it never heard of
+        return []
 
 
 async def _write_quietly(stream, data: bytes) -> None:

@@ -358,16 +358,19 @@ class CraftedNode:
     # the log-prob check (log-probs recomputed at the run's temperature): only the seeded sampler
     # check can tell.
 
-    def _reproved(self, batch: RolloutBatch, outputs: list[list[int]] | None = None) -> RolloutBatch:
-        """Rows with these output tokens, proofs rebuilt by a prefill of the policy, log-probs the
-        policy's at the run's temperature, rewards and advantages recomputed."""
+    def _reproved(self, batch: RolloutBatch, outputs: list[list[int]] | None = None,
+                  finish_reasons: list[str] | None = None) -> RolloutBatch:
+        """Rows with these output tokens (and finish reasons, where they came from other samples), proofs
+        rebuilt by a prefill of the policy, log-probs the policy's at the run's temperature, rewards and
+        advantages recomputed."""
         model = self.base.engine.model
         outputs = outputs or [r.output_tokens for r in batch.rows]
+        finish_reasons = finish_reasons or [r.finish_reason for r in batch.rows]
         rows = []
-        for r, out in zip(batch.rows, outputs, strict=True):
+        for r, out, finish in zip(batch.rows, outputs, finish_reasons, strict=True):
             hidden = prefill_final_norm(model, r.input_tokens, out)
             proof = b"".join(build_chunk_proofs(decode_chunks(hidden, 32), 128)) if len(out) > 1 else b""
-            rows.append(dataclasses.replace(r, output_tokens=list(out), proof=proof))
+            rows.append(dataclasses.replace(r, output_tokens=list(out), proof=proof, finish_reason=finish))
         checks = verify_completions(model, [r.input_tokens for r in rows], [r.output_tokens for r in rows],
                                     [r.proof for r in rows], temperature=self.info.temperature)
         rows = [dataclasses.replace(r, output_logprobs=c.token_logprobs) for r, c in zip(rows, checks, strict=True)]
@@ -403,14 +406,16 @@ class CraftedNode:
         params = SamplingParams(temperature=self.info.temperature, max_tokens=self.info.max_new_tokens, proofs=True)
         tries = [self.base.engine.generate([r.input_tokens for r in batch.rows], params,
                                            [10_000 * k + i for i in range(len(batch.rows))]) for k in range(1, 5)]
-        outputs = []
+        best = []
         for i, r in enumerate(batch.rows):
             def reward(c, r=r):
                 text = self.base.tokenizer.decode(c.output_tokens, skip_special_tokens=True)
                 return completion_reward(self.task, self.info.task, self.task.problem(r.problem_index), text,
                                          r.target_length, len(c.output_tokens))[0]
-            outputs.append(max((t[i] for t in tries), key=reward).output_tokens)
-        self.emit(case, w, self._reproved(batch, outputs))
+            best.append(max((t[i] for t in tries), key=reward))
+        # each kept sample with its own finish reason: a well-formed batch, so only the sampling check can
+        # tell (a 'stop' row whose kept sample ran to the length limit failed as bad_termination, in CI)
+        self.emit(case, w, self._reproved(batch, [c.output_tokens for c in best], [c.finish_reason for c in best]))
 
     def case_other_model_reproved(self, case: str) -> None:
         """Tokens sampled by another model, then proved with the policy by one prefill."""
