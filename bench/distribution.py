@@ -14,8 +14,9 @@ origin_egress_ratio = bytes the origin sent in the swarm run / checkpoint size.
 With --netns (root, Linux; tests/netns_harness.py) the origin and the nodes are separate hosts in
 network namespaces, --natted of the nodes each behind its own NAT router, every link shaped (netem
 --delay-ms and --loss-pct where the kernel has netem, tbf --link-mbit); the JSON adds "netns", "natted",
-"shaping", "peer_share" (bytes nodes got from peers / bytes they got) and "nat_first_accept_s" (null:
-this bench moves checkpoints only; tests/test_netns.py runs the whole loop behind NATs).
+"shaping", "peer_share" (bytes nodes got from peers / bytes they got) and "nat_first_accept_s" (the
+real coordinator on a public host and `intellect-node join` behind a NAT: seconds from the join to the
+node's first accepted batch, tiny model).
 
 With --delta it measures policy updates as shard deltas instead (bench/delta.py, whose options follow:
 real GRPO steps on SmolLM2, one JSON line per learning rate with delta_share, full_share and exact).
@@ -172,8 +173,51 @@ def run_netns(tmp: Path, checkpoint: Path, args) -> tuple[dict, dict, dict]:
             hosts[name] = net.add_natted(name) if i >= args.nodes - args.natted else net.add_public(name)
         swarm = run_once(tmp / "swarm", checkpoint, args, origin_only=False, hosts=hosts)
         baseline = run_once(tmp / "origin_only", checkpoint, args, origin_only=True, hosts=hosts)
-        extra = {"netns": True, "natted": args.natted, "shaping": net.shaping, "nat_first_accept_s": None}
+        extra = {"netns": True, "natted": args.natted, "shaping": net.shaping,
+                 "nat_first_accept_s": round(nat_first_accept(tmp / "loop", net, args.backend), 1)}
     return extra, swarm, baseline
+
+
+def nat_first_accept(tmp: Path, net, backend: str) -> float:
+    """Seconds from `intellect-node join` on a host behind a NAT to its first accepted batch, with the
+    real coordinator (the tiny random model, so the time is the swarm's, not the model's) on a public
+    host of the same network: joining, reachability, policy fetch, generation, submission, verdict."""
+    from intellect.protocol.model import tiny_model_dir
+    from tests.cli_harness import command, wait_for
+    from tests.coordinator.procs import NODE_ENV, write_toml
+
+    tmp.mkdir(parents=True)
+    state = tmp / "coordinator"
+    write_toml(tmp / "coordinator.toml", {
+        "state_dir": state, "run_name": "nat-first-accept", "model": str(tiny_model_dir(tmp / "models", seed=0)),
+        "async_level": 1, "batches_per_step": 1, "threads": 1, "swarm": {"backend": backend},
+        "rollouts": {"prompts_per_batch": 2, "completions_per_prompt": 4, "max_new_tokens": 16},
+        "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
+        "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # a random model: see tests/test_netns.py
+    })
+    coord, node = net.add_public("acoord"), net.add_natted("anode")
+    procs = net.procs
+    procs.start(coord, "coordinator", command("coordinator", "--config", str(tmp / "coordinator.toml"), "--headless",
+                                              "--host", coord.ip, "--port", "31338"))
+    wait_for(lambda: procs.check_alive("coordinator") or (state / "run.toml").exists(), 300,
+             "the coordinator's run file", lambda: procs.tails("coordinator"))
+    started = time.monotonic()
+    procs.start(node, "node", command("join", "--run-file", str(state / "run.toml"), "--state-dir", str(tmp / "node"),
+                                      "--engine", "torch", "--threads", "1", "--host", node.ip, "--headless"),
+                env=NODE_ENV)
+
+    def accepted() -> bool:
+        procs.check_alive("coordinator", "node")
+        try:
+            return json.loads((tmp / "node" / "status.json").read_text()).get("accepted", 0) >= 1
+        except (OSError, ValueError):
+            return False
+
+    wait_for(accepted, 600, "the NATed node's first accepted batch", lambda: procs.tails("coordinator", "node"))
+    seconds = time.monotonic() - started
+    for name in ("node", "coordinator"):
+        procs.procs[name].terminate()
+    return seconds
 
 
 if __name__ == "__main__":
