@@ -2,12 +2,12 @@
 that nothing accepted is lost, no half-written checkpoint is used, and training picks up where the last
 complete checkpoint left it.
 
-One run per module: `intellect-node coordinator --config ... --headless` and two `intellect-node join`
-nodes that stay up throughout (their outboxes retry what got no verdict). The coordinator is started
-again and again with INTELLECT_COORD_PAUSE_AT naming one point of intake or training (see
-`coordinator/faults.py`); when it reaches the point it writes a marker and stops, and the test SIGKILLs its
-process group. Mid-checkpoint is caught without a hook: the test SIGKILLs as soon as the checkpoint's
-temp folder appears. After each kill the disk is checked (ledger, accepted files, checkpoints); after
+One run per swarm backend (hivemind, py-libp2p): `intellect-node coordinator --config ... --headless` and
+two `intellect-node join` nodes that stay up throughout (their outboxes retry what got no verdict). The
+coordinator is started again and again with INTELLECT_COORD_PAUSE_AT naming one point of intake or
+training (see `coordinator/faults.py`); when it reaches the point it writes a marker and stops, and the
+test SIGKILLs its process group. Mid-checkpoint is caught without a hook: the test SIGKILLs as soon as
+the checkpoint's temp folder appears. After each kill the disk is checked (ledger, accepted files, checkpoints); after
 the last restart the run goes on to `max_steps` and the whole history is checked.
 
 A restarted coordinator joins the swarm through a node (`swarm.bootstrap`): without it the nodes never
@@ -54,7 +54,7 @@ RESUMED = re.compile(r"resumed at policy step (\d+)")
 class Cluster:
     """The coordinator process (restarted many times) and two node processes, all on 127.0.0.1."""
 
-    def __init__(self, tmp: Path, model: Path) -> None:
+    def __init__(self, tmp: Path, model: Path, backend: str) -> None:
         self.tmp = tmp
         self.state = tmp / "coordinator"
         self.procs = Procs(tmp)
@@ -70,7 +70,7 @@ class Cluster:
             "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
             "trainer": {"lr": 2e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "temperature": 1.0,
                         "seq_len": 1024},
-            "swarm": {"host": "127.0.0.1", "port": free_port(), "record_ttl_s": 30.0},
+            "swarm": {"host": "127.0.0.1", "port": free_port(), "record_ttl_s": 30.0, "backend": backend},
             "intake": {"eos_min_prob": 1e-6, "eos_floor_prob": 1e-6},  # see tests/coordinator/test_intake.py
         }
         self.starts = 0
@@ -93,10 +93,12 @@ class Cluster:
             self.procs.start(f"node{i}", node_cmd(run_file, d, "--port", str(self.node_ports[i])), env=NODE_ENV)
 
     def node_addr(self, i: int) -> str:
-        from intellect.protocol.swarm.hivemind_backend import libp2p_peer_id
+        import base58
+
+        from intellect.protocol.swarm.framing import peer_id_bytes  # the same id on either backend
 
         key = Identity.from_pem((self.node_dirs[i] / "node_key.pem").read_bytes()).public_key
-        return f"/ip4/127.0.0.1/tcp/{self.node_ports[i]}/p2p/{libp2p_peer_id(key)}"
+        return f"/ip4/127.0.0.1/tcp/{self.node_ports[i]}/p2p/{base58.b58encode(peer_id_bytes(key)).decode()}"
 
     def wait_paused(self, point: str, timeout: float = 180) -> None:
         wait_while_alive(self.procs, lambda: self.marker.exists() and self.marker.read_text() == point, timeout,
@@ -162,9 +164,9 @@ class Cluster:
         self.procs.close()
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory, tiny_model_path):
-    c = Cluster(tmp_path_factory.mktemp("crash"), tiny_model_path)
+@pytest.fixture(scope="module", params=["hivemind", "libp2p"])
+def cluster(request, tmp_path_factory, tiny_model_path):
+    c = Cluster(tmp_path_factory.mktemp(f"crash-{request.param}"), tiny_model_path, request.param)
     yield c
     c.close()
 
