@@ -9,7 +9,7 @@ Roles:
 --ready FILE gets {"addrs": [...], "key": hex} once the swarm is up. --corrupt makes a node serve
 flipped bytes (a malicious peer). --data FILE: the origin also serves FILE as task data (its entry goes
 in the .published JSON); --data-entry SHA:SIZE: a node fetches that task data instead of --step.
-Every file is written atomically.
+Every file is written atomically. FETCH_WORKER_LOG=INFO in the environment logs each failed transfer.
 """
 
 from __future__ import annotations
