@@ -65,15 +65,14 @@ class Swarm(abc.ABC):
     def direct_addrs(self) -> list[str]:
         """The addresses we sign into our announcements for peers to dial: `announce_addrs` if set, else
         our visible direct ones (loopback last); none in client mode or once the dial-back check found us
-        behind a NAT (nobody could dial them)."""
+        behind a NAT or reached only through a relay (nobody could dial them)."""
         if self.config.client_mode:
             return []
         if self.config.announce_addrs:
             return dialable(self.config.announce_addrs)
-        if self.reachability is not None and self.reachability.case == "behind NAT":
+        if self.reachability is not None and self.reachability.case in ("behind NAT", "relayed"):
             return []
-        addrs = [a for a in self.visible_addrs() if "/p2p-circuit" not in a]
-        return dialable(sorted(addrs, key=lambda a: "/127." in a or "/::1/" in a))
+        return dialable(sorted(self.visible_addrs(), key=lambda a: "/127." in a or "/::1/" in a))
 
     def rebootstrap_addrs(self) -> list[str]:
         """The bootstrap peers, then the known ones: dialled again when records went missing or stale."""

@@ -439,12 +439,6 @@ class Libp2pSwarm(Swarm):
             self.reachability = judge(self.config, self.visible_addrs(), [])
         return self.reachability
 
-    def direct_addrs(self) -> list[str]:
-        """Swarm.direct_addrs; none while only a relay reaches us (nobody could dial them)."""
-        if self.reachability is not None and self.reachability.case == "relayed" and not self.config.announce_addrs:
-            return []
-        return super().direct_addrs()
-
     # ---- plumbing ---------------------------------------------------------------------------------
 
     def _run(self, fn, *args, timeout: float):
