@@ -9,7 +9,11 @@ same number of samples either way:
 - swarm: the demo (coordinator + 2 node processes, async level 2, every check on); `--async-levels 0,1,2
   --ratios behaviour,step_start` adds arms `swarm_a<level>_<ratio>_*` (step_start: the ratio against
   pi_old recomputed at the step's start, i.e. no off-policy correction).
-Both score the first and the last policy on the same 100 held-out sums (greedy and mean@4, T=0.7, fixed
+- central_lag<L>_<ratio> (`--lags 1,2 --ratios behaviour,step_start`): the central arm with rows made by
+  the policy L steps older, the staleness async level L allows at most, without the swarm's timing: the
+  arms of one `--seed` draw the same prompts and sampling seeds, so with and without the off-policy
+  correction differ only by the loss.
+Both score the first and the last policy on the same 64 held-out sums (greedy and mean@4, T=0.7, fixed
 seeds: coordinator/heldout.py). `*_heldout_gain` is the mean@4 gain; `swarm_over_central` their ratio
 (target >= 0.9); `*_reward_curve` the mean training reward of each step.
 
@@ -17,7 +21,7 @@ One run is one draw: RL on 64 samples a step is noisy, so compare several lines 
 `--arms central` runs one arm (a quick look at the central curve). The last line printed is one JSON object.
 
   python bench/learning.py [--steps 20] [--model smollm2] [--arms central,swarm] [--async-levels 0,1,2]
-                           [--ratios behaviour,step_start]
+                           [--ratios behaviour,step_start] [--lags 1,2] [--seed 0]
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ import time
 from pathlib import Path
 
 
-def central(steps: int, model: str, state_dir: Path) -> dict:
-    """The demo's recipe in one process, on-policy: the node's own `Worker.generate` (prompts, seeded
-    sampling, rewards, advantages) on the policy just trained, then the coordinator's GRPO step on those
-    rows; no swarm, no validation."""
+def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = "behaviour", seed: int = 0) -> dict:
+    """The demo's recipe in one process: the node's own `Worker.generate` (prompts, seeded sampling,
+    rewards, advantages), then the coordinator's GRPO step on those rows; no swarm, no validation.
+    `lag` 0 samples from the policy just trained (on-policy); `lag` L from the policy L steps older
+    (policy max(0, s - L) makes step s's rows), the staleness async level L allows at most, without the
+    swarm's timing noise: the arms of one seed draw the same prompts and sampling seeds, so the lagged
+    arms with and without the off-policy correction (`ratio`) start from the same rows."""
     from types import SimpleNamespace
 
     import torch
@@ -53,14 +60,14 @@ def central(steps: int, model: str, state_dir: Path) -> dict:
     from intellect.protocol.messages import RunInfo
     from intellect.protocol.model import eos_token_ids, load_model, model_config_hash
 
-    config = demo_config(state_dir, model, steps)
+    config = demo_config(state_dir, model, steps, overrides={"trainer.loss.ratio_against": ratio})
     torch.set_num_threads(config.threads or 2)
     base = base_model_dir(config.model, state_dir / "models")
     policy, tokenizer = load_model(base, dtype=torch.float32)
     eos = eos_token_ids(tokenizer, base)
     trainer = GRPOTrainer(policy, config.trainer.model_copy(update={"pad_token_id": tokenizer.pad_token_id or 0}))
     heldout = HeldoutEval(config, tokenizer, eos)
-    node = Identity.from_seed(b"bench-learning-central")
+    node = Identity.from_seed(f"bench-learning-central-{seed}".encode() if seed else b"bench-learning-central")
     r = config.rollouts
     info = RunInfo(run_id="central", run_name="central", coordinator_peer_id=node.peer_id, task=config.task,
                    collect_step=0, latest_policy_step=0, async_level=0, prompts_per_batch=r.prompts_per_batch,
@@ -80,21 +87,26 @@ def central(steps: int, model: str, state_dir: Path) -> dict:
 
     started = time.perf_counter()
     before, curve = evaluate(0), []
+    trained_names = [name for name, p in policy.named_parameters() if p.requires_grad]
+    history = [{name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}]
     for step in range(steps):
-        rows = []
+        rows, made_by = [], max(0, step - lag)
         for _ in range(config.batches_per_step):
-            batch = worker.generate(info, step)
+            batch = worker.generate(info, made_by)
             worker.write(batch)  # commits the batch counter: the next batch draws new prompts and seeds
             rows += batch.rows
-        trainer.train_step([train_sample(row) for row in rows])
+        metrics = trainer.train_step([train_sample(row) for row in rows])
         trainer.policy_step = step + 1
-        with torch.no_grad():  # the engine samples from the policy just trained (its own dtype)
-            trained = policy.state_dict()
-            for name, p in worker.engine.model.state_dict().items():
-                p.copy_(trained[name])
+        history.append({name: p.detach().clone() for name, p in policy.named_parameters() if name in trained_names})
+        history = history[-(lag + 1):]  # policies step+1-lag .. step+1
+        with torch.no_grad():  # the engine samples from policy max(0, step + 1 - lag) (in its own dtype)
+            engine_params = dict(worker.engine.model.named_parameters())
+            for name, value in history[0].items():
+                engine_params[name].copy_(value)
         curve.append(round(sum(row.reward for row in rows) / len(rows), 4))
-        print(f"central step {step}: reward {curve[-1]:.3f} ({time.perf_counter() - started:.0f} s)", file=sys.stderr,
-              flush=True)
+        print(f"central step {step} (rows by policy {made_by}): reward {curve[-1]:.3f}, clipped "
+              f"{metrics.get('clip_ratio', 0):.3f}, mismatch KL {metrics.get('mismatch_kl', 0):.4f} "
+              f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
     after = evaluate(steps)
     return {"before": before, "after": after, "curve": curve, "seconds": time.perf_counter() - started}
 
@@ -136,25 +148,32 @@ def main() -> None:
     p.add_argument("--async-levels", default="2", help="swarm arms: async levels, e.g. 0,1,2")
     p.add_argument("--ratios", default="behaviour", help="swarm arms: trainer.loss.ratio_against values, "
                                                          "e.g. behaviour,step_start (uncorrected)")
+    p.add_argument("--lags", default="", help="central arms whose rows are made by the policy L steps older, "
+                                             "one per --ratios value: e.g. 2 (arms central_lag2_<ratio>)")
+    p.add_argument("--seed", type=int, default=0, help="central arms: a draw (prompts and sampling seeds)")
     p.add_argument("--swarm-arm", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.swarm_arm:
         raise SystemExit(swarm_arm(json.loads(args.swarm_arm)))
-    arms = args.arms.split(",")
-    if not set(arms) <= {"central", "swarm"}:
-        raise SystemExit("--arms is central, swarm or central,swarm")
+    arms = [arm for arm in args.arms.split(",") if arm]
+    if not set(arms) <= {"central", "swarm"} or not (arms or args.lags):
+        raise SystemExit("--arms is central, swarm or central,swarm (or empty, with --lags)")
     from intellect.node.demo import HELDOUT_PROBLEMS
 
     out: dict = {"bench": "learning", "model": args.model, "steps": args.steps, "samples_per_step": 64,
-                 "heldout_problems": HELDOUT_PROBLEMS}
+                 "seed": args.seed, "heldout_problems": HELDOUT_PROBLEMS}
     runs = [("central", None)] if "central" in arms else []
+    runs += [(f"central_lag{lag}_{ratio}", {"lag": int(lag), "ratio": ratio})
+             for lag in filter(None, args.lags.split(",")) for ratio in args.ratios.split(",")]
     if "swarm" in arms:
         runs += [(f"swarm_a{level}_{ratio}", (int(level), ratio))
                  for level in args.async_levels.split(",") for ratio in args.ratios.split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-learning-") as tmp:
         for name, swarm_args in runs:
             if swarm_args is None:
-                r = central(args.steps, args.model, Path(tmp) / name)
+                r = central(args.steps, args.model, Path(tmp) / name, seed=args.seed)
+            elif name.startswith("central_lag"):
+                r = central(args.steps, args.model, Path(tmp) / name, seed=args.seed, **swarm_args)
             else:
                 r = swarm(args.steps, args.model, Path(tmp) / name, *swarm_args)
             name = "swarm" if name == "swarm_a2_behaviour" else name  # the demo as shipped

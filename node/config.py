@@ -33,6 +33,9 @@ class NodeConfig(LayeredSettings):
     pipeline_depth: int = Field(1, ge=0, le=16, description=(
         "Batches that may wait in the outbox for their verdicts while the next one is generated (a submitter "
         "thread sends them in order); 0 sends each batch and waits for its verdict before generating the next."))
+    prefetch_policy: bool = Field(True, description=(
+        "Fetch each new policy in the background while generating (the run's state is read every 5 s); off, "
+        "a new policy is fetched when the loop needs it, between batches."))
 
     @field_validator("state_dir")
     @classmethod

@@ -31,6 +31,10 @@ class NodeStatus:
     generate_s: float = 0.0  # seconds inside the engine's generate since the node started
     first_generate_at: float | None = None  # wall clock (time.time) when the first batch began
     last_generated_at: float | None = None  # ... and when the newest one ended: duty cycle = generate_s / span
+    # where the rest of that span went: the loop waiting for a policy (fetch and verify, then the copy into
+    # the engine), and waiting for verdicts (pipelined: for room in the pipeline; else: for each verdict)
+    policy_wait_s: float = 0.0
+    verdict_wait_s: float = 0.0
     submitted: int = 0
     accepted: int = 0
     rejected: int = 0
@@ -49,6 +53,14 @@ class NodeStatus:
         if self.collect_step is None or self.policy_step is None:
             return None
         return self.collect_step - self.policy_step
+
+    def busy(self) -> tuple[float, float, float] | None:
+        """Shares of the time since the first batch began: generating, waiting for a policy, waiting for
+        verdicts (the rest: reading the run's state, scoring, writing, paused). None before a batch ended."""
+        if self.first_generate_at is None or self.last_generated_at is None:
+            return None
+        span = max(time.time() - self.first_generate_at, 1e-9)
+        return self.generate_s / span, self.policy_wait_s / span, self.verdict_wait_s / span
 
     def write(self, path: Path) -> None:
         self.updated_at = time.time()

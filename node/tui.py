@@ -46,6 +46,9 @@ def render(s: NodeStatus) -> Panel:
         grid.add_row("download", Group(bar, Text(f"{_mb(s.download_done)} / {_mb(s.download_total)} at "
                                                  f"{_mb(s.download_rate)}/s")))
     grid.add_row("engine", f"{s.engine or '-'} on {s.device or '-'}   {s.tokens_per_s:,.1f} tokens/s")
+    if (busy := s.busy()) is not None:  # does the engine idle? (pipelining and prefetching keep it busy)
+        grid.add_row("busy", f"generating {busy[0]:.0%}   waiting for a policy {busy[1]:.0%}   "
+                             f"for verdicts {busy[2]:.0%}")
     grid.add_row("rollouts", f"submitted {s.submitted}   [green]accepted {s.accepted}[/]   "
                              f"[red]rejected {s.rejected}[/]   pending {s.pending}   expired {s.expired}")
     if s.last_rejection:

@@ -3,9 +3,11 @@
 One batch per turn. Submitting is pipelined: a submitter thread sends the outbox's files in order (so
 batch counters reach the coordinator contiguous) and waits for their verdicts while the loop generates
 the next batch; the loop waits only when `pipeline_depth` batches are already waiting (0: it submits
-each batch itself before generating the next, the synchronous way). Prompts come from the node's seed (spec B.3) and every completion's sampling seed
-is derived from (run, node key, policy step, batch counter, index), so the coordinator can recompute
-both and check every sampled token; batch counters run 1, 2, ... per policy step with no gaps. The
+each batch itself before generating the next, the synchronous way). New policies are fetched in the
+background while the loop generates (`PolicyPrefetch`); the loop copies the weights in between batches.
+Prompts come from the node's seed (spec B.3) and every completion's sampling seed is derived from
+(run, node key, policy step, batch counter, index), so the coordinator can recompute both and check
+every sampled token; batch counters run 1, 2, ... per policy step with no gaps. The
 engine returns tokens, log-probs and TOPLOC proofs; rewards and group advantages (B.5, B.6) are
 computed here; the batch is written as a parquet file into the outbox *before* it is sent, so nothing
 generated is lost when the coordinator is away: unsent files are retried while their policy is fresh
@@ -24,6 +26,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +35,7 @@ import numpy as np
 from intellect.node.config import NodeConfig
 from intellect.node.engine import SamplingParams, setup_engine
 from intellect.node.fetch import ShardUnavailable
+from intellect.node.prefetch import PolicyPrefetch
 from intellect.node.status import NodeStatus
 from intellect.protocol.files import atomic_write
 from intellect.protocol.identity import Identity
@@ -113,6 +118,7 @@ class Worker:
         self.tokenizer = None
         self.loaded_step: int | None = None
         self.newest_run_info: tuple[int, RunInfo] | None = None  # (seq, info): never follow an older one
+        self._run_info_lock = threading.Lock()
         self.resume = threading.Event()
         self.resume.set()
         self.stop = threading.Event()
@@ -122,6 +128,7 @@ class Worker:
         self.pipelined = config.pipeline_depth > 0
         self._outbox_changed = threading.Event()  # a batch was written, or a verdict took one away
         self._errors = {"loop": "", "submit": ""}  # the last failure of each thread, until it succeeds
+        self.prefetch: PolicyPrefetch | None = None  # while `run` runs: policies fetched as they appear
 
     # ------------------------------------------------------------------ the loop
 
@@ -135,6 +142,9 @@ class Worker:
         if self.pipelined:
             submitter = threading.Thread(target=self._submit_loop, name="submitter", daemon=True)
             submitter.start()
+        if self.fetcher is not None and self.config.prefetch_policy:
+            self.prefetch = PolicyPrefetch(lambda step, timeout_s: self.fetcher.fetch(step, timeout_s=timeout_s),
+                                           self._latest_policy_step, timeout_s=self.config.policy_wait_s).start()
         while not self.stop.is_set() and not self._done():
             try:
                 self.turn()
@@ -158,6 +168,9 @@ class Worker:
             # done: the last verdicts are in and the submitter leaves on its own; stopped: it finishes
             # its call (a network wait, safe to abandon) and sends nothing more
             submitter.join(timeout=None if self._done() else 1.0)
+        if self.prefetch is not None:
+            self.prefetch.close()
+            self.prefetch = None
         self.status.state = "failed" if self.fatal else "stopped"
 
     def turn(self) -> None:
@@ -165,20 +178,36 @@ class Worker:
         info = self.follow_policy()  # the submitter needs the run's state before it can make room
         if self.pipelined:
             full = self._pending() > self.config.pipeline_depth
-            if not self._wait_for_room():
+            with self._waiting("verdict_wait_s"):
+                room = self._wait_for_room()
+            if not room:
                 return
             if full:  # the run may have moved on while we waited
                 info = self.follow_policy()
         else:
-            self.flush_outbox(info)
-        step = self.fetch_policy(info)
+            with self._waiting("verdict_wait_s"):
+                self.flush_outbox(info)
+        with self._waiting("policy_wait_s"):
+            step = self.fetch_policy(info)
         batch = self.generate(info, step)
         path = self.write(batch)
         if self.pipelined:
             self._outbox_changed.set()
         else:
-            self.submit(path, info)
+            with self._waiting("verdict_wait_s"):
+                self.submit(path, info)
         self._show_error("loop", "")  # the last failure's message stays up until a turn succeeds
+
+    @contextmanager
+    def _waiting(self, counter: str) -> Iterator[None]:
+        """Add the loop's wait inside the block to a status counter (`policy_wait_s`, `verdict_wait_s`),
+        from the first batch on: the counters split the span the duty cycle is taken over."""
+        began = time.monotonic()
+        try:
+            yield
+        finally:
+            if self.status.first_generate_at is not None:
+                setattr(self.status, counter, getattr(self.status, counter) + time.monotonic() - began)
 
     # ------------------------------------------------------------------ the submitter (pipelined)
 
@@ -229,6 +258,13 @@ class Worker:
     def follow_policy(self) -> RunInfo:
         """The run's current state, from the coordinator-signed record in the DHT."""
         self.status.state = "waiting"
+        return self._read_run_info()
+
+    def _latest_policy_step(self) -> int:
+        """For the prefetcher's polls: the run's newest policy step."""
+        return self._read_run_info().latest_policy_step
+
+    def _read_run_info(self) -> RunInfo:
         records = self.swarm.read(run_info_key())
         self.status.peers = len(self.swarm.peers())
         infos = []
@@ -241,11 +277,12 @@ class Worker:
             raise WorkError("the coordinator is not in the swarm (no run info found): check that it is running "
                             "and that --bootstrap points at a live peer")
         seq, info = max(infos, key=lambda item: item[0])
-        if self.newest_run_info is not None and seq < self.newest_run_info[0]:
-            seq, info = self.newest_run_info  # a replayed older record must not take the node back a step
-        self.newest_run_info = (seq, info)
-        self.status.collect_step = info.collect_step
-        self.status.coordinator = info.coordinator_peer_id
+        with self._run_info_lock:  # the loop and the prefetcher both read
+            if self.newest_run_info is not None and seq < self.newest_run_info[0]:
+                seq, info = self.newest_run_info  # a replayed older record must not take the node back a step
+            self.newest_run_info = (seq, info)
+            self.status.collect_step = info.collect_step
+            self.status.coordinator = info.coordinator_peer_id
         return info
 
     def fetch_policy(self, info: RunInfo) -> int:
@@ -253,9 +290,14 @@ class Worker:
         step = info.latest_policy_step
         if self.loaded_step is not None and self.loaded_step >= step:
             return self.loaded_step
-        self.status.state = "fetching"
         try:
-            folder = self.fetcher.fetch(step, timeout_s=self.config.policy_wait_s)
+            if self.prefetch is not None:
+                if self.prefetch.ready_step is None or self.prefetch.ready_step < step:
+                    self.status.state = "fetching"
+                step, folder = self.prefetch.get(step, self.config.policy_wait_s, self.stop)
+            else:
+                self.status.state = "fetching"
+                folder = self.fetcher.fetch(step, timeout_s=self.config.policy_wait_s)
         except (ShardUnavailable, SwarmError, TimeoutError, OSError) as e:  # the swarm may heal: retry later
             raise WorkError(f"could not fetch policy step {step}: {e}") from e
         check_model_config(folder, info.model_config_hash, step)

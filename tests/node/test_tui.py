@@ -65,6 +65,7 @@ def test_node_screen_progress_pause_resume_and_quit(tmux, run, tmp_path):
     assert re.search(rf"run\s+{re.escape(run.run_id)}\s+coordinator in-", screen), screen
     assert re.search(r"policy\s+step \d+\s+collecting step \d+", screen), screen
     assert re.search(r"engine\s+torch on cpu", screen), screen
+    assert re.search(r"busy\s+generating \d+%\s+waiting for a policy \d+%\s+for verdicts \d+%", screen), screen
     keys = subprocess.run(command("keys", "show", "--state-dir", str(state)), capture_output=True, text=True, check=False,
                           timeout=60)
     assert f"peer id     {peer_id}" in keys.stdout, "the screen must show the identity of the key file"
