@@ -36,7 +36,8 @@ import time
 from pathlib import Path
 
 
-def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = "behaviour", seed: int = 0) -> dict:
+def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = "behaviour", seed: int = 0,
+            loss_type: str | None = None) -> dict:
     """The demo's recipe in one process: the node's own `Worker.generate` (prompts, seeded sampling,
     rewards, advantages), then the coordinator's GRPO step on those rows; no swarm, no validation.
     `lag` 0 samples from the policy just trained (on-policy); `lag` L from the policy L steps older
@@ -60,7 +61,8 @@ def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = 
     from intellect.protocol.messages import RunInfo
     from intellect.protocol.model import eos_token_ids, load_model, model_config_hash
 
-    config = demo_config(state_dir, model, steps, overrides={"trainer.loss.ratio_against": ratio})
+    overrides = {"trainer.loss.ratio_against": ratio} | ({"trainer.loss.type": loss_type} if loss_type else {})
+    config = demo_config(state_dir, model, steps, overrides=overrides)
     torch.set_num_threads(config.threads or 2)
     base = base_model_dir(config.model, state_dir / "models")
     policy, tokenizer = load_model(base, dtype=torch.float32)
@@ -151,6 +153,7 @@ def main() -> None:
     p.add_argument("--lags", default="", help="central arms whose rows are made by the policy L steps older, "
                                              "one per --ratios value: e.g. 2 (arms central_lag2_<ratio>)")
     p.add_argument("--seed", type=int, default=0, help="central arms: a draw (prompts and sampling seeds)")
+    p.add_argument("--loss-type", help="central lag arms: trainer.loss.type (default: the demo's)")
     p.add_argument("--swarm-arm", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.swarm_arm:
@@ -163,7 +166,8 @@ def main() -> None:
     out: dict = {"bench": "learning", "model": args.model, "steps": args.steps, "samples_per_step": 64,
                  "seed": args.seed, "heldout_problems": HELDOUT_PROBLEMS}
     runs = [("central", None)] if "central" in arms else []
-    runs += [(f"central_lag{lag}_{ratio}", {"lag": int(lag), "ratio": ratio})
+    loss = f"_{args.loss_type}" if args.loss_type else ""
+    runs += [(f"central_lag{lag}_{ratio}{loss}", {"lag": int(lag), "ratio": ratio})
              for lag in filter(None, args.lags.split(",")) for ratio in args.ratios.split(",")]
     if "swarm" in arms:
         runs += [(f"swarm_a{level}_{ratio}", (int(level), ratio))
@@ -173,7 +177,8 @@ def main() -> None:
             if swarm_args is None:
                 r = central(args.steps, args.model, Path(tmp) / name, seed=args.seed)
             elif name.startswith("central_lag"):
-                r = central(args.steps, args.model, Path(tmp) / name, seed=args.seed, **swarm_args)
+                r = central(args.steps, args.model, Path(tmp) / name, seed=args.seed, loss_type=args.loss_type,
+                            **swarm_args)
             else:
                 r = swarm(args.steps, args.model, Path(tmp) / name, *swarm_args)
             name = "swarm" if name == "swarm_a2_behaviour" else name  # the demo as shipped
