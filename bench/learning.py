@@ -89,8 +89,11 @@ def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = 
 
     started = time.perf_counter()
     before, curve = evaluate(0), []
-    trained_names = [name for name, p in policy.named_parameters() if p.requires_grad]
-    history = [{name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}]
+
+    def trained_weights() -> dict:
+        return {name: p.detach().clone() for name, p in policy.named_parameters() if p.requires_grad}
+
+    history = [trained_weights()]
     for step in range(steps):
         rows, made_by = [], max(0, step - lag)
         for _ in range(config.batches_per_step):
@@ -99,7 +102,7 @@ def central(steps: int, model: str, state_dir: Path, lag: int = 0, ratio: str = 
             rows += batch.rows
         metrics = trainer.train_step([train_sample(row) for row in rows])
         trainer.policy_step = step + 1
-        history.append({name: p.detach().clone() for name, p in policy.named_parameters() if name in trained_names})
+        history.append(trained_weights())
         history = history[-(lag + 1):]  # policies step+1-lag .. step+1
         with torch.no_grad():  # the engine samples from policy max(0, step + 1 - lag) (in its own dtype)
             engine_params = dict(worker.engine.model.named_parameters())

@@ -258,7 +258,9 @@ class Worker:
     def follow_policy(self) -> RunInfo:
         """The run's current state, from the coordinator-signed record in the DHT."""
         self.status.state = "waiting"
-        return self._read_run_info()
+        info = self._read_run_info()
+        self.status.peers = len(self.swarm.peers())
+        return info
 
     def _latest_policy_step(self) -> int:
         """For the prefetcher's polls: the run's newest policy step."""
@@ -266,7 +268,6 @@ class Worker:
 
     def _read_run_info(self) -> RunInfo:
         records = self.swarm.read(run_info_key())
-        self.status.peers = len(self.swarm.peers())
         infos = []
         for envelope in records:
             try:
