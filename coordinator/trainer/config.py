@@ -26,12 +26,17 @@ class LossConfig(BaseModel):
         "grpo_clip: the standard PPO/GRPO clip, no cap; token_mask: plain ratio x A with the tokens "
         "whose probability moved more than mask_high / mask_low dropped (prime-rl's DPPO mask).",
     )
-    ratio_against: Literal["behaviour", "step_start"] = Field(
+    ratio_against: Literal["behaviour", "step_start", "decoupled"] = Field(
         "behaviour",
         description="behaviour: rho = pi_theta / mu with mu the log-probs the rollout was sampled with "
         "(off-policy correct); step_start: rho = pi_theta / pi_old recomputed by the trainer at the "
-        "start of the policy step (INTELLECT-2's B.9: rho = 1 on the first optimizer step). Samples "
-        "without behaviour log-probs always use step_start.",
+        "start of the policy step (INTELLECT-2's B.9: rho = 1 on the first optimizer step); decoupled: "
+        "the step_start loss weighted per token by min(pi_old / mu, behaviour_weight_cap), no gradient "
+        "through the weight (decoupled PPO: the clip bounds the update, the weight corrects staleness). "
+        "Samples without behaviour log-probs always use step_start.",
+    )
+    behaviour_weight_cap: float = Field(
+        2.0, gt=0, description="decoupled: the importance weight pi_old / mu is truncated here"
     )
     mask_high: float = Field(
         0.2, gt=0, le=1, description="token_mask: A > 0 tokens whose p rose by more are dropped"

@@ -3,7 +3,9 @@
 One function per loss type (`grpo_two_sided_loss`, `grpo_clip_loss`, `token_mask_loss`), picked by
 `LossConfig.type`. The ratio's denominator is the behaviour policy mu (the log-probs the rollout was
 sampled with) where the sample carries them and `ratio_against` is "behaviour", else pi_old as the
-trainer recomputed it at the start of the step; the mismatch KL between the two is a metric.
+trainer recomputed it at the start of the step; "decoupled" takes the ratio against pi_old and weights
+each token by the truncated importance weight pi_old / mu instead (the clip then bounds the update, not
+the staleness). The mismatch KL between mu and pi_old is a metric.
 Aggregation is expressed as per-token weights computed once for a whole optimizer batch
 (`aggregation_weights`), so a loss summed over micro-batches does not depend on how the batch was
 split or packed. This module sees tensors only: no model, no packing, no optimizer.
@@ -36,6 +38,7 @@ class LossOutput:
     loss: Tensor  # [] float, differentiable
     num_clipped: Tensor  # [] masked tokens on the clipped branch
     num_masked: Tensor  # [] completion tokens the token mask dropped (token_mask only)
+    num_truncated: Tensor  # [] tokens whose behaviour weight was truncated (decoupled only)
     mismatch_kl_sum: Tensor  # [] sum over tokens with a known mu of KL(mu || pi_old), k3 estimate
     num_behaviour: Tensor  # [] completion tokens whose behaviour log-prob mu is known
     entropy_sum: Tensor  # [] sum of H_t over masked tokens
@@ -152,7 +155,12 @@ def policy_loss(
         behaviour_logprobs = torch.where(known, behaviour_logprobs, old_logprobs)  # no NaN reaches autograd
     denominator = behaviour_logprobs if cfg.ratio_against == "behaviour" else old_logprobs
     token = LOSS_FUNCTIONS[cfg.type](logprobs, denominator, advantages, cfg)
-    per_token = token.loss - cfg.entropy_coef * entropy
+    policy_term, truncated = token.loss, torch.zeros_like(mask)
+    if cfg.ratio_against == "decoupled":
+        behaviour_weight = torch.exp(old_logprobs - behaviour_logprobs).detach()  # 1 where mu is unknown
+        truncated = known & (behaviour_weight > cfg.behaviour_weight_cap)
+        policy_term = behaviour_weight.clamp(max=cfg.behaviour_weight_cap) * token.loss
+    per_token = policy_term - cfg.entropy_coef * entropy
     kl = torch.zeros_like(logprobs)
     if cfg.kl_coef > 0:
         if ref_logprobs is None:
@@ -164,6 +172,7 @@ def policy_loss(
         loss=(weights * per_token).sum(),
         num_clipped=(token.clipped & mask).sum().detach(),
         num_masked=(token.masked & mask).sum() if token.masked is not None else mask.new_zeros(()).sum(),
+        num_truncated=truncated.sum(),
         mismatch_kl_sum=(mismatch_kl(old_logprobs, behaviour_logprobs).detach() * known).sum(),
         num_behaviour=known.sum(),
         entropy_sum=(entropy * mask).sum().detach(),

@@ -4,7 +4,8 @@ A policy step drops zero-advantage samples, splits the rest into `optimizer_step
 optimizer batches, packs each into rows, computes log pi_old for every row with one no-grad pass at
 the start, then takes the optimizer steps with gradient accumulation over micro-batches and
 global-norm clipping. The importance ratio is taken against the behaviour log-probs mu the samples
-carry (`LossConfig.ratio_against`); pi_old serves the mismatch-KL metric and samples without mu.
+carry, or split into pi_theta / pi_old times a truncated weight pi_old / mu (`LossConfig.ratio_against`);
+pi_old also serves the mismatch-KL metric and samples without mu.
 Log-probs come chunked from the final hidden states (`lm_head.py`) unless `logprobs = "dense"`.
 On CUDA the forward runs under bf16 autocast over fp32 weights. Under torchrun (world size > 1)
 the model is sharded with FSDP2 and every rank takes every W-th micro-batch (`distributed.py`).
@@ -41,6 +42,7 @@ _SUMS = (
     "loss",
     "num_clipped",
     "num_masked",
+    "num_truncated",
     "entropy_sum",
     "kl_sum",
     "mismatch_kl_sum",
@@ -343,6 +345,7 @@ def _reduce(step_metrics: list[dict[str, float]]) -> dict[str, float]:
         "loss": sum(m["loss"] for m in step_metrics) / len(step_metrics),
         "clip_ratio": sum(m["num_clipped"] for m in step_metrics) / num_tokens,
         "masked_ratio": sum(m["num_masked"] for m in step_metrics) / num_tokens,
+        "truncated_ratio": sum(m["num_truncated"] for m in step_metrics) / num_tokens,
         "entropy": sum(m["entropy_sum"] for m in step_metrics) / num_tokens,
         "kl": sum(m["kl_sum"] for m in step_metrics) / num_tokens,
         "grad_norm": sum(m["grad_norm"] for m in step_metrics) / len(step_metrics),

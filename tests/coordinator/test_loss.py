@@ -141,6 +141,24 @@ def test_ratio_is_taken_against_behaviour_logprobs():
     assert step_start.loss.item() == pytest.approx(0.0) and step_start.num_clipped.item() == 0
 
 
+def test_decoupled_weights_the_step_start_loss_by_the_truncated_behaviour_ratio():
+    # pi_theta = pi_old = 0.5; mu = 0.25, 0.125 and unknown: weights pi_old / mu = 2, 4 -> cap 2, and 1.
+    # The ratio against pi_old is 1, so nothing clips and each token's loss is -w A with d/dlogp = -w A.
+    logprobs, old, mu, adv, weights = _one_token_each([0.5, 0.5, 0.5], [0.5, 0.5, 0.5], [0.25, 0.125, 0.5],
+                                                      [1.0, -1.0, 1.0])
+    mu[0, 2] = float("nan")  # the third sample brought no log-probs
+    cfg = LossConfig(entropy_coef=0.0, ratio_against="decoupled", behaviour_weight_cap=2.0)
+    out = policy_loss(logprobs, torch.zeros_like(adv), old, adv, weights, cfg, behaviour_logprobs=mu)
+    assert out.loss.item() == pytest.approx(-2.0 + 2.0 - 1.0)
+    assert out.num_truncated.item() == 1 and out.num_clipped.item() == 0 and out.num_behaviour.item() == 2
+    out.loss.backward()
+    assert logprobs.grad[0].tolist() == pytest.approx([-2.0, 2.0, -1.0])
+    # the other ratios leave num_truncated at 0
+    plain = policy_loss(logprobs.detach(), torch.zeros_like(adv), old, adv, weights, LossConfig(entropy_coef=0.0),
+                        behaviour_logprobs=mu)
+    assert plain.num_truncated.item() == 0
+
+
 def test_unknown_behaviour_falls_back_to_pi_old_without_nan():
     logprobs, old, mu, adv, weights = _one_token_each([0.5, 0.5], [0.4, 0.4], [0.25, 0.25], [1.0, 1.0])
     mu[0, 1] = float("nan")  # the second sample brought no log-probs

@@ -314,6 +314,13 @@ def test_stale_rollouts_are_corrected_against_their_behaviour_policy():
                                               loss=LossConfig(type="token_mask", mask_high=1e-4, mask_low=1e-4)))
     mask_metrics = masked.train_step(stale)
     assert mask_metrics["masked_ratio"] > 0 and mask_metrics["clip_ratio"] == 0.0
+    # decoupled: no clipping on the first optimizer step (rho against pi_old is 1), but the weights
+    # pi_old / mu of another init's samples are far from 1, and the cap acts on some of them
+    decoupled = GRPOTrainer(tiny_llama(), config(optimizer_steps_per_policy_step=1,
+                                                 loss=LossConfig(ratio_against="decoupled", behaviour_weight_cap=1.5)))
+    decoupled_metrics = decoupled.train_step(stale)
+    assert decoupled_metrics["clip_ratio"] == 0.0 and 0 < decoupled_metrics["truncated_ratio"] < 1
+    assert uncorrected.train_step(stale)["truncated_ratio"] == 0.0
 
 
 def test_staleness_histogram_counts_rows_per_lag():
