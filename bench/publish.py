@@ -13,6 +13,11 @@ Also reported per step (means): `train_s` (trainer.train_step), `save_s` (the ch
 `publish_s` (Publisher.publish + announce, wherever it ran). `publish_background_speedup` = inline
 step time / background step time.
 
+Both arms above write the whole training state every step (`full_state_every = 1`). A third coordinator
+publishes in the background and writes the policy alone at every timed step (`full_state_every` larger
+than the run): `save_s_policy_only` against `save_s_background`, `policy_only_speedup` = background step
+time / its step time, `saved_mb_full` and `saved_mb_policy_only` the bytes one checkpoint writes.
+
 The last line printed is one JSON object.
 """
 
@@ -79,13 +84,14 @@ def timed(spent: list[float], fn):
     return wrapper
 
 
-def run_mode(background: bool, folder: Path, args) -> dict:
+def run_mode(background: bool, folder: Path, args, full_state_every: int = 1) -> dict:
     from intellect.coordinator.config import CoordinatorConfig
     from intellect.coordinator.runner import start_coordinator
 
     config = CoordinatorConfig(
         state_dir=folder, run_name="bench-publish", model=args.model, async_level=1, batches_per_step=1,
         threads=args.threads, shard_size=args.shard_size, publish_in_background=background,
+        full_state_every=full_state_every,
         rollouts={"prompts_per_batch": 4, "completions_per_prompt": 4, "max_new_tokens": args.output_len},
         trainer={"lr": 1e-5, "warmup_steps": 0, "optimizer_steps_per_policy_step": 1, "seq_len": 1024,
                  "trainable": args.trainable},
@@ -114,7 +120,9 @@ def run_mode(background: bool, folder: Path, args) -> dict:
         return {"step_s": statistics.mean(steps), "step_s_all": [round(s, 3) for s in steps],
                 "train_s": statistics.mean(train), "save_s": statistics.mean(save),
                 "publish_s": statistics.mean(p + a for p, a in zip(publish, announce, strict=True)), "drain_s": drain,
-                "checkpoint_mb": sum(p.stat().st_size for p in c.policy_dir(c.latest_policy_step).iterdir()) / 1e6}
+                "checkpoint_mb": sum(p.stat().st_size for p in c.policy_dir(c.latest_policy_step).iterdir()) / 1e6,
+                "saved_mb": sum(p.stat().st_size for p in c.policy_dir(c.latest_policy_step).parent.rglob("*")
+                                if p.is_file()) / 1e6}
     finally:
         c.close()
 
@@ -138,6 +146,8 @@ def main() -> None:
         inline = run_mode(False, Path(tmp) / "inline", args)
         log("background publishing")
         background = run_mode(True, Path(tmp) / "background", args)
+        log("background publishing, the policy alone at every timed step")
+        policy_only = run_mode(True, Path(tmp) / "policy_only", args, full_state_every=args.steps + 10)
     result = {
         "bench": "publish",
         "model": args.model,
@@ -155,6 +165,11 @@ def main() -> None:
         "publish_s_inline": round(inline["publish_s"], 3),
         "publish_s_background": round(background["publish_s"], 3),
         "background_drain_s": round(background["drain_s"], 3),
+        "step_s_policy_only": round(policy_only["step_s"], 3),
+        "policy_only_speedup": round(background["step_s"] / policy_only["step_s"], 3),
+        "save_s_policy_only": round(policy_only["save_s"], 3),
+        "saved_mb_full": round(background["saved_mb"], 1),
+        "saved_mb_policy_only": round(policy_only["saved_mb"], 1),
         "step_s_all_inline": inline["step_s_all"],
         "step_s_all_background": background["step_s_all"],
         "seconds": round(time.perf_counter() - started, 1),

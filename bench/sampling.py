@@ -20,6 +20,7 @@ token check / without it - 1 (the same prefill, proofs and log-probs).
 Prints progress to stderr and ONE JSON line on stdout.
   python bench/sampling.py [--model smollm2|tiny] [--batches 200] [--batch-sizes 1,8,32] [--threads 1,2]
                            [--tokens 32] [--vllm] [--reps 3] [--gen-batch 8] [--gen-tokens 64]
+                           [--engines torch,vllm] [--skip-attacks] [--skip-costs]
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def honest(args, model_dir: Path, model) -> tuple[Tally, dict]:
     from intellect.node.engine import SamplingParams, TorchEngineConfig, VllmEngineConfig, setup_engine
 
     total, per_config = Tally(), {}
-    engines = ["torch"] + (["vllm"] if args.vllm else [])
+    engines = args.engines + (["vllm"] if args.vllm and "vllm" not in args.engines else [])
     counter = 0
     for engine_name in engines:
         for threads in args.threads:
@@ -240,10 +241,13 @@ def main() -> int:
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=64)
+    p.add_argument("--engines", default="torch", help="honest part: torch, vllm or torch,vllm")
     p.add_argument("--skip-costs", action="store_true")
+    p.add_argument("--skip-attacks", action="store_true")
     args = p.parse_args()
     args.batch_sizes = [int(x) for x in args.batch_sizes.split(",")]
     args.threads = [int(x) for x in args.threads.split(",")]
+    args.engines = args.engines.split(",")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -256,7 +260,7 @@ def main() -> int:
     model, _ = load_model(model_dir)  # bf16, the validator's dtype
     with torch.inference_mode():
         total, per_config = honest(args, model_dir, model)
-        detection = attacks(args, model_dir, model, tiny_dir=tiny_model_dir(cache, seed=1))
+        detection = {} if args.skip_attacks else attacks(args, model_dir, model, tiny_dir=tiny_model_dir(cache, seed=1))
     tokens = max(1, total.exact + total.tie + total.mismatch)
     out = {"model": args.model, "batches_per_case": args.batches, "tokens_per_completion": args.tokens,
            "temperature": TEMPERATURE, "tie_tolerance": DEFAULT_TIE_TOLERANCE,

@@ -63,6 +63,11 @@ class CoordinatorConfig(LayeredSettings):
                                                                      "(EOS probability): honest nodes fail "
                                                                      "those now and then.")
     keep_checkpoints: int = Field(3, ge=1, le=100, description="Training checkpoints kept on disk.")
+    full_state_every: int = Field(10, ge=1, le=100_000, description="Write the whole training state (fp32 "
+                                  "weights, optimizer, RNG: 3-4x the policy) every this many steps, at the "
+                                  "last step and at exit; the other steps export the bf16 policy alone. A "
+                                  "crash resumes from the newest whole state and loses the training of the "
+                                  "steps after it (their rollouts were trained on, their policies stay out).")
     metrics_port: int | None = Field(None, ge=0, le=65535, description="Serve Prometheus /metrics on 127.0.0.1:PORT.")
     shard_size: int = Field(50_000_000, ge=1 << 16, description="Checkpoint shard size in bytes (SHARDCAST: 50 MB).")
     publish_in_background: bool = Field(True, description="Publish each new policy (shard, sign, store the "

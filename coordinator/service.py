@@ -18,7 +18,11 @@ A failed publish is logged and tried again; at max_steps, run() returns once the
 Crash safety: a rollout is acknowledged only after its file is fsynced and its verdict committed
 to the ledger; a checkpoint folder appears only whole. Restarted, the coordinator resumes at the
 last complete checkpoint and finds every accepted rollout of the steps after it in the ledger;
-metrics lines of the steps it redoes are dropped, so metrics.jsonl holds each step once.
+metrics lines of the steps it redoes are dropped, so metrics.jsonl holds each step once. The whole
+training state is written every `full_state_every` steps, at the last step and at exit, the policy
+alone at the others. A policy step, once checkpointed, may be out in the swarm, so it is never made
+twice: when the newest whole state (step k) is older than the newest policy (step s), the trainer
+resumes from k's weights and optimizer and numbers on at s + 1 (steps k + 1 .. s lose their training).
 
 With `eval.every` set, a background worker (coordinator/heldout.py) scores saved policies on the task's
 held-out problems, starting with the one the loop starts from; its lines in metrics.jsonl have
@@ -163,6 +167,15 @@ class Coordinator:
         self.policy_for = PolicyCache(self.checkpoints, self.config.async_level + 1)
         if self.trainer.resume(self.checkpoints):
             logger.info("resumed at policy step %s", self.trainer.policy_step)
+            from intellect.coordinator.trainer.checkpoint import complete_checkpoints
+
+            newest = int(complete_checkpoints(self.checkpoints)[-1].name.removeprefix("step_"))
+            if newest > self.trainer.policy_step:
+                logger.warning("policies %s..%s were checkpointed without the training state (full_state_every "
+                               "= %s) and may be out in the swarm: training goes on from the state of step %s "
+                               "and the next policy is step %s", self.trainer.policy_step + 1, newest,
+                               self.config.full_state_every, self.trainer.policy_step, newest + 1)
+                self.trainer.policy_step = newest
         else:
             self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
         # the newest checkpoint; the next train step trains it into latest + 1
@@ -328,8 +341,20 @@ class Coordinator:
                 continue
             if worked:
                 failures, self.last_error = 0, ""
+        self.save_training_state()
         if self.evaluator is not None and self._finished():
             self.evaluator.drain(self.stop)  # the last policy's score ("after") is part of the run
+
+    def save_training_state(self) -> None:
+        """At exit: make the newest checkpoint resumable if it holds the policy alone (and is the policy in
+        memory: a step that failed between training and its checkpoint is redone from the disk anyway)."""
+        from intellect.coordinator.trainer.checkpoint import complete_checkpoints, resumable_checkpoints
+
+        newest = complete_checkpoints(self.checkpoints)[-1:]
+        if (newest and newest[0].name == f"step_{self.trainer.policy_step:08d}"
+                and newest != resumable_checkpoints(self.checkpoints)[-1:]):
+            logger.info("writing the training state of policy step %s", self.trainer.policy_step)
+            self.trainer.add_training_state(self.checkpoints)
 
     def _turn(self, on_step) -> bool:
         """Train if enough batches are in, else wait a little and announce when due; True if it did either."""
@@ -393,7 +418,10 @@ class Coordinator:
             f.write(json.dumps(metrics) + "\n")
         # one publish in flight at most, and never of a checkpoint this save prunes
         self.publishing.wait_idle(self.stop)
-        self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer)
+        last = self.config.max_steps is not None and step + 1 >= self.config.max_steps
+        full_state = last or (step + 1) % self.config.full_state_every == 0
+        self.trainer.save(self.checkpoints, keep=self.config.keep_checkpoints, tokenizer=self.tokenizer,
+                          full_state=full_state)
         pause_point("train.saved")
         self._evaluate_if_due(step + 1)  # it reads the checkpoint just saved, in its own thread
         self.latest_policy_step = step + 1

@@ -6,9 +6,12 @@ Layout of `<dir>/step_<00000012>/`:
 - `weights.safetensors`: the parameters at training precision (bf16 export alone would not resume
   bit-exactly).
 - `trainer_state.pt`: step, optimizer, scheduler, torch/numpy/python RNG states, caller's extra dict.
-Only the newest checkpoint keeps the last two (they are 2-4x the policy's size): older ones stay as
-policies, which the validator needs for submissions up to async_level steps behind. A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so a crash leaves either
-the whole folder or a temp folder that `load_latest` ignores. Under FSDP the trainer gathers the full
+The last two (2-4x the policy's size) are written only when the caller asks for the whole state
+(`full_state`; the coordinator every `full_state_every` steps and at exit), or added to a policy-only
+folder afterwards (`add_training_state`). Only the newest folder holding them keeps them, and pruning
+never removes it: older folders stay as policies, which the validator needs for submissions up to
+async_level steps behind. A checkpoint is written under `.tmp-*`, fsynced, then renamed into place, so
+a crash leaves either the whole folder or a temp folder that `load_latest` ignores. Under FSDP the trainer gathers the full
 state on rank 0 and hands it over (`model_state`, `optimizer_state`, keyed by parameter name), and
 resumes from `read_latest`'s dicts; weights are stored without the tied LM head (the input embedding
 holds it), and a loader fills it back in. Knows nothing about shards or manifests.
@@ -56,12 +59,12 @@ def save_checkpoint(
     *,
     model_state: dict[str, torch.Tensor] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    full_state: bool = True,
 ) -> Path:
     """Write checkpoint `step` atomically, keep the newest `keep` policies; returns its folder.
     `model_state` / `optimizer_state`: the full state gathered under FSDP (the optimizer's keyed by
-    parameter name); by default the model's and the optimizer's own."""
-    from safetensors.torch import save_file
-
+    parameter name); by default the model's and the optimizer's own. `full_state` False writes the
+    policy alone (the optimizer is not read)."""
     weights = untied(model_state if model_state is not None else model.state_dict(), model)
     if keep < 1:
         raise ValueError("keep must be >= 1")
@@ -71,16 +74,8 @@ def save_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         export_policy(tmp / POLICY_DIR, model, tokenizer, state=weights)
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(tmp / WEIGHTS_FILE))
-        state = {
-            "step": step,
-            "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
-            "optimizer_by_name": optimizer_state is not None,
-            "scheduler": scheduler.state_dict(),
-            "rng": _rng_state(),
-            "extra": extra or {},
-        }
-        torch.save(state, tmp / STATE_FILE)
+        if full_state:
+            _write_training_state(tmp, step, weights, optimizer, scheduler, extra, optimizer_state)
         _fsync_tree(tmp)
         _replace_dir(tmp, final)
     except BaseException:
@@ -88,6 +83,50 @@ def save_checkpoint(
         raise
     _prune(root, keep)
     return final
+
+
+def add_training_state(
+    folder: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    extra: dict[str, Any] | None = None,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
+) -> None:
+    """Make the policy-only checkpoint `folder` resumable: write the weights and the trainer state
+    beside its policy, which is left as it is (it may be out in the swarm). The state file lands last,
+    so a crash in between leaves a folder that is not resumable, never a half-written state."""
+    step = int(_STEP_DIR.match(folder.name).group(1))
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-state-{folder.name}-", dir=folder.parent))
+    try:
+        weights = untied(model_state if model_state is not None else model.state_dict(), model)
+        _write_training_state(tmp, step, weights, optimizer, scheduler, extra, optimizer_state)
+        _fsync_tree(tmp)
+        os.replace(tmp / WEIGHTS_FILE, folder / WEIGHTS_FILE)
+        os.replace(tmp / STATE_FILE, folder / STATE_FILE)
+        fsync_dir(folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    for path in resumable_checkpoints(folder.parent)[:-1]:
+        _drop_training_state(path)
+
+
+def _write_training_state(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
+                          extra: dict[str, Any] | None, optimizer_state: dict[str, Any] | None) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().to("cpu").contiguous() for k, v in weights.items()}, str(folder / WEIGHTS_FILE))
+    state = {
+        "step": step,
+        "optimizer": optimizer_state if optimizer_state is not None else optimizer.state_dict(),
+        "optimizer_by_name": optimizer_state is not None,
+        "scheduler": scheduler.state_dict(),
+        "rng": _rng_state(),
+        "extra": extra or {},
+    }
+    torch.save(state, folder / STATE_FILE)
 
 
 def export_policy(directory: Path, model: torch.nn.Module, tokenizer: Any = None,
@@ -211,13 +250,19 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
+    resumable = resumable_checkpoints(root)
+    for path in resumable[:-1]:  # the newest one is whole: older training state is dead weight
+        _drop_training_state(path)
     for path in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(path)
-    for path in resumable_checkpoints(root)[:-1]:  # the newest one is whole: older training state is dead weight
-        (path / WEIGHTS_FILE).unlink()  # weights first: a folder with a state file but no weights is not resumable
-        (path / STATE_FILE).unlink()
+        if path not in resumable[-1:]:  # the newest whole state stays, however old
+            shutil.rmtree(path)
     for path in root.glob(".tmp-*"):  # leftovers of a crashed save (this process is the only writer)
         shutil.rmtree(path, ignore_errors=True)
+
+
+def _drop_training_state(path: Path) -> None:
+    (path / WEIGHTS_FILE).unlink()  # weights first: a folder with a state file but no weights is not resumable
+    (path / STATE_FILE).unlink()
 
 
 def _fsync_tree(root: Path) -> None:

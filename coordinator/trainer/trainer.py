@@ -125,7 +125,9 @@ class GRPOTrainer:
             if command[0] == "stop":
                 return
             if command[0] == "save":  # the gather is collective; rank 0 writes
-                self._save(Path(command[1]), command[2], None)
+                self._save(Path(command[1]), command[2], None, command[3])
+            elif command[0] == "add_state":
+                self._add_training_state(Path(command[1]))
             elif command[0] == "resume":
                 self._resume(Path(command[1]))
             else:
@@ -167,28 +169,48 @@ class GRPOTrainer:
         }
         return metrics
 
-    def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None) -> Path | None:
-        """Crash-safe checkpoint of the policy and the whole training state; returns its folder. Under
-        FSDP rank 0 calls it: every rank gathers, rank 0 writes (the others get None)."""
+    def save(self, directory: str | Path, keep: int = 2, tokenizer: Any = None, full_state: bool = True) -> Path | None:
+        """Crash-safe checkpoint of the policy and (`full_state`) the whole training state; returns its
+        folder. Under FSDP rank 0 calls it: every rank gathers, rank 0 writes (the others get None)."""
         if self.world_size > 1:
-            distributed.broadcast_object(("save", str(directory), keep))
-        return self._save(Path(directory), keep, tokenizer)
+            distributed.broadcast_object(("save", str(directory), keep, full_state))
+        return self._save(Path(directory), keep, tokenizer, full_state)
 
-    def _save(self, directory: Path, keep: int, tokenizer: Any) -> Path | None:
+    def _save(self, directory: Path, keep: int, tokenizer: Any, full_state: bool) -> Path | None:
         extra = {"optimizer_step": self.optimizer_step}
         if self.world_size == 1:
             return checkpoint.save_checkpoint(
-                directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep
+                directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep,
+                full_state=full_state,
             )
-        model_state, optimizer_state = _gather_full_state(self.model, self.optimizer)  # on rank 0 only
+        model_state, optimizer_state = _gather_full_state(self.model, self.optimizer, full_state)  # on rank 0
         path = None
         if self.rank == 0:
             path = checkpoint.save_checkpoint(
                 directory, self.policy_step, self.model, self.optimizer, self.scheduler, extra, tokenizer, keep,
-                model_state=model_state, optimizer_state=optimizer_state,
+                model_state=model_state, optimizer_state=optimizer_state, full_state=full_state,
             )
         distributed.barrier()
         return path
+
+    def add_training_state(self, directory: str | Path) -> None:
+        """Write the whole training state into the checkpoint of the current policy step, whose policy
+        was saved without it (`save(full_state=False)`); under FSDP rank 0 calls it, as `save`."""
+        if self.world_size > 1:
+            distributed.broadcast_object(("add_state", str(directory)))
+        self._add_training_state(Path(directory))
+
+    def _add_training_state(self, directory: Path) -> None:
+        folder = directory / f"step_{self.policy_step:08d}"
+        extra = {"optimizer_step": self.optimizer_step}
+        if self.world_size == 1:
+            checkpoint.add_training_state(folder, self.model, self.optimizer, self.scheduler, extra)
+            return
+        model_state, optimizer_state = _gather_full_state(self.model, self.optimizer)
+        if self.rank == 0:
+            checkpoint.add_training_state(folder, self.model, self.optimizer, self.scheduler, extra,
+                                          model_state=model_state, optimizer_state=optimizer_state)
+        distributed.barrier()
 
     def resume(self, directory: str | Path) -> bool:
         """Restore the latest complete checkpoint under `directory`; False if there is none. Under FSDP
@@ -358,9 +380,10 @@ def _reduce(step_metrics: list[dict[str, float]]) -> dict[str, float]:
     return metrics
 
 
-def _gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+def _gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                       with_optimizer: bool = True) -> tuple[dict, dict | None]:
     """The full (unsharded) model and optimizer state, on rank 0's CPU (empty dicts elsewhere); collective.
-    The optimizer's is keyed by parameter name."""
+    The optimizer's is keyed by parameter name; None when not `with_optimizer`."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -368,7 +391,8 @@ def _gather_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer)
     )
 
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    model_state = get_model_state_dict(model, options=options)
+    return model_state, get_optimizer_state_dict(model, optimizer, options=options) if with_optimizer else None
 
 
 def _scatter_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,

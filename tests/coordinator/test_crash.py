@@ -65,6 +65,7 @@ class Cluster:
             "state_dir": self.state, "run_name": "crash", "model": str(model), "async_level": ASYNC_LEVEL,
             "batches_per_step": 2, "max_steps": MAX_STEPS, "threads": 1, "shard_size": 16_000_000,
             "keep_checkpoints": 3,
+            "full_state_every": 1,  # every checkpoint resumable: each kill resumes exactly where it was
             "rollouts": {"prompts_per_batch": 4, "completions_per_prompt": 4, "max_new_tokens": 24,
                          "temperature": 1.0},
             "task": {"name": "arithmetic", "max_operand": 20, "operators": "+"},
