@@ -14,17 +14,7 @@ more are refused with `busy` before their bytes are read, a caller past its own 
 
 Streams use protocol id `intellect.<name>` and the framing of `framing`.
 
-Relays: p2pd relays for others (within RELAY_P2PD_ARGS) once its reachability is public, and with
-`use_auto_relay` reserves a slot on its bootstrap peers (its trusted relays) 3 min after it starts, once its
-reachability is private. Its AutoNAT cannot tell either in every network (198.18.0.0/15 is "unroutable" to
-it), so we force them: public for a peer that starts a swarm or announces its addresses, private for one
-with `use_auto_relay`. p2pd does not list its reservation, so a NATed node judged behind NAT announces the
-circuits through its bootstrap peers (`Swarm.relay_addrs`) and says from when they work
-(`reachability.relay_due`). Peers dial such circuits in the standard multiaddr encoding (`circuit_bytes`):
-hivemind's own writes `/p2p/<id>` as a CID, which p2pd refuses.
-
-What this module does not know: what the records, requests and streams mean, and whether p2pd holds its
-relay reservation yet (it is expected 3 min after start, not seen).
+What this module does not know: what the records, requests and streams mean.
 """
 
 from __future__ import annotations
@@ -62,7 +52,7 @@ from intellect.protocol.swarm import (
     SwarmError,
     SwarmJoinError,
 )
-from intellect.protocol.swarm.addr_book import AddrBook, circuits, dialable, relay_circuit
+from intellect.protocol.swarm.addr_book import AddrBook
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -85,7 +75,7 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
-from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request, relay_due
+from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
@@ -93,11 +83,6 @@ logger = logging.getLogger(__name__)
 _PROTO_PREFIX = "intellect."
 _REBOOTSTRAP_EVERY_S = 15.0
 _DIAL_HINT_TIMEOUT_S = 5.0
-P2PD_RELAY_BOOT_DELAY_S = 180.0  # p2pd's autorelay reserves this long after start (with under 4 relays known)
-# what a circuit through us may carry, as the libp2p backend's RELAY_LIMITS: p2pd's help says 4 GiB and 30 min
-# by default, but without the flags 2 of 3 netns runs reset a relayed 4 MiB stream after exactly 131072 bytes
-# (go-libp2p's default of 128 KiB; the relay's log: "relayed 131072 bytes", then "stream reset")
-RELAY_P2PD_ARGS = (f"-relayDataLimit={256 << 20}", "-relayTimeLimit=10m0s")
 
 
 def libp2p_peer_id(peer: PeerKey):
@@ -208,7 +193,6 @@ class HivemindSwarm(Swarm):
         self._closed = False
         self._last_rebootstrap = 0.0
         self.addr_book = AddrBook()
-        self._started_at = time.time()  # p2pd started just before: its relay reservation is due from here
         self._dialback_lock = threading.Lock()
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
         if not config.client_mode:
@@ -383,23 +367,19 @@ class HivemindSwarm(Swarm):
 
     async def _dial_hint(self, peer: PeerKey) -> None:
         """Connect to `peer` at the addresses it announced (addr_book.py), so p2pd need not find it by
-        peer routing: its direct addresses first, then each relay circuit it named, until one connects;
-        a failure is left to the call itself."""
+        peer routing; a failure is left to the call itself."""
         addrs = self.addr_book.due(peer)
         if not addrs:
             return
         from hivemind.utils.multiaddr import Multiaddr
 
-        tries = [("hint", dialable(addrs), [Multiaddr(a) for a in dialable(addrs)])] if dialable(addrs) else []
-        tries += [("relay", [c], [Multiaddr(circuit_bytes(c))]) for c in circuits(addrs)]
-        for kind, shown, maddrs in tries:
-            try:
-                await asyncio.wait_for(self._p2p._client.connect(libp2p_peer_id(peer), maddrs), _DIAL_HINT_TIMEOUT_S)
-                self._count(f"{kind}_dials_ok")
-                return
-            except (TimeoutError, ValueError, *_net_errors()) as e:
-                self._count(f"{kind}_dials_failed")
-                logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], shown, e)
+        try:
+            await asyncio.wait_for(self._p2p._client.connect(libp2p_peer_id(peer), [Multiaddr(a) for a in addrs]),
+                                   _DIAL_HINT_TIMEOUT_S)
+            self._count("hint_dials_ok")
+        except (TimeoutError, ValueError, *_net_errors()) as e:
+            self._count("hint_dials_failed")
+            logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], addrs, e)
 
     # ---- peers and reachability -------------------------------------------------------------------
 
@@ -408,19 +388,7 @@ class HivemindSwarm(Swarm):
         return [key for key in (node_key_of(i.peer_id) for i in infos) if key is not None]
 
     def visible_addrs(self) -> list[str]:
-        try:
-            return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
-        except ValueError:  # "No multiaddrs found": p2pd lists none while private with autorelay, until it reserves
-            return []
-
-    def check_reachability(self, timeout: float = 20.0):
-        """Swarm.check_reachability; a node behind NAT with use_auto_relay is "relayed" through its first
-        bootstrap peer from when p2pd reserves there (`reachability.relay_due`: expected, not seen)."""
-        reach = super().check_reachability(timeout)
-        relays = [a for a in self.config.bootstrap if relay_circuit(a)]
-        if reach.case == "behind NAT" and self.config.use_auto_relay and relays:
-            self.reachability = relay_due(self.config, reach, relays[0], self._started_at + P2PD_RELAY_BOOT_DELAY_S)
-        return self.reachability
+        return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""
@@ -471,28 +439,6 @@ class HivemindSwarm(Swarm):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5.0)
         self._workers.shutdown(wait=False, cancel_futures=True)
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append(n & 0x7F | (0x80 if n > 0x7F else 0))
-        n >>= 7
-        if not n:
-            return bytes(out)
-
-
-def circuit_bytes(circuit: str) -> bytes:
-    """A circuit hint (`/ip4|ip6/<ip>/tcp/<port>/p2p/<relay id>/p2p-circuit`, as addr_book.circuits keeps
-    it) in the standard binary multiaddr encoding, which p2pd reads: the `/p2p/` value is the bare multihash
-    (hivemind's bundled multiaddr writes a CID there, and p2pd refuses the address)."""
-    import base58
-
-    _, proto, ip, _, port, _, relay_id, _ = circuit.split("/")
-    multihash = base58.b58decode(relay_id)
-    return (_varint(0x04 if proto == "ip4" else 0x29) + ipaddress.ip_address(ip).packed
-            + _varint(0x06) + int(port).to_bytes(2, "big")
-            + _varint(0x01A5) + _varint(len(multihash)) + multihash + _varint(0x0122))
 
 
 async def _cancel_pending_tasks() -> None:
@@ -587,12 +533,11 @@ def _watch_parent(parent_pid: int) -> None:
     os._exit(0)
 
 
-def _dht_process_class(p2pd_args: tuple[str, ...] = ()):
+def _dht_process_class():
     import hivemind
 
     class OwnedDHT(hivemind.DHT):
-        """hivemind.DHT whose process and p2pd end with the process that started them; p2pd gets
-        `p2pd_args` besides hivemind's (which has no way to pass others)."""
+        """hivemind.DHT whose process and p2pd end with the process that started them."""
 
         def run(self) -> None:
             parent = self._parent_pid  # set by multiprocessing: the pid that created this Process
@@ -601,8 +546,6 @@ def _dht_process_class(p2pd_args: tuple[str, ...] = ()):
 
             def with_parent_death(*args, **kwargs):
                 kwargs.setdefault("preexec_fn", functools.partial(_die_with_parent, os.getpid()))
-                if args and str(args[0]).endswith("p2pd"):
-                    args = (*args, *p2pd_args)
                 return spawn(*args, **kwargs)
 
             asyncio.subprocess.create_subprocess_exec = with_parent_death  # this forked child only
@@ -621,13 +564,13 @@ def _join(config: SwarmConfig, key_path: str, validator):
         "check_if_identity_free": False, "startup_timeout": config.startup_timeout_s,
         "client_mode": config.client_mode, "use_relay": config.use_relay, "use_auto_relay": config.use_auto_relay,
         "ensure_bootstrap_success": True, "announce_maddrs": config.announce_addrs or None,
-        "record_validators": [validator], "force_reachability": _forced_reachability(config),
+        "record_validators": [validator],
     }
     deadline = time.monotonic() + config.join_timeout_s
     delay, attempts, last_error = 1.0, 0, ""
     while True:
         attempts += 1
-        dht = _dht_process_class(RELAY_P2PD_ARGS)(initial_peers=config.bootstrap or None, start=False, **kwargs)
+        dht = _dht_process_class()(initial_peers=config.bootstrap or None, start=False, **kwargs)
         try:
             dht.run_in_background(await_ready=True, timeout=config.startup_timeout_s + 30.0)
             return dht
@@ -650,17 +593,6 @@ def _join(config: SwarmConfig, key_path: str, validator):
     raise SwarmJoinError(f"could not join the swarm after {attempts} attempts in {config.join_timeout_s:.0f} s: "
                          f"no bootstrap peer answered. Tried: {tried}. Last error: {last_error}. Check that "
                          "these peers are running and that this machine can reach them (firewall, address).")
-
-
-def _forced_reachability(config: SwarmConfig) -> str | None:
-    """What p2pd's AutoNAT is told instead of finding out (it cannot on addresses it deems unroutable): a
-    peer that starts the swarm or announces its addresses is public (p2pd starts its relay service), one
-    that asked for use_auto_relay is private (p2pd's autorelay reserves on the bootstrap peers)."""
-    if config.client_mode:
-        return None
-    if not config.bootstrap or config.announce_addrs:
-        return "public"
-    return "private" if config.use_auto_relay else None
 
 
 def _refuse_libp2p_peers(config: SwarmConfig) -> None:
