@@ -167,9 +167,9 @@ class Coordinator:
         self.policy_for = PolicyCache(self.checkpoints, self.config.async_level + 1)
         if self.trainer.resume(self.checkpoints):
             logger.info("resumed at policy step %s", self.trainer.policy_step)
-            from intellect.coordinator.trainer.checkpoint import complete_checkpoints
+            from intellect.coordinator.trainer.checkpoint import complete_checkpoints, step_of
 
-            newest = int(complete_checkpoints(self.checkpoints)[-1].name.removeprefix("step_"))
+            newest = step_of(complete_checkpoints(self.checkpoints)[-1])
             if newest > self.trainer.policy_step:
                 logger.warning("policies %s..%s were checkpointed without the training state (full_state_every "
                                "= %s) and may be out in the swarm: training goes on from the state of step %s "
@@ -348,10 +348,14 @@ class Coordinator:
     def save_training_state(self) -> None:
         """At exit: make the newest checkpoint resumable if it holds the policy alone (and is the policy in
         memory: a step that failed between training and its checkpoint is redone from the disk anyway)."""
-        from intellect.coordinator.trainer.checkpoint import complete_checkpoints, resumable_checkpoints
+        from intellect.coordinator.trainer.checkpoint import (
+            complete_checkpoints,
+            resumable_checkpoints,
+            step_of,
+        )
 
         newest = complete_checkpoints(self.checkpoints)[-1:]
-        if (newest and newest[0].name == f"step_{self.trainer.policy_step:08d}"
+        if (newest and step_of(newest[0]) == self.trainer.policy_step
                 and newest != resumable_checkpoints(self.checkpoints)[-1:]):
             logger.info("writing the training state of policy step %s", self.trainer.policy_step)
             self.trainer.add_training_state(self.checkpoints)

@@ -40,6 +40,16 @@ STATE_FILE = "trainer_state.pt"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
+def step_dir(directory: str | Path, step: int) -> Path:
+    """The folder of checkpoint `step` under `directory`."""
+    return Path(directory) / f"step_{step:08d}"
+
+
+def step_of(folder: Path) -> int:
+    """The policy step a checkpoint folder holds (its name, `step_<8 digits>`)."""
+    return int(_STEP_DIR.match(folder.name).group(1))
+
+
 @dataclass
 class LoadedCheckpoint:
     path: Path
@@ -70,7 +80,7 @@ def save_checkpoint(
         raise ValueError("keep must be >= 1")
     root = Path(directory)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step_{step:08d}"
+    final = step_dir(root, step)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=root))
     try:
         export_policy(tmp / POLICY_DIR, model, tokenizer, state=weights)
@@ -98,7 +108,7 @@ def add_training_state(
     """Make the policy-only checkpoint `folder` resumable: write the weights and the trainer state
     beside its policy, which is left as it is (it may be out in the swarm). The state file lands last,
     so a crash in between leaves a folder that is not resumable, never a half-written state."""
-    step = int(_STEP_DIR.match(folder.name).group(1))
+    step = step_of(folder)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-state-{folder.name}-", dir=folder.parent))
     try:
         weights = untied(model_state if model_state is not None else model.state_dict(), model)
@@ -109,8 +119,7 @@ def add_training_state(
         fsync_dir(folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    for path in resumable_checkpoints(folder.parent)[:-1]:
-        _drop_training_state(path)
+    _drop_older_states(folder.parent)
 
 
 def _write_training_state(folder: Path, step: int, weights: dict[str, torch.Tensor], optimizer, scheduler,
@@ -250,19 +259,22 @@ def _replace_dir(tmp: Path, final: Path) -> None:
 
 
 def _prune(root: Path, keep: int) -> None:
-    resumable = resumable_checkpoints(root)
-    for path in resumable[:-1]:  # the newest one is whole: older training state is dead weight
-        _drop_training_state(path)
+    newest_state = _drop_older_states(root)
     for path in complete_checkpoints(root)[:-keep]:
-        if path not in resumable[-1:]:  # the newest whole state stays, however old
+        if path not in newest_state:  # the newest whole state stays, however old
             shutil.rmtree(path)
     for path in root.glob(".tmp-*"):  # leftovers of a crashed save (this process is the only writer)
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _drop_training_state(path: Path) -> None:
-    (path / WEIGHTS_FILE).unlink()  # weights first: a folder with a state file but no weights is not resumable
-    (path / STATE_FILE).unlink()
+def _drop_older_states(root: Path) -> list[Path]:
+    """Remove the training state from every resumable folder but the newest (older state is dead weight);
+    returns that newest one ([] if none)."""
+    resumable = resumable_checkpoints(root)
+    for path in resumable[:-1]:
+        (path / WEIGHTS_FILE).unlink()  # weights first: a folder with a state file but no weights is not resumable
+        (path / STATE_FILE).unlink()
+    return resumable[-1:]
 
 
 def _fsync_tree(root: Path) -> None:

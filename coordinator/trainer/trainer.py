@@ -201,7 +201,7 @@ class GRPOTrainer:
         self._add_training_state(Path(directory))
 
     def _add_training_state(self, directory: Path) -> None:
-        folder = directory / f"step_{self.policy_step:08d}"
+        folder = checkpoint.step_dir(directory, self.policy_step)
         extra = {"optimizer_step": self.optimizer_step}
         if self.world_size == 1:
             checkpoint.add_training_state(folder, self.model, self.optimizer, self.scheduler, extra)
