@@ -251,8 +251,10 @@ class ShardFetcher:
                 peers = [p for p in state.holders.get(state.blob(pending[sha]).sha256, ())
                          if p != origin and self._usable(p, load, state, now) and p not in state.failed[sha]]
                 # holders we can reach first: connected, or announced where to dial them (the others
-                # may sit behind a NAT, and a dial that cannot succeed holds a download slot until it fails)
-                peers = [p for p in peers if self._reachable(p, state)] or peers
+                # may sit behind a NAT, and a dial that cannot succeed holds a download slot until it fails);
+                # those reached directly before those reached only through a relay
+                peers = ([p for p in peers if self._reachable(p, state, relayed=False)]
+                         or [p for p in peers if self._reachable(p, state)] or peers)
                 if peers:
                     peer = min(peers, key=lambda p: (load[p], random.random()))
                     key = (len(peers), load[peer], random.random())
@@ -274,9 +276,10 @@ class ShardFetcher:
                          or any(p in self.bad_peers for p in state.holders.get(blob.sha256, ())))
         return _Job(pending[sha], origin, others_failed, blob)
 
-    def _reachable(self, peer: PeerKey, state: _PickState) -> bool:
-        """Connected now, or it announced where to dial it."""
-        return peer in state.connected or self.swarm.addr_book.knows(peer)
+    def _reachable(self, peer: PeerKey, state: _PickState, relayed: bool = True) -> bool:
+        """Connected now, or it announced where to dial it (`relayed`: a relay circuit counts)."""
+        book = self.swarm.addr_book
+        return peer in state.connected or (book.knows(peer) and (relayed or not book.relayed_only(peer)))
 
     def _usable(self, peer: PeerKey, load: Counter, state: _PickState, now: float) -> bool:
         return (peer not in self.bad_peers and peer != self.swarm.identity.public_key
@@ -524,8 +527,9 @@ class ShardFetcher:
             self._dirty.set()
 
     def _direct_addrs(self) -> list[str]:
+        """Where peers can dial us (direct addresses, then relay circuits), for our announcements."""
         try:
-            return self.swarm.direct_addrs()
+            return self.swarm.dial_hints()
         except (SwarmError, TimeoutError) as e:
             logger.info("could not list our addresses for the announcement: %s", e)
             return []

@@ -25,8 +25,10 @@ Hex32 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]  # sha256 digests, publ
 Name = Annotated[str, Field(min_length=1, max_length=128)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Step = Annotated[int, Field(ge=0, le=10**9)]
-# where a peer can be dialled directly: /ip4|ip6/<ip>/tcp/<port> (protocol/swarm/addr_book.py)
-DialAddrs = Annotated[list[Annotated[str, Field(max_length=64, pattern=r"^/ip[46]/[0-9A-Fa-f.:]+/tcp/[0-9]{1,5}$")]],
+# where a peer can be dialled: directly at /ip4|ip6/<ip>/tcp/<port>, or through a relay at
+# /ip4|ip6/<ip>/tcp/<port>/p2p/<relay id>/p2p-circuit (protocol/swarm/addr_book.py checks them further)
+DialAddrs = Annotated[list[Annotated[str, Field(max_length=160, pattern=r"^/ip[46]/[0-9A-Fa-f.:]+/tcp/[0-9]{1,5}"
+                                                                          r"(/p2p/[1-9A-HJ-NP-Za-km-z]{32,64}/p2p-circuit)?$")]],
                       Field(max_length=4)]
 
 
@@ -95,7 +97,7 @@ class ShardAnnounce(Body):
     policy_step: Step
     manifest_sha256: Hex32
     shard_sha256s: Annotated[list[Hex32], Field(max_length=100_000)]
-    addrs: DialAddrs = []  # the signer's direct addresses: fetchers dial them, not peer routing
+    addrs: DialAddrs = []  # where to dial the signer (direct, or relay circuits): fetchers dial them
 
 
 class DataAnnounce(Body):

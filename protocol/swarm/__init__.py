@@ -16,7 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 
 from intellect.protocol.identity import Identity
-from intellect.protocol.swarm.addr_book import AddrBook, dialable
+from intellect.protocol.swarm.addr_book import CIRCUIT, AddrBook, dialable, hints, relay_circuit
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.wire import Envelope
 
@@ -73,6 +73,20 @@ class Swarm(abc.ABC):
         if self.reachability is not None and self.reachability.case in ("behind NAT", "relayed"):
             return []
         return dialable(sorted(self.visible_addrs(), key=lambda a: "/127." in a or "/::1/" in a))
+
+    def relay_addrs(self) -> list[str]:
+        """The relay circuits we sign into our announcements (`<relay addr>/p2p/<relay id>/p2p-circuit`): none
+        unless the dial-back check found us "relayed". The relays are those our visible addresses name
+        (py-libp2p lists its reservations), else our bootstrap peers (p2pd reserves on them, its trusted
+        relays, but does not list the reservation)."""
+        if self.config.client_mode or self.reachability is None or self.reachability.case != "relayed":
+            return []
+        held = [a.split(CIRCUIT, 1)[0] for a in self.visible_addrs() if CIRCUIT in a]
+        return [c for c in (relay_circuit(a) for a in held or self.config.bootstrap) if c]
+
+    def dial_hints(self) -> list[str]:
+        """What our announcements carry for peers to dial us: direct addresses first, then relay circuits."""
+        return hints([*self.direct_addrs(), *self.relay_addrs()])
 
     def rebootstrap_addrs(self) -> list[str]:
         """The bootstrap peers, then the known ones: dialled again when records went missing or stale."""

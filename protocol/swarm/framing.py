@@ -54,19 +54,28 @@ async def read_answer(readexactly, name: str, peer: PeerKey, max_bytes: int) -> 
     """The caller's side: frames until END (a bytearray: no copy of a shard-sized answer), or RemoteError
     for a refusal, or SwarmError past `max_bytes`. `readexactly(n)` is the backend's exact read."""
     buf = bytearray()
+    async for chunk in answer_frames(readexactly, name, peer, max_bytes):
+        buf += chunk
+    return buf
+
+
+async def answer_frames(readexactly, name: str, peer: PeerKey, max_bytes: int):
+    """read_answer frame by frame, as they arrive (a relay passes them on without holding the answer)."""
+    total = 0
     while True:
         size = int.from_bytes(await readexactly(4), "big")
         if size == END:
-            return buf
+            return
         if size == ERR:
             length = int.from_bytes(await readexactly(4), "big")
             if length > MAX_ERROR_BYTES:
                 raise SwarmError(f"{name}: oversized refusal from {peer.hex()[:12]}")
             code, _, detail = (await readexactly(length)).decode(errors="replace").partition("\n")
             raise RemoteError(code[:64], detail)
-        if len(buf) + size > max_bytes:
+        total += size
+        if total > max_bytes:
             raise SwarmError(f"{name}: answer from {peer.hex()[:12]} exceeds {max_bytes} bytes")
-        buf += await readexactly(size)
+        yield await readexactly(size)
 
 
 async def read_request(readexactly, max_request_bytes: int) -> bytes:

@@ -14,6 +14,11 @@ more are refused with `busy` before their bytes are read, a caller past its own 
 
 Streams use protocol id `intellect.<name>` and the framing of `framing`.
 
+Relays (`relay.py`): every listening peer forwards `swarm.relay` requests to peers connected to it, so a
+node behind a NAT with `use_auto_relay` is reached through its bootstrap peers, which it names in its
+announcements (`Swarm.relay_addrs`) once the dial-back check finds it behind the NAT. p2pd's own circuit
+relay is not used for data: this p2pd resets a relayed connection after 128 KiB.
+
 What this module does not know: what the records, requests and streams mean.
 """
 
@@ -38,6 +43,7 @@ from collections.abc import Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 
+import base58
 import msgpack
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 
@@ -51,8 +57,9 @@ from intellect.protocol.swarm import (
     Swarm,
     SwarmError,
     SwarmJoinError,
+    relay,
 )
-from intellect.protocol.swarm.addr_book import AddrBook
+from intellect.protocol.swarm.addr_book import CIRCUIT, AddrBook, circuits, dialable, relay_circuit
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -60,6 +67,7 @@ from intellect.protocol.swarm.framing import (
     PROTOCOL_PREFIX,
     REQUEST_READ_TIMEOUT_S,
     InFlight,
+    answer_frames,
     backend_mismatch,
     node_key_of_bytes,
     peer_id_bytes,
@@ -75,7 +83,7 @@ from intellect.protocol.swarm.keys import (
     seal_record,
     verify_record,
 )
-from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request
+from intellect.protocol.swarm.reachability import DIALBACK_RPC, parse_dialback_request, relayed_through
 from intellect.protocol.wire import MAX_CLOCK_SKEW_S, Envelope
 
 logger = logging.getLogger(__name__)
@@ -197,6 +205,8 @@ class HivemindSwarm(Swarm):
         self._p2p = self._run(dht.replicate_p2p(), timeout=config.startup_timeout_s)
         if not config.client_mode:
             self.register_request_handler(DIALBACK_RPC, self._rpc_dialback, max_request_bytes=4096)
+            self._register(relay.RELAY_RPC, self._relay, relay.MAX_REQUEST_BYTES,
+                           InFlight(relay.MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_PEER))
 
     # ---- start-up -------------------------------------------------------------------------------
 
@@ -353,7 +363,13 @@ class HivemindSwarm(Swarm):
             raise SwarmError(f"{name} to {peer.hex()[:12]}: {type(e).__name__}: {e}") from None
 
     async def _call_stream(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
+        relays = self._relays_of(peer)
+        if relays and not await self._connected(peer):
+            return await self._call_through(relays, peer, name, request, max_bytes)
         await self._dial_hint(peer)
+        return await self._open_and_read(peer, name, request, max_bytes)
+
+    async def _open_and_read(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(peer), _PROTO_PREFIX + name)
         try:
             writer.write(len(request).to_bytes(4, "big") + request)
@@ -366,20 +382,80 @@ class HivemindSwarm(Swarm):
             writer.close()
 
     async def _dial_hint(self, peer: PeerKey) -> None:
-        """Connect to `peer` at the addresses it announced (addr_book.py), so p2pd need not find it by
-        peer routing; a failure is left to the call itself."""
-        addrs = self.addr_book.due(peer)
-        if not addrs:
-            return
+        """Connect to `peer` at the direct addresses it announced (addr_book.py), so p2pd need not find it
+        by peer routing; a failure is left to the call itself."""
+        addrs = dialable(self.addr_book.due(peer))
+        if addrs:
+            await self._connect(peer, addrs, "hint")
+
+    async def _connect(self, peer: PeerKey, addrs: list[str], kind: str) -> bool:
         from hivemind.utils.multiaddr import Multiaddr
 
         try:
             await asyncio.wait_for(self._p2p._client.connect(libp2p_peer_id(peer), [Multiaddr(a) for a in addrs]),
                                    _DIAL_HINT_TIMEOUT_S)
-            self._count("hint_dials_ok")
+            self._count(f"{kind}_dials_ok")
+            return True
         except (TimeoutError, ValueError, *_net_errors()) as e:
-            self._count("hint_dials_failed")
+            self._count(f"{kind}_dials_failed")
             logger.debug("dialling %s at %s failed: %s", peer.hex()[:12], addrs, e)
+            return False
+
+    # ---- relaying (relay.py) ----------------------------------------------------------------------
+
+    def _relays_of(self, peer: PeerKey) -> list[tuple[PeerKey, str]]:
+        """(relay key, relay address) of each relay `peer` named, if it named no direct address."""
+        if not self.addr_book.relayed_only(peer):
+            return []
+        out = []
+        for circuit in circuits(self.addr_book.known().get(peer, [])):
+            base, _, rest = circuit.partition("/p2p/")
+            key = node_key_of_bytes(base58.b58decode(rest.removesuffix(CIRCUIT)))
+            if key is not None and key != self.identity.public_key:
+                out.append((key, base))
+        return out
+
+    async def _connected(self, peer: PeerKey) -> bool:
+        return any(node_key_of(info.peer_id) == peer for info in await self._p2p.list_peers())
+
+    async def _call_through(self, relays, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
+        """The call to `peer` carried by the first of its relays that can (relay.py)."""
+        wrapped = relay.relay_request(peer, name, request, max_bytes)
+        error: SwarmError | None = None
+        for key, addr in relays:
+            if not await self._connected(key):
+                await self._connect(key, [addr], "relay")
+            try:
+                answer = await self._open_and_read(key, relay.RELAY_RPC, wrapped, max_bytes)
+                self._count("relayed_calls_ok")
+                return answer
+            except RemoteError as e:
+                if e.code != "not_connected":
+                    raise  # the target's own answer, passed on
+                error = e
+            except _net_errors() as e:
+                error = SwarmError(f"{name} to {peer.hex()[:12]} through {key.hex()[:12]}: {type(e).__name__}: {e}")
+            self._count("relayed_calls_failed")
+        raise error or SwarmError(f"{name} to {peer.hex()[:12]}: no relay")
+
+    async def _relay(self, caller: PeerKey, request: bytes):
+        """Serve `swarm.relay`: forward one stream to a peer connected to us, frame by frame."""
+        target, name, inner, max_bytes = relay.parse_relay_request(request, caller, self.identity.public_key)
+        if not await self._connected(target):
+            raise RequestRefused("not_connected", "that peer holds no connection to this relay")
+        _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(target), _PROTO_PREFIX + name)
+        try:
+            writer.write(len(inner).to_bytes(4, "big") + inner)
+            await writer.drain()
+            async for chunk in answer_frames(reader.readexactly, name, target, max_bytes):
+                self._count("relayed_bytes", len(chunk))
+                yield chunk
+        except RemoteError as e:
+            raise RequestRefused(e.code, e.detail) from None
+        except SwarmError as e:  # the target answered past the caller's limit, or with an oversized refusal
+            raise RequestRefused("relay_failed", str(e)) from None
+        finally:
+            writer.close()
 
     # ---- peers and reachability -------------------------------------------------------------------
 
@@ -388,7 +464,19 @@ class HivemindSwarm(Swarm):
         return [key for key in (node_key_of(i.peer_id) for i in infos) if key is not None]
 
     def visible_addrs(self) -> list[str]:
-        return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
+        try:
+            return [str(a) for a in self._run(self._p2p.get_visible_maddrs(latest=True), timeout=30.0)]
+        except ValueError:  # "No multiaddrs found": p2pd may list none while its AutoNAT finds it private
+            return []
+
+    def check_reachability(self, timeout: float = 20.0):
+        """Swarm.check_reachability; a node behind NAT with use_auto_relay is "relayed" through its bootstrap
+        peers, which forward requests to it over the connection it holds to them (relay.py)."""
+        reach = super().check_reachability(timeout)
+        relays = [a for a in self.config.bootstrap if relay_circuit(a)]
+        if reach.case == "behind NAT" and self.config.use_auto_relay and relays:
+            self.reachability = relayed_through(self.config, reach, relays[0])
+        return self.reachability
 
     def _rpc_dialback(self, peer: PeerKey, request: bytes) -> bytes:
         """Dial the caller back from a throwaway daemon (a new connection, not the one it came on)."""

@@ -24,7 +24,7 @@ too, a node the check found behind a NAT reserves a slot on its bootstrap peers 
 `<relay>/p2p-circuit/p2p/<us>` in visible_addrs (reachability: "relayed").
 
 What this module does not know: what the records, requests and streams mean, and where a NATed peer
-reserved when that is none of our bootstrap peers (announcements carry direct addresses only). Listening
+reserved when that is none of our bootstrap peers (its announced circuits are not dialled here). Listening
 in client mode is not turned off (the DHT runs as a client, so we store nothing), and 0.0.0.0 is
 announced as is.
 """
@@ -73,7 +73,7 @@ from intellect.protocol.swarm import (
     SwarmError,
     SwarmJoinError,
 )
-from intellect.protocol.swarm.addr_book import AddrBook
+from intellect.protocol.swarm.addr_book import AddrBook, dialable
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -654,8 +654,10 @@ class Libp2pSwarm(Swarm):
 
     async def _call_stream(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
         peer_id = ID(peer_id_bytes(peer))
-        hint = self.addr_book.due(peer) if peer_id not in self._host.get_connected_peers() else []
-        if hint:  # the addresses it announced (addr_book.py): no peer routing needed
+        # the direct addresses it announced (addr_book.py): no peer routing needed (host.connect drops relay
+        # circuits; _connect_or_relay tries our bootstrap peers as relays)
+        hint = dialable(self.addr_book.due(peer)) if peer_id not in self._host.get_connected_peers() else []
+        if hint:
             try:
                 with trio.fail_after(_DIAL_HINT_TIMEOUT_S):
                     await self._host.connect(PeerInfo(peer_id, [multiaddr.Multiaddr(a) for a in hint]))

@@ -2,8 +2,8 @@
 addresses), how a peer parses it, and how the node names its case from the answers.
 
 A node asks up to two connected peers to dial it back from a fresh connection: public (dialled),
-relayed (not dialled, but it holds a relay address), behind NAT (neither), client mode (it does not
-listen), unknown (no peer to ask yet).
+relayed (not dialled, but it holds a relay address, or a bootstrap peer forwards to it: `relayed_through`), behind NAT
+(neither), client mode (it does not listen), unknown (no peer to ask yet).
 
 What this module does not know: how a peer dials (that is the backend).
 """
@@ -21,6 +21,7 @@ from intellect.protocol.swarm.config import SwarmConfig
 
 DIALBACK_RPC = "swarm.dialback"
 MAX_DIALBACK_ADDRS = 8
+RELAY_ADVICE = "works, but every byte goes through the relay: forward TCP port {port} for direct connections"
 
 
 @dataclass(frozen=True)
@@ -64,17 +65,25 @@ def judge(config: SwarmConfig, addrs: list[str], answers: list[str]) -> Reachabi
     if any(a == "ok" for a in answers):
         return Reachability(True, f"peers can dial {', '.join(direct)}", "", "public")
     if relayed:
-        return Reachability(True, f"peers reach us through a relay ({relayed[0]})",
-                            f"works, but every byte goes through the relay: forward TCP port {port} for "
-                            "direct connections", "relayed")
+        return Reachability(True, f"peers reach us through a relay ({relayed[0]})", RELAY_ADVICE.format(port=port),
+                            "relayed")
     if not answers:
         return Reachability(None, "no peer to ask yet", "")
-    return Reachability(False, f"peers could not dial {', '.join(direct)} ({'; '.join(answers)})",
+    return Reachability(False, f"peers could not dial {', '.join(direct) or 'us (no address listed)'} "
+                        f"({'; '.join(answers)})",
                         "downloading, generating and submitting still work (they dial out), but only "
                         "peers we dialled can fetch shards from us. To serve everyone: forward TCP port {port} in your router (fix "
                         "swarm.port, set announce_addrs to /ip4/<public ip>/tcp/<port>), or set "
                         "use_auto_relay = true to be reached through a relay; or set client_mode = true "
                         "to stop trying", "behind NAT")
+
+
+def relayed_through(config: SwarmConfig, behind_nat: Reachability, relay: str) -> Reachability:
+    """"relayed", for a node `behind_nat` whose bootstrap peer `relay` forwards requests to it over the
+    connection the node holds to it (the hivemind backend's forwarding relay, relay.py)."""
+    port = config.port or "(the port in your addresses)"
+    return Reachability(True, f"{behind_nat.detail}; peers reach us through a relay ({relay}), which forwards "
+                        "their requests over our connection to it", RELAY_ADVICE.format(port=port), "relayed")
 
 
 def ask_for_dialback(swarm, timeout: float) -> Reachability:

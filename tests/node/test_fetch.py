@@ -188,6 +188,36 @@ def test_forged_manifest_is_never_acted_on(hivemind_peers, checkpoint, tmp_path)
         swarm.close()
 
 
+def test_holders_reached_directly_are_picked_before_those_behind_a_relay():
+    """_pick: connected or direct-hinted holders first, then those that announced only a relay circuit, then
+    the rest; a relayed holder takes the shard when every direct one is busy."""
+    from types import SimpleNamespace
+
+    from intellect.node.fetch import FetchTuning, ShardFetcher, _Job, _PickState
+    from intellect.protocol.messages import ShardEntry
+    from intellect.protocol.swarm.addr_book import AddrBook
+
+    direct, relayed, unknown, connected, me = (bytes([i]) * 32 for i in range(1, 6))
+    book = AddrBook()
+    book.note(direct, ["/ip4/198.18.0.5/tcp/4001"])
+    book.note(relayed, ["/ip4/198.18.0.10/tcp/4001/p2p/12D3KooWPeuigMJXMh8hCPQxjaB5b9Gu6vBisyyeF6AbP9NkFqSX/p2p-circuit"])
+    fetcher = ShardFetcher.__new__(ShardFetcher)
+    fetcher.swarm = SimpleNamespace(addr_book=book, identity=SimpleNamespace(public_key=me))
+    fetcher.tuning, fetcher.coordinator_key, fetcher.bad_peers = FetchTuning(per_peer=1), bytes(32), {}
+    entry = ShardEntry(sha256="ab" * 32, size=1)
+
+    def picked(holders: list[bytes], running=()) -> bytes:
+        state = _PickState(holders={entry.sha256: holders}, connected={connected})
+        return fetcher._pick({entry.sha256: entry}, list(running), state).peer
+
+    assert {picked([unknown, relayed, direct]) for _ in range(20)} == {direct}
+    assert {picked([unknown, relayed, connected]) for _ in range(20)} == {connected}
+    assert {picked([unknown, relayed]) for _ in range(20)} == {relayed}
+    assert {picked([unknown]) for _ in range(5)} == {unknown}
+    other = ShardEntry(sha256="cd" * 32, size=1)
+    assert picked([relayed, direct], [_Job(other, direct, False, other)]) == relayed  # direct is at per_peer
+
+
 @pytest.mark.slow
 def test_cache_keeps_last_steps_and_reports_progress(tmp_path):
     """In-process coordinator and node swarms (each with its own DHT process and daemon)."""

@@ -480,3 +480,54 @@ def test_a_hivemind_node_refuses_a_libp2p_bootstrap_peer_at_once():
         assert time.monotonic() - started < 60  # not join_timeout_s (120 s)
     finally:
         server.communicate("", timeout=30)
+
+
+@pytest.mark.slow
+def test_a_peer_forwards_a_stream_to_a_peer_connected_to_it(pair):
+    """The forwarding relay (protocol/swarm/relay.py) on real daemons: a third peer reaches b's stream
+    through a (b's bootstrap peer), b's refusals come back as they were, and a refuses what it must not
+    forward: a peer not connected to it, a swarm.* handler, the caller itself."""
+    import base58
+
+    from intellect.protocol.swarm import RemoteError, relay
+    from intellect.protocol.swarm.framing import peer_id_bytes
+
+    a, b = pair
+    data = bytes(range(256)) * 4096  # 1 MiB, in 16 frames
+
+    async def blob(peer, request):
+        if request != b"blob":
+            raise RequestRefused("not_found", "no such blob")
+        for i in range(0, len(data), 65536):
+            yield data[i:i + 65536]
+
+    b.register_stream_handler("relaytest", blob)
+    a_addr = next(x for x in a.visible_addrs() if "/127.0.0.1/" in x).split("/p2p/")[0]
+    circuit = f"{a_addr}/p2p/{base58.b58encode(peer_id_bytes(COORD.public_key)).decode()}/p2p-circuit"
+    c = setup_swarm(SwarmConfig(host="127.0.0.1", bootstrap=a.visible_addrs()), EVIL, RUN, COORD.public_key)
+    try:
+        c.remember_addrs(PEER.public_key, [circuit])  # b as a NATed peer announces itself
+        relays = c._relays_of(PEER.public_key)
+        assert relays == [(COORD.public_key, a_addr)]
+
+        def through(target, name, request, max_bytes=2 << 20):
+            return c._run(c._call_through(relays, target, name, request, max_bytes), timeout=30.0)
+
+        def refused(*args) -> str:
+            with pytest.raises(RemoteError) as e:
+                through(*args)
+            return e.value.code
+
+        assert through(PEER.public_key, "relaytest", b"blob") == data
+        assert a.stats["relayed_bytes"] == len(data) and c.stats["relayed_calls_ok"] == 1
+        assert refused(PEER.public_key, "relaytest", b"other") == "not_found"  # b's own answer
+        assert refused(Identity.from_seed(b"nobody").public_key, "relaytest", b"blob") == "not_connected"
+        assert refused(PEER.public_key, "swarm.dialback", b"") == "bad_request"
+        assert refused(EVIL.public_key, "relaytest", b"blob") == "bad_request"  # the caller itself
+        with pytest.raises(RemoteError, match="exceeds"):  # the relay stops at the caller's limit
+            through(PEER.public_key, "relaytest", b"blob", len(data) - 1)
+        assert a.stats["relayed_bytes"] < 3 * len(data)
+    finally:
+        c.close()
+    with pytest.raises(ValueError):
+        relay.relay_request(PEER.public_key, "relaytest", b"x" * (relay.MAX_INNER_BYTES + 1), 10)
