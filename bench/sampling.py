@@ -20,7 +20,7 @@ token check / without it - 1 (the same prefill, proofs and log-probs).
 Prints progress to stderr and ONE JSON line on stdout.
   python bench/sampling.py [--model smollm2|tiny] [--batches 200] [--batch-sizes 1,8,32] [--threads 1,2]
                            [--tokens 32] [--vllm] [--reps 3] [--gen-batch 8] [--gen-tokens 64]
-                           [--engines torch,vllm] [--skip-attacks] [--skip-costs]
+                           [--engines torch,vllm] [--vllm-dtype auto|float32] [--skip-attacks] [--skip-costs]
 """
 
 from __future__ import annotations
@@ -101,22 +101,25 @@ def honest(args, model_dir: Path, model) -> tuple[Tally, dict]:
     for engine_name in engines:
         for threads in args.threads:
             for bs in args.batch_sizes:
-                cfg_cls = TorchEngineConfig if engine_name == "torch" else VllmEngineConfig
-                eng = setup_engine(cfg_cls(threads=threads, max_batch_size=bs), model_dir)
-                tally = Tally()
+                cfg = (TorchEngineConfig(threads=threads, max_batch_size=bs) if engine_name == "torch"
+                       else VllmEngineConfig(threads=threads, max_batch_size=bs, dtype=args.vllm_dtype))
+                eng = setup_engine(cfg, model_dir)
+                tally, gen_s = Tally(), 0.0
                 params = SamplingParams(temperature=TEMPERATURE, max_tokens=args.tokens)
                 for _ in range(args.batches):
                     counter += 1
                     prompts = chat_prompts(eng.tokenizer if engine_name == "torch" else eng.llm.get_tokenizer(),
                                            bs, counter * 7)
                     seeds = batch_seeds_of(counter, bs)
+                    started = time.perf_counter()
                     comps = eng.generate(prompts, params, seeds)
+                    gen_s += time.perf_counter() - started
                     checks = verify(model, prompts, comps, seeds)
                     tally.add(checks)
                     total.add(checks)
                 eng.close()
                 name = f"{engine_name}/threads={threads}/batch={bs}"
-                per_config[name] = dataclasses.asdict(tally)
+                per_config[name] = {**dataclasses.asdict(tally), "gen_s": round(gen_s, 2)}
                 log(f"{name}: {per_config[name]}")
     return total, per_config
 
@@ -242,6 +245,7 @@ def main() -> int:
     p.add_argument("--gen-batch", type=int, default=8)
     p.add_argument("--gen-tokens", type=int, default=64)
     p.add_argument("--engines", default="torch", help="honest part: torch, vllm or torch,vllm")
+    p.add_argument("--vllm-dtype", default="auto", help="the vLLM engine's dtype (auto: bf16)")
     p.add_argument("--skip-costs", action="store_true")
     p.add_argument("--skip-attacks", action="store_true")
     args = p.parse_args()

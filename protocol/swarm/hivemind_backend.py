@@ -446,7 +446,10 @@ class HivemindSwarm(Swarm):
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(target), _PROTO_PREFIX + name)
         try:
             writer.write(len(inner).to_bytes(4, "big") + inner)
-            await writer.drain()
+            try:
+                await writer.drain()
+            except _net_errors():
+                pass  # the target may have refused and closed before reading: pass its answer on
             async for chunk in answer_frames(reader.readexactly, name, target, max_bytes):
                 self._count("relayed_bytes", len(chunk))
                 yield chunk
