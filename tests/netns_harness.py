@@ -21,6 +21,7 @@ kernel has no netem (some VMs), delay is not applied and loss is emulated with a
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -314,6 +315,17 @@ class _NetnsProcs:
 
     def __getattr__(self, attr):
         return getattr(self._inner, attr)
+
+
+def wait_json(path: Path, timeout: float, log: Path, proc: subprocess.Popen) -> dict:
+    """The JSON a worker process writes to `path` when it is ready, or AssertionError with its log's tail
+    (and its exit code) if it exits or `timeout` passes first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists():
+            return json.loads(path.read_text())
+        time.sleep(0.1)
+    raise AssertionError(f"{path.name} not written in {timeout:.0f} s (exit {proc.poll()}): {log.read_text()[-4000:]}")
 
 
 def namespaces_left(tag: str) -> list[str]:

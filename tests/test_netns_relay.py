@@ -37,15 +37,6 @@ def blob() -> bytes:
     return random.Random(7).randbytes(BLOB_BYTES)
 
 
-def _wait_json(path: Path, timeout: float, log: Path, proc: subprocess.Popen) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists():
-            return json.loads(path.read_text())
-        time.sleep(0.1)
-    raise AssertionError(f"{path.name} not written in {timeout:.0f} s: {log.read_text()[-3000:]}")
-
-
 def test_two_natted_nodes_stream_through_a_relay(tmp_path):
     with netns_harness.Network(tmp_path / "net") as net:
         hosts = {"relay": net.add_public("relay"), "a": net.add_natted("a"), "b": net.add_natted("b")}
@@ -55,7 +46,7 @@ def test_two_natted_nodes_stream_through_a_relay(tmp_path):
                 proc = net.popen(hosts[name], [sys.executable, "-m", "tests.test_netns_relay", "--host", hosts[name].ip,
                                         "--out", str(tmp_path / f"{name}.json"), *args],
                           stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-            return _wait_json(tmp_path / f"{name}.json", 150, tmp_path / f"{name}.log", proc)
+            return netns_harness.wait_json(tmp_path / f"{name}.json", 150, tmp_path / f"{name}.log", proc)
 
         relay = start("relay", "--role", "relay")
         bootstrap = [a for a in relay["addrs"] if "/p2p-circuit" not in a]

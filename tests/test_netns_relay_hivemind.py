@@ -39,15 +39,6 @@ def blob() -> bytes:
     return random.Random(7).randbytes(BLOB_BYTES)
 
 
-def _wait_json(path: Path, timeout: float, log: Path, proc: subprocess.Popen) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and proc.poll() is None:
-        if path.exists():
-            return json.loads(path.read_text())
-        time.sleep(0.2)
-    raise AssertionError(f"{path.name} not written in {timeout:.0f} s (exit {proc.poll()}): {log.read_text()[-4000:]}")
-
-
 def test_two_natted_hivemind_nodes_stream_through_the_bootstrap_relay(tmp_path):
     with netns_harness.Network(tmp_path / "net") as net:
         hosts = {"relay": net.add_public("relay"), "a": net.add_natted("a"), "b": net.add_natted("b")}
@@ -60,7 +51,7 @@ def test_two_natted_hivemind_nodes_stream_through_the_bootstrap_relay(tmp_path):
                                                       *args], stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
 
         def result(name: str, timeout: float) -> dict:
-            return _wait_json(tmp_path / f"{name}.json", timeout, tmp_path / f"{name}.log", procs[name])
+            return netns_harness.wait_json(tmp_path / f"{name}.json", timeout, tmp_path / f"{name}.log", procs[name])
 
         start("relay", "--role", "relay")
         relay = result("relay", 120)

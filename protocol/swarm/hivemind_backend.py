@@ -372,11 +372,7 @@ class HivemindSwarm(Swarm):
     async def _open_and_read(self, peer: PeerKey, name: str, request: bytes, max_bytes: int) -> bytes:
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(peer), _PROTO_PREFIX + name)
         try:
-            writer.write(len(request).to_bytes(4, "big") + request)
-            try:
-                await writer.drain()
-            except _net_errors():
-                pass  # the peer may have refused and closed before reading the request: read its answer
+            await _send_request(writer, request)
             return await read_answer(reader.readexactly, name, peer, max_bytes)
         finally:
             writer.close()
@@ -445,11 +441,7 @@ class HivemindSwarm(Swarm):
             raise RequestRefused("not_connected", "that peer holds no connection to this relay")
         _, reader, writer = await self._p2p.call_binary_stream_handler(libp2p_peer_id(target), _PROTO_PREFIX + name)
         try:
-            writer.write(len(inner).to_bytes(4, "big") + inner)
-            try:
-                await writer.drain()
-            except _net_errors():
-                pass  # the target may have refused and closed before reading: pass its answer on
+            await _send_request(writer, inner)
             async for chunk in answer_frames(reader.readexactly, name, target, max_bytes):
                 self._count("relayed_bytes", len(chunk))
                 yield chunk
@@ -530,6 +522,16 @@ class HivemindSwarm(Swarm):
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5.0)
         self._workers.shutdown(wait=False, cancel_futures=True)
+
+
+async def _send_request(writer, request: bytes) -> None:
+    """Write one framed request; a peer may refuse and close before reading it, so a failed drain is
+    left for the answer's read to report."""
+    writer.write(len(request).to_bytes(4, "big") + request)
+    try:
+        await writer.drain()
+    except _net_errors():
+        pass
 
 
 async def _cancel_pending_tasks() -> None:
