@@ -77,8 +77,8 @@ class Swarm(abc.ABC):
     def relay_addrs(self) -> list[str]:
         """The relay circuits we sign into our announcements (`<relay addr>/p2p/<relay id>/p2p-circuit`): none
         unless the dial-back check found us "relayed". The relays are those our visible addresses name
-        (py-libp2p lists its reservations), else our bootstrap peers (p2pd reserves on them, its trusted
-        relays, but does not list the reservation)."""
+        (py-libp2p lists its reservations), else our bootstrap peers (on hivemind they forward requests to us:
+        relay.py)."""
         if self.config.client_mode or self.reachability is None or self.reachability.case != "relayed":
             return []
         held = [a.split(CIRCUIT, 1)[0] for a in self.visible_addrs() if CIRCUIT in a]

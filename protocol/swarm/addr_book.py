@@ -146,9 +146,13 @@ class AddrBook:
 
     def relayed_only(self, peer: bytes) -> bool:
         """`peer` announced relay circuits and no direct address: reachable, but through a relay."""
+        return bool(self.relays_of(peer))
+
+    def relays_of(self, peer: bytes) -> list[str]:
+        """The circuits of a relayed-only `peer` (relayed_only), else none."""
         with self._lock:
-            addrs = self._addrs.get(peer)
-            return bool(addrs) and not dialable(addrs)
+            addrs = self._addrs.get(peer) or []
+            return [] if dialable(addrs) else circuits(addrs)
 
     def known(self) -> dict[bytes, list[str]]:
         with self._lock:

@@ -59,7 +59,7 @@ from intellect.protocol.swarm import (
     SwarmJoinError,
     relay,
 )
-from intellect.protocol.swarm.addr_book import CIRCUIT, AddrBook, circuits, dialable, relay_circuit
+from intellect.protocol.swarm.addr_book import CIRCUIT, AddrBook, dialable, relay_circuit
 from intellect.protocol.swarm.config import SwarmConfig
 from intellect.protocol.swarm.framing import (
     END,
@@ -401,10 +401,8 @@ class HivemindSwarm(Swarm):
 
     def _relays_of(self, peer: PeerKey) -> list[tuple[PeerKey, str]]:
         """(relay key, relay address) of each relay `peer` named, if it named no direct address."""
-        if not self.addr_book.relayed_only(peer):
-            return []
         out = []
-        for circuit in circuits(self.addr_book.known().get(peer, [])):
+        for circuit in self.addr_book.relays_of(peer):
             base, _, rest = circuit.partition("/p2p/")
             key = node_key_of_bytes(base58.b58decode(rest.removesuffix(CIRCUIT)))
             if key is not None and key != self.identity.public_key:
